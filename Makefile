@@ -1,0 +1,25 @@
+# ebpf-apm: the two commands a fresh machine needs are `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	@bash deploy/setup-host.sh
+
+demo: setup
+	@$(PY) demo/run_demo.py
+
+lint: setup
+	$(VENV)/bin/ruff check producer consumers schemas tests benchmarks demo
+	$(VENV)/bin/mypy producer consumers schemas
+
+test: setup lint
+	$(VENV)/bin/pytest
+
+bench: setup
+	$(PY) benchmarks/agent_throughput.py
+	$(PY) benchmarks/probe_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,50 @@
+/* Event records that leave the kernel through the ring buffers.
+ *
+ * Declared once, here: the BPF programs include this header and the agent's decoder
+ * (producer/event_layout.py) mirrors it; tests/test_event_layout.py compiles this header
+ * and fails if the two disagree. Every record starts with the same header so a reader can
+ * check kind and size before it trusts the rest.
+ */
+#ifndef EBPF_APM_EVENTS_H
+#define EBPF_APM_EVENTS_H
+
+#define EVENT_KIND_SPAN 1
+#define EVENT_KIND_HTTP_SPAN 2
+
+#ifndef HTTP_METHOD_MAX
+#define HTTP_METHOD_MAX 8
+#endif
+#ifndef HTTP_PATH_MAX
+#define HTTP_PATH_MAX 128
+#endif
+
+struct event_header {
+    __u16 kind;          /* EVENT_KIND_* */
+    __u16 size;          /* sizeof the whole record */
+    __u32 pid;           /* process (tgid) */
+    __u64 ts_ns;         /* CLOCK_BOOTTIME when the record was written */
+};
+
+/* One finished call of a probed function; hdr.ts_ns is the return time. */
+struct span_event {
+    struct event_header hdr;
+    __u64 start_ns;      /* CLOCK_BOOTTIME at entry */
+    __s64 goid;          /* goroutine id, -1 outside Go */
+    __u32 tid;           /* thread at entry */
+    __u32 end_tid;       /* thread at return (differs when a goroutine migrated) */
+    __u32 func_id;       /* index the agent assigned to the probed symbol */
+    __u32 _pad;
+};
+
+/* One request served by Go's net/http.serverHandler.ServeHTTP. */
+struct http_span_event {
+    struct span_event span;
+    __u16 status;        /* 0 when the handler wrote nothing: net/http then sends 200 */
+    __u16 path_len;      /* length of URL.Path before truncation to HTTP_PATH_MAX */
+    __u8 method_len;
+    __u8 _pad[3];
+    char method[HTTP_METHOD_MAX];
+    char path[HTTP_PATH_MAX];
+};
+
+#endif

@@ -1,0 +1,382 @@
+/* Function and HTTP spans from uprobes, without uretprobes on Go code.
+ *
+ * The agent attaches `span_entry` at each probed function's entry and, for Go, `span_return`
+ * at every RET instruction of the function (a uretprobe rewrites the return address on the
+ * goroutine stack, which Go moves and checks: the target dies). Non-Go functions return
+ * through `span_uretprobe`. Which function a hit belongs to is looked up by instruction
+ * address in `probe_sites`, which the agent fills per process.
+ *
+ * Go calls are keyed by goroutine (the g pointer is in R14 under Go's register ABI), because
+ * a goroutine that blocks may resume on another thread. Non-Go calls are keyed by thread.
+ *
+ * Options come in as -D defines from producer/bpf_loader.py:
+ *   SPAN_RING_PAGES, HTTP_RING_PAGES  ring buffer sizes in pages (powers of two)
+ *   WAKEUP_EVERY                      records per CPU between forced wakeups of the reader
+ *   MAX_CALLS_IN_FLIGHT               in-flight calls tracked at once, all processes
+ *   USE_PERF_BUFFER                   perf buffer instead of the ring buffer (kernels < 5.8)
+ *   SYNTHETIC_SOURCE                  benchmarks only: emit SYNTHETIC_BURST span records per
+ *                                     getppid() call of the process in `synthetic_pid`
+ */
+#include <uapi/linux/ptrace.h>
+#include "events.h"
+
+#ifndef SPAN_RING_PAGES
+#define SPAN_RING_PAGES 1024
+#endif
+#ifndef HTTP_RING_PAGES
+#define HTTP_RING_PAGES 256
+#endif
+#ifndef WAKEUP_EVERY
+#define WAKEUP_EVERY 256
+#endif
+#ifndef MAX_CALLS_IN_FLIGHT
+#define MAX_CALLS_IN_FLIGHT 65536
+#endif
+#define MAX_PROBE_SITES 16384
+#define MAX_PROCESSES 4096
+#define MAX_THREAD_DEPTH 8
+
+/* Counter slots; producer/bpf_loader.py names them. */
+#define COUNTER_RING_FULL 0       /* record lost: ring buffer had no room */
+#define COUNTER_TABLE_FULL 1      /* call not timed: in-flight table full */
+#define COUNTER_NO_ENTRY 2        /* return seen without its entry (attached mid-call) */
+#define COUNTER_READ_FAILED 3     /* user memory read failed (goid, request fields) */
+#define COUNTER_EMITTED 4         /* records written */
+#define COUNTER_SLOTS 5
+
+#define SITE_ENTRY 1
+#define SITE_RETURN 2
+#define SITE_FLAG_HTTP 1
+
+struct site_key {
+    u32 tgid;
+    u32 _pad;
+    u64 ip;
+};
+
+struct site {
+    u32 func_id;
+    u16 role;
+    u16 flags;
+};
+
+/* Field offsets of the Go runtime and net/http for one process (-1: unknown). */
+struct process_layout {
+    s32 goid;
+    s32 request_method;
+    s32 request_url;
+    s32 url_path;
+    s32 response_status;
+    u32 is_go;
+};
+
+struct call_key {
+    u32 tgid;
+    u32 func_id;
+    s64 id;              /* goroutine id for Go, thread id otherwise */
+};
+
+struct call_start {
+    u64 start_ns;
+    u64 request;         /* *net/http.Request, HTTP only */
+    u64 response;        /* *net/http.response, HTTP only */
+    u32 tid;
+    u32 _pad;
+};
+
+/* Non-Go calls on one thread, innermost last: uretprobes fire in LIFO order. */
+struct thread_calls {
+    u32 depth;
+    u32 func_id[MAX_THREAD_DEPTH];
+    u64 start_ns[MAX_THREAD_DEPTH];
+};
+
+struct thread_key {
+    u32 tgid;
+    u32 tid;
+};
+
+BPF_HASH(probe_sites, struct site_key, struct site, MAX_PROBE_SITES);
+BPF_HASH(process_layouts, u32, struct process_layout, MAX_PROCESSES);
+BPF_HASH(calls_in_flight, struct call_key, struct call_start, MAX_CALLS_IN_FLIGHT);
+BPF_HASH(thread_stacks, struct thread_key, struct thread_calls, MAX_CALLS_IN_FLIGHT);
+BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
+BPF_PERCPU_ARRAY(unwoken, u64, 2);
+
+#ifdef USE_PERF_BUFFER
+BPF_PERF_OUTPUT(span_events);
+BPF_PERF_OUTPUT(http_events);
+BPF_PERCPU_ARRAY(http_scratch, struct http_span_event, 1); /* too big for the BPF stack */
+#else
+BPF_RINGBUF_OUTPUT(span_events, SPAN_RING_PAGES);
+BPF_RINGBUF_OUTPUT(http_events, HTTP_RING_PAGES);
+#endif
+
+static __always_inline void count(u32 slot)
+{
+    u64 *value = counters.lookup(&slot);
+    if (value)
+        *value += 1;
+}
+
+/* The reader sleeps until WAKEUP_EVERY records have waited on this CPU (or its timer
+ * fires): a wakeup per record costs the traced thread about a microsecond. */
+static __always_inline u64 wakeup_flag(u32 ring)
+{
+    u64 *pending = unwoken.lookup(&ring);
+    if (!pending)
+        return 0;
+    *pending += 1;
+    if (*pending < WAKEUP_EVERY)
+        return BPF_RB_NO_WAKEUP;
+    *pending = 0;
+    return BPF_RB_FORCE_WAKEUP;
+}
+
+static __always_inline struct site *site_at(struct pt_regs *ctx, u32 tgid)
+{
+    struct site_key key = {.tgid = tgid, .ip = PT_REGS_IP(ctx)};
+    return probe_sites.lookup(&key);
+}
+
+static __always_inline int read_goid(struct pt_regs *ctx, struct process_layout *layout,
+                                     s64 *goid)
+{
+    if (bpf_probe_read_user(goid, sizeof(*goid), (void *)(ctx->r14 + layout->goid)) != 0) {
+        count(COUNTER_READ_FAILED);
+        return -1;
+    }
+    return 0;
+}
+
+static __always_inline void fill_span(struct span_event *e, u16 kind, u16 size, u32 tgid,
+                                      u32 func_id, s64 goid, u64 start_ns, u32 tid)
+{
+    e->hdr.kind = kind;
+    e->hdr.size = size;
+    e->hdr.pid = tgid;
+    e->hdr.ts_ns = bpf_ktime_get_boot_ns();
+    e->start_ns = start_ns;
+    e->goid = goid;
+    e->tid = tid;
+    e->end_tid = (u32)bpf_get_current_pid_tgid();
+    e->func_id = func_id;
+    e->_pad = 0;
+}
+
+static __always_inline void emit_span(struct pt_regs *ctx, u32 tgid, u32 func_id, s64 goid,
+                                      u64 start_ns, u32 tid)
+{
+#ifdef USE_PERF_BUFFER
+    struct span_event e = {};
+    fill_span(&e, EVENT_KIND_SPAN, sizeof(e), tgid, func_id, goid, start_ns, tid);
+    if (span_events.perf_submit(ctx, &e, sizeof(e)) != 0)
+        count(COUNTER_RING_FULL);
+    else
+        count(COUNTER_EMITTED);
+#else
+    struct span_event *e = span_events.ringbuf_reserve(sizeof(struct span_event));
+    if (!e) {
+        count(COUNTER_RING_FULL);
+        return;
+    }
+    fill_span(e, EVENT_KIND_SPAN, sizeof(*e), tgid, func_id, goid, start_ns, tid);
+    span_events.ringbuf_submit(e, wakeup_flag(0));
+    count(COUNTER_EMITTED);
+#endif
+}
+
+/* Copy a Go string (pointer, length) at `addr` into `dst`; returns the full length. */
+static __always_inline u32 read_go_string(u64 addr, char *dst, u32 cap)
+{
+    struct {
+        u64 ptr;
+        s64 len;
+    } s = {};
+    if (bpf_probe_read_user(&s, sizeof(s), (void *)addr) != 0 || s.len < 0)
+        return 0;
+    u32 n = s.len < cap ? (u32)s.len : cap;
+    /* cap is a power of two, so the mask changes nothing but proves n <= 2*cap-1 to the
+     * verifier. */
+    if (n > 0 && bpf_probe_read_user(dst, n & (2 * cap - 1), (void *)s.ptr) != 0)
+        return 0;
+    return (u32)s.len;
+}
+
+static __always_inline void fill_http(struct http_span_event *e, struct process_layout *layout,
+                                      struct call_start *start)
+{
+    e->status = 0;
+    e->path_len = 0;
+    e->method_len = 0;
+    __builtin_memset(e->_pad, 0, sizeof(e->_pad));
+    __builtin_memset(e->method, 0, sizeof(e->method));
+    __builtin_memset(e->path, 0, sizeof(e->path));
+    if (layout->request_method >= 0) {
+        u32 n = read_go_string(start->request + layout->request_method, e->method,
+                               HTTP_METHOD_MAX);
+        e->method_len = n > 255 ? 255 : n;
+    }
+    u64 url = 0;
+    if (layout->request_url >= 0 &&
+        bpf_probe_read_user(&url, sizeof(url), (void *)(start->request + layout->request_url)) == 0 &&
+        url != 0 && layout->url_path >= 0) {
+        u32 n = read_go_string(url + layout->url_path, e->path, HTTP_PATH_MAX);
+        e->path_len = n > 65535 ? 65535 : n;
+    }
+    if (layout->response_status >= 0 && start->response != 0) {
+        s64 status = 0;
+        if (bpf_probe_read_user(&status, sizeof(status),
+                                (void *)(start->response + layout->response_status)) == 0)
+            e->status = (u16)status;
+        else
+            count(COUNTER_READ_FAILED);
+    }
+}
+
+static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, u32 func_id, s64 goid,
+                                      struct call_start *start, struct process_layout *layout)
+{
+#ifdef USE_PERF_BUFFER
+    u32 zero = 0;
+    struct http_span_event *e = http_scratch.lookup(&zero);
+    if (!e)
+        return;
+    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, func_id, goid, start->start_ns,
+              start->tid);
+    fill_http(e, layout, start);
+    if (http_events.perf_submit(ctx, e, sizeof(*e)) != 0)
+        count(COUNTER_RING_FULL);
+    else
+        count(COUNTER_EMITTED);
+#else
+    struct http_span_event *e = http_events.ringbuf_reserve(sizeof(struct http_span_event));
+    if (!e) {
+        count(COUNTER_RING_FULL);
+        return;
+    }
+    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, func_id, goid, start->start_ns,
+              start->tid);
+    fill_http(e, layout, start);
+    http_events.ringbuf_submit(e, wakeup_flag(1));
+    count(COUNTER_EMITTED);
+#endif
+}
+
+/* Entry of a probed function (Go: after its stack-growth check, so a stack copy that
+ * restarts the function does not enter it twice). */
+int span_entry(struct pt_regs *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct site *site = site_at(ctx, tgid);
+    if (!site || site->role != SITE_ENTRY)
+        return 0;
+    struct process_layout *layout = process_layouts.lookup(&tgid);
+    if (!layout)
+        return 0;
+    u64 now = bpf_ktime_get_boot_ns();
+
+    if (!layout->is_go) {
+        struct thread_key tkey = {.tgid = tgid, .tid = (u32)pid_tgid};
+        struct thread_calls empty = {};
+        struct thread_calls *calls = thread_stacks.lookup_or_try_init(&tkey, &empty);
+        if (!calls) {
+            count(COUNTER_TABLE_FULL);
+            return 0;
+        }
+        u32 depth = calls->depth;
+        if (depth >= MAX_THREAD_DEPTH) {
+            calls->depth = depth + 1; /* keep LIFO pairing; this level goes untimed */
+            count(COUNTER_TABLE_FULL);
+            return 0;
+        }
+        calls->func_id[depth & (MAX_THREAD_DEPTH - 1)] = site->func_id;
+        calls->start_ns[depth & (MAX_THREAD_DEPTH - 1)] = now;
+        calls->depth = depth + 1;
+        return 0;
+    }
+
+    struct call_key key = {.tgid = tgid, .func_id = site->func_id};
+    if (read_goid(ctx, layout, &key.id) != 0)
+        return 0;
+    struct call_start start = {.start_ns = now, .tid = (u32)pid_tgid};
+    if (site->flags & SITE_FLAG_HTTP) {
+        /* serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request): sh.srv in RAX, the
+         * interface rw in RBX (type) and RCX (data: *response), req in RDI. */
+        start.response = ctx->cx;
+        start.request = ctx->di;
+    }
+    if (calls_in_flight.update(&key, &start) != 0)
+        count(COUNTER_TABLE_FULL);
+    return 0;
+}
+
+/* A RET instruction of a probed Go function. */
+int span_return(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct site *site = site_at(ctx, tgid);
+    if (!site || site->role != SITE_RETURN)
+        return 0;
+    struct process_layout *layout = process_layouts.lookup(&tgid);
+    if (!layout)
+        return 0;
+    struct call_key key = {.tgid = tgid, .func_id = site->func_id};
+    if (read_goid(ctx, layout, &key.id) != 0)
+        return 0;
+    struct call_start *start = calls_in_flight.lookup(&key);
+    if (!start) {
+        count(COUNTER_NO_ENTRY);
+        return 0;
+    }
+    if (site->flags & SITE_FLAG_HTTP)
+        emit_http(ctx, tgid, site->func_id, key.id, start, layout);
+    else
+        emit_span(ctx, tgid, site->func_id, key.id, start->start_ns, start->tid);
+    calls_in_flight.delete(&key);
+    return 0;
+}
+
+/* Return of a probed non-Go function (uretprobe: safe outside Go). */
+int span_uretprobe(struct pt_regs *ctx)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    struct thread_key tkey = {.tgid = tgid, .tid = (u32)pid_tgid};
+    struct thread_calls *calls = thread_stacks.lookup(&tkey);
+    if (!calls || calls->depth == 0) {
+        count(COUNTER_NO_ENTRY);
+        return 0;
+    }
+    u32 depth = calls->depth - 1;
+    calls->depth = depth;
+    if (depth >= MAX_THREAD_DEPTH)
+        return 0;
+    u32 func_id = calls->func_id[depth & (MAX_THREAD_DEPTH - 1)];
+    u64 start_ns = calls->start_ns[depth & (MAX_THREAD_DEPTH - 1)];
+    if (depth == 0)
+        thread_stacks.delete(&tkey);
+    emit_span(ctx, tgid, func_id, -1, start_ns, (u32)pid_tgid);
+    return 0;
+}
+
+#ifdef SYNTHETIC_SOURCE
+/* Benchmark load: each getppid() of the process in synthetic_pid emits SYNTHETIC_BURST
+ * ordinary span records, through the same emit path as real probes. */
+BPF_ARRAY(synthetic_pid, u32, 1);
+
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+{
+    u32 zero = 0;
+    u32 *want = synthetic_pid.lookup(&zero);
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32;
+    if (!want || *want != tgid)
+        return 0;
+    u64 now = bpf_ktime_get_boot_ns();
+    for (int i = 0; i < SYNTHETIC_BURST; i++)
+        emit_span((struct pt_regs *)args, tgid, i & 7, i, now - 1000, (u32)pid_tgid);
+    return 0;
+}
+#endif

@@ -1,0 +1,3 @@
+module userservice
+
+go 1.22

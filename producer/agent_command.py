@@ -1,0 +1,209 @@
+"""`ebpf-apm agent`: flags and environment -> one validated configuration -> the pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+from producer.bpf_loader import ProbeOptions, SpanProbes
+from producer.errors import AgentError, TargetError
+from producer.kafka_publisher import KafkaPublisher, PublisherConfig
+from producer.pipeline import AgentPipeline, PipelineSettings
+from producer.span_batcher import SpanBatcher
+from producer.targets import FunctionNames, TargetProcess, pids_of_executable, resolve_target
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    pids: tuple[int, ...]
+    exes: tuple[str, ...]
+    funcs: tuple[str, ...]
+    http: bool
+    bootstrap_servers: str
+    node_name: str
+    topic: str
+    partitions: int
+    compression: str
+    idempotent: bool
+    event_transport: str
+    max_batch_events: int
+    max_batch_delay_ms: int
+    buffer_mib: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AgentConfig:
+        if not args.pid and not args.exe:
+            raise TargetError("name at least one target with --pid PID or --exe PATH")
+        if not 1 <= args.max_batch_delay_ms <= 60_000:
+            raise TargetError(f"--max-batch-delay-ms {args.max_batch_delay_ms}: use 1..60000")
+        if args.max_batch_events < 1:
+            raise TargetError(f"--max-batch-events {args.max_batch_events}: must be positive")
+        if args.partitions < 1:
+            raise TargetError(f"--partitions {args.partitions}: must be positive")
+        return cls(
+            pids=tuple(args.pid or ()),
+            exes=tuple(args.exe or ()),
+            funcs=tuple(args.func or ()),
+            http=not args.no_http,
+            bootstrap_servers=args.bootstrap_servers
+            or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_BOOTSTRAP),
+            node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
+            topic=args.topic,
+            partitions=args.partitions,
+            compression=args.compression,
+            idempotent=args.idempotent,
+            event_transport=args.event_transport,
+            max_batch_events=args.max_batch_events,
+            max_batch_delay_ms=args.max_batch_delay_ms,
+            buffer_mib=args.buffer_mib,
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pid", type=int, action="append", metavar="PID", help="process to trace (repeatable)"
+    )
+    parser.add_argument(
+        "--exe",
+        action="append",
+        metavar="PATH",
+        help="trace every running process of this executable (repeatable)",
+    )
+    parser.add_argument(
+        "--func",
+        action="append",
+        metavar="SYMBOL",
+        help="function symbol to time, e.g. 'main.(*server).handleOrder' "
+        "(repeatable); without it Go net/http servers are traced automatically",
+    )
+    parser.add_argument(
+        "--no-http",
+        action="store_true",
+        help="do not trace Go net/http servers' requests automatically",
+    )
+    parser.add_argument(
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        help=f"Kafka brokers (default $KAFKA_BOOTSTRAP_SERVERS or {DEFAULT_BOOTSTRAP})",
+    )
+    parser.add_argument(
+        "--node-name", help="name of this node in events (default $NODE_NAME or the host name)"
+    )
+    parser.add_argument("--topic", default="apm.uprobe.events")
+    parser.add_argument(
+        "--partitions",
+        type=int,
+        default=6,
+        help="partitions when the agent has to create the topic (default 6)",
+    )
+    parser.add_argument("--compression", choices=COMPRESSIONS, default="lz4")
+    parser.add_argument(
+        "--idempotent",
+        action="store_true",
+        help="use Kafka's idempotent producer (not supported by `ebpf-apm broker`)",
+    )
+    parser.add_argument(
+        "--event-transport",
+        choices=("ringbuf", "perf"),
+        default="ringbuf",
+        help="how records leave the kernel: BPF ring buffer (Linux 5.8+) or "
+        "perf buffer (older kernels)",
+    )
+    parser.add_argument("--max-batch-events", type=int, default=16384)
+    parser.add_argument("--max-batch-delay-ms", type=int, default=200)
+    parser.add_argument(
+        "--buffer-mib",
+        type=int,
+        default=64,
+        help="events held while Kafka is unreachable before dropping (MiB)",
+    )
+
+
+def _resolve_targets(config: AgentConfig, names: FunctionNames) -> list[TargetProcess]:
+    pids = list(config.pids)
+    for exe in config.exes:
+        found = pids_of_executable(exe)
+        if not found:
+            raise TargetError(f"--exe {exe}: no running process of that executable")
+        pids.extend(p for p in found if p not in pids)
+    return [resolve_target(pid, list(config.funcs), names, config.http) for pid in pids]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = AgentConfig.from_args(args)
+        names = FunctionNames()
+        targets = _resolve_targets(config, names)
+        options = ProbeOptions(use_perf_buffer=config.event_transport == "perf")
+        probes = SpanProbes(options)
+    except AgentError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    publisher = KafkaPublisher(
+        PublisherConfig(
+            bootstrap_servers=config.bootstrap_servers,
+            topic=config.topic,
+            compression=config.compression,
+            idempotent=config.idempotent,
+            buffer_max_bytes=config.buffer_mib << 20,
+            client_id=f"ebpf-apm-agent-{config.node_name}",
+        )
+    )
+    batcher = SpanBatcher(
+        node=config.node_name,
+        function_names=names.names,
+        process_info={},
+        max_events=config.max_batch_events,
+        max_delay_ns=config.max_batch_delay_ms * 1_000_000,
+    )
+    pipeline = AgentPipeline(
+        probes,
+        publisher,
+        batcher,
+        [],
+        config.bootstrap_servers,
+        PipelineSettings(topic=config.topic, partitions=config.partitions),
+    )
+    try:
+        for target in targets:
+            pipeline.attach(target)
+            for fn in target.functions:
+                log.info(
+                    "pid %d (%s%s): probing %s at %#x, %d return site(s)%s",
+                    target.pid,
+                    target.exe_name,
+                    f", {target.go_version}" if target.go_version else "",
+                    fn.plan.symbol.name,
+                    fn.plan.symbol.address,
+                    len(fn.plan.return_offsets),
+                    " [HTTP]" if fn.http else "",
+                )
+        log.info(
+            "tracing %d process(es); publishing to topic %s on %s",
+            len(targets),
+            config.topic,
+            config.bootstrap_servers,
+        )
+        return _run_loop(pipeline)
+    except AgentError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    finally:
+        probes.close()
+
+
+def _run_loop(pipeline: AgentPipeline) -> int:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a dependency; plain asyncio still works without it
+        return asyncio.run(pipeline.run())
+    return uvloop.run(pipeline.run())

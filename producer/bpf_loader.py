@@ -1,0 +1,289 @@
+"""Compiles bpf/uprobe_spans.bpf.c with BCC and attaches it to target processes.
+
+The only module of the agent that imports `bcc`. It knows nothing about Kafka or batching:
+it turns probe plans into attached uprobes plus the per-process map entries the BPF side
+looks up, and hands out readers of the event rings.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from producer.errors import KernelSupportError, PrivilegeError, TargetError
+from producer.event_layout import HTTP_SPAN_EVENT, SPAN_EVENT
+from producer.ringbuf_reader import RingBufReader
+
+log = logging.getLogger(__name__)
+
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+SPAN_PROGRAM = BPF_DIR / "uprobe_spans.bpf.c"
+
+SITE_ENTRY = 1
+SITE_RETURN = 2
+SITE_FLAG_HTTP = 1
+COUNTER_NAMES = ("ring_full", "table_full", "return_without_entry", "read_failed", "emitted")
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """Compile-time options of the span program (passed as -D defines)."""
+
+    span_ring_pages: int = 1024
+    http_ring_pages: int = 256
+    wakeup_every: int = 256
+    max_calls_in_flight: int = 65536
+    use_perf_buffer: bool = False
+    synthetic_burst: int = 0  # benchmarks: span records per getppid() of the synthetic pid
+
+    def cflags(self) -> list[str]:
+        flags = [
+            f"-I{BPF_DIR}",
+            f"-DSPAN_RING_PAGES={self.span_ring_pages}",
+            f"-DHTTP_RING_PAGES={self.http_ring_pages}",
+            f"-DWAKEUP_EVERY={self.wakeup_every}",
+            f"-DMAX_CALLS_IN_FLIGHT={self.max_calls_in_flight}",
+        ]
+        if self.use_perf_buffer:
+            flags.append("-DUSE_PERF_BUFFER")
+        if self.synthetic_burst:
+            flags += ["-DSYNTHETIC_SOURCE", f"-DSYNTHETIC_BURST={self.synthetic_burst}"]
+        return flags
+
+
+@dataclass(frozen=True)
+class ProcessLayout:
+    """Field offsets the BPF side needs for one process (-1 where unknown)."""
+
+    is_go: bool
+    goid: int = -1
+    request_method: int = -1
+    request_url: int = -1
+    url_path: int = -1
+    response_status: int = -1
+
+
+class _LayoutStruct(ctypes.Structure):
+    _fields_ = [
+        ("goid", ctypes.c_int32),
+        ("request_method", ctypes.c_int32),
+        ("request_url", ctypes.c_int32),
+        ("url_path", ctypes.c_int32),
+        ("response_status", ctypes.c_int32),
+        ("is_go", ctypes.c_uint32),
+    ]
+
+
+@dataclass
+class _AttachedProcess:
+    sites: list[int] = field(default_factory=list)  # runtime addresses in probe_sites
+    # (binary path, file address) of each uprobe, to detach by the same spec
+    uprobes: list[tuple[bytes, int, bool]] = field(default_factory=list)
+
+
+class PerfBufferReader:
+    """The pre-5.8 fallback: BCC's perf buffer, one Python callback per record."""
+
+    def __init__(self, bpf: Any, table: str, record: np.dtype[Any], pages: int) -> None:
+        self.record = record
+        self._chunks: list[bytes] = []
+        self._bpf = bpf
+        self._lost = 0
+
+        def on_record(_cpu: int, data: int, size: int) -> None:
+            self._chunks.append(ctypes.string_at(data, record.itemsize))
+
+        def on_lost(count: int) -> None:
+            self._lost += count
+
+        bpf[table].open_perf_buffer(on_record, page_cnt=pages, lost_cb=on_lost)
+
+    def drain(self, max_records: int | None = None) -> np.ndarray:
+        self._bpf.perf_buffer_poll(timeout=0)
+        chunks, self._chunks = self._chunks, []
+        if not chunks:
+            return np.empty(0, dtype=self.record)
+        return np.frombuffer(b"".join(chunks), dtype=self.record)
+
+    @property
+    def lost(self) -> int:
+        return self._lost
+
+    def close(self) -> None:
+        pass
+
+
+Reader = RingBufReader | PerfBufferReader
+
+
+class SpanProbes:
+    """The span program loaded into the kernel, and the probes attached for it."""
+
+    def __init__(self, options: ProbeOptions | None = None) -> None:
+        self.options = options or ProbeOptions()
+        if os.geteuid() != 0:
+            raise PrivilegeError(
+                "loading BPF programs needs root (or CAP_BPF, CAP_PERFMON and "
+                "CAP_SYS_RESOURCE); run the agent as root or give it those capabilities"
+            )
+        try:
+            from bcc import BPF  # noqa: PLC0415 - bcc is imported here and nowhere else
+        except ImportError as exc:
+            raise KernelSupportError(
+                f"cannot import BCC ({exc}); run `make setup` (Debian package python3-bpfcc)"
+            ) from exc
+        if not self.options.use_perf_buffer and not _kernel_has_ringbuf():
+            raise KernelSupportError(
+                "this kernel has no BPF ring buffer (needs Linux 5.8); "
+                "run the agent with --event-transport perf"
+            )
+        try:
+            self._bpf = BPF(src_file=str(SPAN_PROGRAM).encode(), cflags=self.options.cflags())
+        except Exception as exc:  # BCC raises bare Exception for compile and load failures
+            raise KernelSupportError(
+                f"could not compile or load {SPAN_PROGRAM.name}: {exc}. Check that kernel "
+                "headers are installed and linked (`make setup`) and tracefs is mounted"
+            ) from exc
+        self._processes: dict[int, _AttachedProcess] = {}
+        self._sites = self._bpf["probe_sites"]
+        self._layouts = self._bpf["process_layouts"]
+        self.span_reader: Reader
+        self.http_reader: Reader
+        if self.options.use_perf_buffer:
+            self.span_reader = PerfBufferReader(self._bpf, "span_events", SPAN_EVENT, 256)
+            self.http_reader = PerfBufferReader(self._bpf, "http_events", HTTP_SPAN_EVENT, 64)
+        else:
+            self.span_reader = RingBufReader(
+                self._bpf["span_events"].map_fd, self.options.span_ring_pages, SPAN_EVENT
+            )
+            self.http_reader = RingBufReader(
+                self._bpf["http_events"].map_fd, self.options.http_ring_pages, HTTP_SPAN_EVENT
+            )
+
+    @property
+    def wakeup_fds(self) -> list[int]:
+        """File descriptors that turn readable when the kernel forces a reader wakeup."""
+        if self.options.use_perf_buffer:
+            return []
+        return [self._bpf["span_events"].map_fd, self._bpf["http_events"].map_fd]
+
+    def add_process(self, pid: int, layout: ProcessLayout) -> None:
+        self._layouts[ctypes.c_uint32(pid)] = _LayoutStruct(
+            layout.goid,
+            layout.request_method,
+            layout.request_url,
+            layout.url_path,
+            layout.response_status,
+            1 if layout.is_go else 0,
+        )
+        self._processes.setdefault(pid, _AttachedProcess())
+
+    def attach_function(
+        self,
+        pid: int,
+        binary: str,
+        load_bias: int,
+        address: int,
+        entry_offset: int,
+        return_offsets: list[int],
+        func_id: int,
+        http: bool,
+        is_go: bool,
+    ) -> None:
+        """Attach one function: `address` is its ELF address, `load_bias` what the process
+        added to ELF addresses when it mapped the binary (0 unless PIE)."""
+        proc = self._processes[pid]
+        flags = SITE_FLAG_HTTP if http else 0
+        path = binary.encode()
+        try:
+            self._add_site(
+                proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags
+            )
+            self._bpf.attach_uprobe(
+                name=path, addr=address + entry_offset, fn_name=b"span_entry", pid=pid
+            )
+            proc.uprobes.append((path, address + entry_offset, False))
+            if is_go:
+                for offset in return_offsets:
+                    self._add_site(
+                        proc, pid, load_bias + address + offset, func_id, SITE_RETURN, flags
+                    )
+                    self._bpf.attach_uprobe(
+                        name=path, addr=address + offset, fn_name=b"span_return", pid=pid
+                    )
+                    proc.uprobes.append((path, address + offset, False))
+            else:
+                self._bpf.attach_uretprobe(
+                    name=path, addr=address, fn_name=b"span_uretprobe", pid=pid
+                )
+                proc.uprobes.append((path, address, True))
+        except Exception as exc:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise TargetError(f"process {pid} exited while probes were attached") from exc
+            raise KernelSupportError(
+                f"attaching uprobes to {binary} (pid {pid}) at {address:#x} failed: {exc}"
+            ) from exc
+
+    def _add_site(
+        self, proc: _AttachedProcess, pid: int, ip: int, func_id: int, role: int, flags: int
+    ) -> None:
+        self._sites[self._sites.Key(pid, 0, ip)] = self._sites.Leaf(func_id, role, flags)
+        proc.sites.append(ip)
+
+    def detach_process(self, pid: int) -> None:
+        """Remove a process's probes and map entries (it exited, or is no longer wanted)."""
+        proc = self._processes.pop(pid, None)
+        if proc is None:
+            return
+        for path, addr, is_return in proc.uprobes:
+            try:
+                if is_return:
+                    self._bpf.detach_uretprobe(name=path, addr=addr, pid=pid)
+                else:
+                    self._bpf.detach_uprobe(name=path, addr=addr, pid=pid)
+            except Exception as exc:  # the binary may be gone with the process
+                log.debug("detaching %s@%#x for pid %d: %s", path, addr, pid, exc)
+        for ip in proc.sites:
+            self._sites.pop(self._sites.Key(pid, 0, ip), None)
+        self._layouts.pop(ctypes.c_uint32(pid), None)
+        self._forget_calls(pid)
+
+    def _forget_calls(self, pid: int) -> None:
+        for table in ("calls_in_flight", "thread_stacks"):
+            stale = [key for key in self._bpf[table] if key.tgid == pid]
+            for key in stale:
+                self._bpf[table].pop(key, None)
+
+    def counters(self) -> dict[str, int]:
+        table = self._bpf["counters"]
+        totals = {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
+        for reader in (self.span_reader, self.http_reader):
+            if isinstance(reader, PerfBufferReader):
+                totals["ring_full"] += reader.lost
+        return totals
+
+    def set_synthetic_pid(self, pid: int) -> None:
+        table = self._bpf["synthetic_pid"]
+        table[ctypes.c_int(0)] = ctypes.c_uint32(pid)
+
+    def close(self) -> None:
+        for pid in list(self._processes):
+            self.detach_process(pid)
+        for reader in (self.span_reader, self.http_reader):
+            reader.close()
+        self._bpf.cleanup()
+
+
+def _kernel_has_ringbuf() -> bool:
+    release = os.uname().release.split("-")[0].split(".")
+    try:
+        major, minor = int(release[0]), int(release[1])
+    except (ValueError, IndexError):
+        return True
+    return (major, minor) >= (5, 8)

@@ -1,0 +1,95 @@
+"""The producer's single exception family.
+
+Every error the agent can report to a user derives from :class:`AgentError`, so the CLI
+needs one ``except`` clause and can turn any failure into a message plus an exit status:
+2 when the input was wrong (the user must change the command line or the target), 1 when
+the host could not do the work (kernel or privileges). Messages say what failed, on what
+input, and what to do next, because they are printed as-is.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = [
+    "AgentError",
+    "KernelSupportError",
+    "PrivilegeError",
+    "SymbolNotFound",
+    "TargetError",
+    "UnsupportedBinary",
+]
+
+#: How many near-miss names a SymbolNotFound message lists.
+MAX_CLOSE_MATCHES = 5
+
+
+class AgentError(Exception):
+    """Base of every error the agent reports; ``exit_code`` is the process exit status."""
+
+    exit_code: int = 1
+
+
+class TargetError(AgentError):
+    """The traced target is wrong: unknown pid, unreadable or non-ELF binary, bad symbol."""
+
+    exit_code = 2
+
+
+class UnsupportedBinary(TargetError):
+    """The binary is readable but cannot be probed safely.
+
+    Examples: a stripped Go binary without ``.gopclntab``, a non-x86-64 binary, or a Go
+    binary older than 1.17 (no register ABI, so arguments are not where the probes read).
+    """
+
+
+class SymbolNotFound(TargetError):
+    """A function name is not in the binary; carries near misses to help fix a typo."""
+
+    def __init__(self, symbol: str, path: str | Path, candidates: Iterable[str]) -> None:
+        self.symbol = symbol
+        self.path = str(path)
+        self.close_matches: list[str] = close_matches(symbol, candidates)
+        message = f"function {symbol!r} not found in {self.path}"
+        if self.close_matches:
+            message += "; close matches: " + ", ".join(self.close_matches)
+        else:
+            message += "; no similar names"
+        message += (
+            f". List the binary's functions with `python -m producer.elf_symbols {self.path}"
+            " [SUBSTRING]`; Go methods are spelled like pkg.(*Type).Method"
+        )
+        super().__init__(message)
+
+
+class KernelSupportError(AgentError):
+    """The running kernel lacks something the probes need (uprobes, BPF features)."""
+
+    exit_code = 1
+
+
+class PrivilegeError(AgentError):
+    """The agent lacks the privileges (root / CAP_BPF, CAP_PERFMON) to load probes."""
+
+    exit_code = 1
+
+
+def close_matches(symbol: str, candidates: Iterable[str]) -> list[str]:
+    """Up to MAX_CLOSE_MATCHES names similar to ``symbol``, best first.
+
+    Names whose last component equals the query come first, because users often type
+    ``handleSleep`` for ``main.(*server).handleSleep``; difflib then catches typos.
+    """
+    names = list(candidates)
+    found: list[str] = []
+    for name in names:
+        if name != symbol and name.endswith("." + symbol):
+            found.append(name)
+    found.sort(key=len)
+    for name in difflib.get_close_matches(symbol, names, n=MAX_CLOSE_MATCHES, cutoff=0.6):
+        if name not in found:
+            found.append(name)
+    return found[:MAX_CLOSE_MATCHES]

@@ -1,0 +1,72 @@
+"""numpy mirrors of the records in bpf/events.h.
+
+tests/test_event_layout.py compiles that header and checks every offset and size here, so
+the kernel and user sides cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EVENT_KIND_SPAN = 1
+EVENT_KIND_HTTP_SPAN = 2
+HTTP_METHOD_MAX = 8
+HTTP_PATH_MAX = 128
+
+EVENT_HEADER = np.dtype(
+    [("kind", "<u2"), ("size", "<u2"), ("pid", "<u4"), ("ts_ns", "<u8")], align=True
+)
+
+SPAN_EVENT = np.dtype(
+    [
+        ("kind", "<u2"),
+        ("size", "<u2"),
+        ("pid", "<u4"),
+        ("ts_ns", "<u8"),
+        ("start_ns", "<u8"),
+        ("goid", "<i8"),
+        ("tid", "<u4"),
+        ("end_tid", "<u4"),
+        ("func_id", "<u4"),
+        ("_pad", "<u4"),
+    ],
+    align=True,
+)
+
+HTTP_SPAN_EVENT = np.dtype(
+    SPAN_EVENT.descr
+    + [
+        ("status", "<u2"),
+        ("path_len", "<u2"),
+        ("method_len", "u1"),
+        ("_pad2", "u1", (3,)),
+        ("method", f"S{HTTP_METHOD_MAX}"),
+        ("path", f"S{HTTP_PATH_MAX}"),
+    ],
+    align=True,
+)
+
+# Offsets as C sees them, for the layout test: C name -> (numpy field, offset).
+C_FIELDS: dict[str, dict[str, str]] = {
+    "span_event": {
+        "hdr.kind": "kind",
+        "hdr.size": "size",
+        "hdr.pid": "pid",
+        "hdr.ts_ns": "ts_ns",
+        "start_ns": "start_ns",
+        "goid": "goid",
+        "tid": "tid",
+        "end_tid": "end_tid",
+        "func_id": "func_id",
+    },
+    "http_span_event": {
+        "span.hdr.kind": "kind",
+        "span.start_ns": "start_ns",
+        "span.func_id": "func_id",
+        "status": "status",
+        "path_len": "path_len",
+        "method_len": "method_len",
+        "method": "method",
+        "path": "path",
+    },
+}

@@ -1,0 +1,177 @@
+"""Span records from the kernel -> one msgpack batch per process, flushed on size or age.
+
+Pure: the caller passes the time, so the flush policy is tested without sleeping. Records of
+many processes arrive mixed; they are grouped by pid because a Kafka message carries one
+process (its key is node/pid and consumers rely on that partitioning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from producer.event_layout import HTTP_PATH_MAX
+from schemas.event_batch import HttpColumns, SpanBatch, encode_span_batch
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    exe: str
+    k8s: dict[str, str | None] | None = None
+
+
+@dataclass(frozen=True)
+class OutgoingBatch:
+    key: bytes
+    value: bytes
+    events: int
+
+
+@dataclass
+class _Pending:
+    first_seen_ns: int
+    spans: list[np.ndarray] = field(default_factory=list)
+    http: list[np.ndarray] = field(default_factory=list)
+    count: int = 0
+
+
+def _split_by_pid(records: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    if len(records) == 0:
+        return []
+    pids = records["pid"]
+    first = pids[0]
+    if (pids == first).all():  # the common case: one busy process
+        return [(int(first), records)]
+    order = np.argsort(pids, kind="stable")
+    ordered = records[order]
+    cuts = np.flatnonzero(np.diff(ordered["pid"])) + 1
+    return [(int(part["pid"][0]), part) for part in np.split(ordered, cuts)]
+
+
+def _decode_text(raw: Any, length: int) -> str:
+    return bytes(raw[:length]).decode("utf-8", "replace")
+
+
+def _http_status(raw: int) -> int:
+    """0 in the record: the handler wrote nothing, and net/http answers 200 for it. A value
+    outside HTTP's range means the writer was not net/http's HTTP/1 response (HTTP/2):
+    reported as 0, unknown."""
+    if raw == 0:
+        return 200
+    return raw if 100 <= raw <= 599 else 0
+
+
+class SpanBatcher:
+    """Accumulates records per process and cuts batches of at most `max_events`."""
+
+    def __init__(
+        self,
+        node: str,
+        function_names: list[str],
+        process_info: dict[int, ProcessInfo],
+        max_events: int = 16384,
+        max_delay_ns: int = 200_000_000,
+    ) -> None:
+        self.node = node
+        self.function_names = function_names  # shared, grows as functions are attached
+        self.process_info = process_info  # shared, maintained by the agent
+        self.max_events = max_events
+        self.max_delay_ns = max_delay_ns
+        self.boot_to_epoch_ns = 0
+        self._pending: dict[int, _Pending] = {}
+
+    @property
+    def pending_events(self) -> int:
+        return sum(p.count for p in self._pending.values())
+
+    def add(self, spans: np.ndarray, http: np.ndarray, now_ns: int) -> list[OutgoingBatch]:
+        """Take new records; returns the batches that became full."""
+        full: list[OutgoingBatch] = []
+        for records, is_http in ((spans, False), (http, True)):
+            for pid, part in _split_by_pid(records):
+                pending = self._pending.get(pid)
+                if pending is None:
+                    pending = self._pending[pid] = _Pending(first_seen_ns=now_ns)
+                (pending.http if is_http else pending.spans).append(part)
+                pending.count += len(part)
+                if pending.count >= self.max_events:
+                    full.extend(self._cut(pid))
+        return full
+
+    def due(self, now_ns: int) -> list[OutgoingBatch]:
+        """Batches whose oldest record has waited `max_delay_ns`."""
+        out: list[OutgoingBatch] = []
+        for pid in [
+            p for p, b in self._pending.items() if now_ns - b.first_seen_ns >= self.max_delay_ns
+        ]:
+            out.extend(self._cut(pid))
+        return out
+
+    def flush_all(self) -> list[OutgoingBatch]:
+        out: list[OutgoingBatch] = []
+        for pid in list(self._pending):
+            out.extend(self._cut(pid))
+        return out
+
+    def _cut(self, pid: int) -> list[OutgoingBatch]:
+        pending = self._pending.pop(pid)
+        spans = np.concatenate(pending.spans) if pending.spans else None
+        http = np.concatenate(pending.http) if pending.http else None
+        out = []
+        # Function spans and HTTP spans share one batch layout; HTTP rows come last.
+        span_chunks = (
+            []
+            if spans is None
+            else np.array_split(spans, max(1, -(-len(spans) // self.max_events)))
+        )
+        for chunk in span_chunks:
+            out.append(self._encode(pid, chunk, None))
+        if http is not None:
+            for start in range(0, len(http), self.max_events):
+                out.append(self._encode(pid, None, http[start : start + self.max_events]))
+        return out
+
+    def _encode(self, pid: int, spans: np.ndarray | None, http: np.ndarray | None) -> OutgoingBatch:
+        records = spans if spans is not None else http
+        assert records is not None
+        n = len(records)
+        func_ids, local_func = np.unique(records["func_id"], return_inverse=True)
+        offset = np.int64(self.boot_to_epoch_ns)
+        columns = {
+            "tid": records["tid"],
+            "end_tid": records["end_tid"],
+            "goid": records["goid"],
+            "func": local_func.astype(np.uint32),
+            "start_ns": records["start_ns"].astype(np.int64) + offset,
+            "end_ns": records["ts_ns"].astype(np.int64) + offset,
+        }
+        http_columns = None
+        if http is not None:
+            methods = [
+                _decode_text(m, int(n_)) for m, n_ in zip(http["method"], http["method_len"])
+            ]
+            paths = [
+                _decode_text(p, min(int(n_), HTTP_PATH_MAX))
+                for p, n_ in zip(http["path"], http["path_len"])
+            ]
+            http_columns = HttpColumns(
+                rows=np.arange(n, dtype=np.uint32),
+                method=methods,
+                path=paths,
+                status=np.array([_http_status(int(s)) for s in http["status"]], dtype=np.uint16),
+            )
+        info = self.process_info.get(pid, ProcessInfo(exe=""))
+        batch = SpanBatch(
+            node=self.node,
+            pid=pid,
+            exe=info.exe,
+            funcs=[self.function_names[int(i)] for i in func_ids],
+            columns=columns,
+            http=http_columns,
+            k8s=info.k8s,
+        )
+        return OutgoingBatch(
+            key=f"{self.node}/{pid}".encode(), value=encode_span_batch(batch), events=n
+        )

@@ -1,0 +1,171 @@
+"""From `--pid`/`--exe`/`--func` to what must be probed in each process.
+
+A target process is read through /proc/PID/exe, so the binary is found even when the process
+lives in another mount namespace. Each function to time gets an agent-wide id that the span
+records carry; the batcher turns ids back into names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from producer.bpf_loader import ProcessLayout
+from producer.elf_symbols import SymbolTable
+from producer.errors import TargetError, UnsupportedBinary
+from producer.go_binary import go_layout, is_go_binary
+from producer.probe_sites import ProbePlan, plan_function
+
+log = logging.getLogger(__name__)
+
+# Every request a Go net/http server serves passes through this method.
+HTTP_SERVER_SYMBOL = "net/http.serverHandler.ServeHTTP"
+
+
+class FunctionNames:
+    """Agent-wide ids of probed functions; the BPF records carry the id, batches the name."""
+
+    def __init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def id_of(self, name: str) -> int:
+        if name not in self._ids:
+            self._ids[name] = len(self.names)
+            self.names.append(name)
+        return self._ids[name]
+
+
+@dataclass(frozen=True)
+class FunctionTarget:
+    func_id: int
+    plan: ProbePlan
+    http: bool
+
+
+@dataclass
+class TargetProcess:
+    pid: int
+    exe: str  # the executable's path inside the process's own mount namespace
+    binary: str  # a path to the same file that works from the agent: /proc/PID/exe
+    load_bias: int
+    layout: ProcessLayout
+    go_version: str | None
+    functions: list[FunctionTarget] = field(default_factory=list)
+
+    @property
+    def exe_name(self) -> str:
+        return os.path.basename(self.exe)
+
+
+def _check_process(pid: int) -> str:
+    if pid <= 0:
+        raise TargetError(f"--pid {pid}: a process id is a positive number")
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except FileNotFoundError:
+        raise TargetError(
+            f"no process with pid {pid}; check the pid (ps -e) or use --exe"
+        ) from None
+    except PermissionError:
+        raise TargetError(
+            f"cannot read /proc/{pid}/exe: permission denied; run the agent as root "
+            "(or with CAP_SYS_PTRACE)"
+        ) from None
+
+
+def load_bias(pid: int, binary: str) -> int:
+    """What the process added to the binary's ELF addresses when mapping it (PIE), else 0."""
+    with open(binary, "rb") as f:
+        header = f.read(18)
+    if header[:4] != b"\x7fELF":
+        raise UnsupportedBinary(f"{binary} is not an ELF file")
+    if int.from_bytes(header[16:18], "little") != 3:  # ET_DYN; ET_EXEC is mapped as linked
+        return 0
+    inode = os.stat(binary).st_ino
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            parts = line.split()
+            if len(parts) >= 6 and int(parts[4]) == inode and int(parts[2], 16) == 0:
+                return int(parts[0].split("-")[0], 16)
+    raise TargetError(f"cannot find the mapping of {binary} in /proc/{pid}/maps")
+
+
+def resolve_target(
+    pid: int, symbols: list[str], names: FunctionNames, http: bool = True
+) -> TargetProcess:
+    """Plan probes in one process: `symbols`, plus Go's HTTP server when it has one and
+    `http` is on."""
+    exe = _check_process(pid)
+    binary = f"/proc/{pid}/exe"
+    try:
+        table = SymbolTable.from_path(binary)
+    except OSError as exc:
+        raise TargetError(f"cannot read the binary of pid {pid} ({exe}): {exc}") from exc
+    go = is_go_binary(binary)
+    version = None
+    if go:
+        go_fields = go_layout(binary)
+        version = go_fields.version
+        layout = ProcessLayout(
+            is_go=True,
+            goid=go_fields.goid_offset,
+            request_method=go_fields.request_method,
+            request_url=go_fields.request_url,
+            url_path=go_fields.url_path,
+            response_status=go_fields.response_status,
+        )
+    else:
+        layout = ProcessLayout(is_go=False)
+    target = TargetProcess(
+        pid=pid,
+        exe=exe,
+        binary=binary,
+        load_bias=load_bias(pid, binary),
+        layout=layout,
+        go_version=version,
+    )
+    serves_http = go and HTTP_SERVER_SYMBOL in table
+    if not symbols and not (http and serves_http):
+        raise TargetError(
+            f"pid {pid} ({exe}) is not a Go net/http server, so there is nothing to trace "
+            "automatically; name functions with --func SYMBOL"
+            if http
+            else f"pid {pid}: nothing to trace: HTTP tracing is off and no --func was given"
+        )
+    wanted = [(name, False) for name in symbols if name != HTTP_SERVER_SYMBOL]
+    if http and serves_http:
+        if (
+            min(layout.request_method, layout.request_url, layout.url_path, layout.response_status)
+            < 0
+        ):
+            raise UnsupportedBinary(
+                f"{exe}: net/http field offsets are unknown for Go {version}; "
+                "trace handler functions with --func and --no-http instead"
+            )
+        wanted.append((HTTP_SERVER_SYMBOL, True))
+    for name, is_http in wanted:
+        plan = plan_function(binary, table, name, go)
+        target.functions.append(FunctionTarget(names.id_of(name), plan, is_http))
+    return target
+
+
+def pids_of_executable(path: str) -> list[int]:
+    """Running processes whose executable is `path` (compared by device and inode)."""
+    try:
+        want = os.stat(path)
+    except OSError as exc:
+        raise TargetError(f"--exe {path}: {exc.strerror}") from exc
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            st = os.stat(entry / "exe")
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+            found.append(int(entry.name))
+    return sorted(found)

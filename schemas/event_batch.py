@@ -1,0 +1,185 @@
+"""The msgpack batch format of the `apm.uprobe.events` topic (see schemas/uprobe_events.md).
+
+One Kafka message carries many spans of one process, stored column by column: each numeric
+column is one little-endian byte string, so the agent encodes a batch with a handful of numpy
+calls and a consumer decodes it into arrays without a Python call per span. `iter_events`
+turns a batch back into one dict per span, the shape `ebpf-apm tail --json` prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+
+FORMAT_VERSION = 1
+KIND_SPAN = "span"
+
+# Column name -> numpy dtype. The order and types are part of the topic's contract.
+SPAN_COLUMNS: dict[str, np.dtype[Any]] = {
+    "tid": np.dtype("<u4"),
+    "end_tid": np.dtype("<u4"),
+    "goid": np.dtype("<i8"),
+    "func": np.dtype("<u4"),
+    "start_ns": np.dtype("<i8"),
+    "end_ns": np.dtype("<i8"),
+}
+HTTP_ROW = np.dtype("<u4")
+HTTP_STATUS = np.dtype("<u2")
+
+
+class BatchDecodeError(ValueError):
+    """A message on an event topic is not a batch this version can read."""
+
+
+@dataclass
+class HttpColumns:
+    """HTTP fields of the spans that are HTTP requests: `rows` index the batch's spans."""
+
+    rows: np.ndarray
+    method: list[str]
+    path: list[str]
+    status: np.ndarray
+
+
+@dataclass
+class SpanBatch:
+    node: str
+    pid: int
+    exe: str
+    funcs: list[str]
+    columns: dict[str, np.ndarray]
+    http: HttpColumns | None = None
+    k8s: dict[str, str | None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.columns["tid"])
+
+
+def encode_span_batch(batch: SpanBatch) -> bytes:
+    """Serialize a batch; columns are converted to the contract's dtypes."""
+    n = len(batch)
+    cols: dict[str, bytes] = {}
+    for name, dtype in SPAN_COLUMNS.items():
+        column = batch.columns[name]
+        if len(column) != n:
+            raise ValueError(f"column {name!r} has {len(column)} values, expected {n}")
+        cols[name] = np.ascontiguousarray(column, dtype=dtype).tobytes()
+    message: dict[str, Any] = {
+        "v": FORMAT_VERSION,
+        "kind": KIND_SPAN,
+        "node": batch.node,
+        "pid": batch.pid,
+        "exe": batch.exe,
+        "n": n,
+        "funcs": batch.funcs,
+        "cols": cols,
+    }
+    if batch.http is not None and len(batch.http.rows):
+        message["http"] = {
+            "row": np.ascontiguousarray(batch.http.rows, dtype=HTTP_ROW).tobytes(),
+            "method": batch.http.method,
+            "path": batch.http.path,
+            "status": np.ascontiguousarray(batch.http.status, dtype=HTTP_STATUS).tobytes(),
+        }
+    if batch.k8s is not None:
+        message["k8s"] = batch.k8s
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def _column(raw: Any, dtype: np.dtype[Any], n: int, name: str) -> np.ndarray:
+    if not isinstance(raw, bytes) or len(raw) != n * dtype.itemsize:
+        size = len(raw) if isinstance(raw, bytes) else type(raw).__name__
+        raise BatchDecodeError(
+            f"column {name!r}: expected {n} x {dtype.itemsize} bytes, got {size}"
+        )
+    return np.frombuffer(raw, dtype=dtype)
+
+
+def decode_span_batch(value: bytes) -> SpanBatch:
+    """Parse one message value; every size is checked before it is trusted."""
+    try:
+        message = msgpack.unpackb(value, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BatchDecodeError(f"not msgpack: {exc}") from exc
+    if not isinstance(message, dict):
+        raise BatchDecodeError(f"expected a msgpack map, got {type(message).__name__}")
+    if message.get("v") != FORMAT_VERSION or message.get("kind") != KIND_SPAN:
+        raise BatchDecodeError(
+            f"unsupported batch v={message.get('v')!r} kind={message.get('kind')!r}; "
+            f"this reader knows v={FORMAT_VERSION} kind={KIND_SPAN!r}"
+        )
+    try:
+        n = int(message["n"])
+        raw_cols = message["cols"]
+        columns = {
+            name: _column(raw_cols.get(name), dtype, n, name)
+            for name, dtype in SPAN_COLUMNS.items()
+        }
+        funcs = [str(f) for f in message["funcs"]]
+        if n and int(columns["func"].max()) >= len(funcs):
+            raise BatchDecodeError("func index outside the batch's function table")
+        http = None
+        if "http" in message:
+            h = message["http"]
+            rows = np.frombuffer(h["row"], dtype=HTTP_ROW)
+            m = len(rows)
+            http = HttpColumns(
+                rows=rows,
+                method=list(h["method"]),
+                path=list(h["path"]),
+                status=_column(h["status"], HTTP_STATUS, m, "http.status"),
+            )
+            if len(http.method) != m or len(http.path) != m or (m and int(rows.max()) >= n):
+                raise BatchDecodeError("http columns do not match the batch's spans")
+        return SpanBatch(
+            node=str(message["node"]),
+            pid=int(message["pid"]),
+            exe=str(message.get("exe", "")),
+            funcs=funcs,
+            columns=columns,
+            http=http,
+            k8s=message.get("k8s"),
+        )
+    except BatchDecodeError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BatchDecodeError(f"malformed span batch: {exc!r}") from exc
+
+
+K8S_FIELDS = ("k8s_namespace", "k8s_pod", "k8s_container", "k8s_workload")
+
+
+def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
+    """One dict per span, with the fields `ebpf-apm tail --json` promises."""
+    cols = {name: column.tolist() for name, column in batch.columns.items()}
+    http_at: dict[int, int] = {}
+    if batch.http is not None:
+        http_at = {row: i for i, row in enumerate(batch.http.rows.tolist())}
+    k8s = batch.k8s or {}
+    for i in range(len(batch)):
+        goid = cols["goid"][i]
+        event: dict[str, Any] = {
+            "node": batch.node,
+            "pid": batch.pid,
+            "exe": batch.exe,
+            "tid": cols["tid"][i],
+            "end_tid": cols["end_tid"][i],
+            "goid": None if goid < 0 else goid,
+            "func": batch.funcs[cols["func"][i]],
+            "start_ns": cols["start_ns"][i],
+            "end_ns": cols["end_ns"][i],
+            "duration_ns": cols["end_ns"][i] - cols["start_ns"][i],
+        }
+        j = http_at.get(i)
+        if j is not None and batch.http is not None:
+            event["http_method"] = batch.http.method[j]
+            event["http_path"] = batch.http.path[j]
+            event["http_status"] = int(batch.http.status[j])
+        for name in K8S_FIELDS:
+            event[name] = k8s.get(name)
+        yield event

@@ -1,0 +1,245 @@
+"""Processes the agent tests start: Go servers, the agent itself, and a topic reader.
+
+Everything here ends only the processes it started, by pid.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EBPF_APM = [sys.executable, "-m", "producer.cli"]
+
+
+@dataclass
+class GoServer:
+    process: subprocess.Popen[str]
+    host: str
+    port: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+
+@contextmanager
+def go_server(binary: Path) -> Iterator[GoServer]:
+    process = subprocess.Popen(
+        [str(binary), "-addr", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline().split()
+        assert line and line[0] == "LISTEN", f"server printed {line!r}"
+        host, port = line[1].rsplit(":", 1)
+        yield GoServer(process, host, int(port))
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+class Agent:
+    """`ebpf-apm agent` as a child process, with its log collected from stderr."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.process = subprocess.Popen(
+            [*EBPF_APM, "agent", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.lines.append(line)
+            if "tracing " in line and "process(es)" in line:
+                self._ready.set()
+        self._ready.set()
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        assert self._ready.wait(timeout), f"agent not ready after {timeout}s:\n{self.log}"
+        assert self.process.poll() is None, f"agent exited {self.process.returncode}:\n{self.log}"
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"agent did not exit within {timeout}s:\n{self.log}") from None
+        self._reader.join(5)
+        self._close_pipe()
+        return code
+
+    def _close_pipe(self) -> None:
+        if self.process.stderr is not None and not self._reader.is_alive():
+            self.process.stderr.close()
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._reader.join(5)
+        self._close_pipe()
+
+
+def run_agent_to_exit(args: list[str], timeout: float = 60) -> tuple[int, str]:
+    result = subprocess.run(
+        [*EBPF_APM, "agent", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
+    return result.returncode, result.stderr
+
+
+def read_spans(bootstrap: str, pid: int, expected: int, timeout: float = 20) -> list[dict]:
+    """Spans of one process from apm.uprobe.events, read with `ebpf-apm tail --json`."""
+    deadline = time.monotonic() + timeout
+    spans: list[dict] = []
+    while True:
+        result = subprocess.run(
+            [
+                *EBPF_APM,
+                "tail",
+                "apm.uprobe.events",
+                "--from-beginning",
+                "--json",
+                "--timeout",
+                "2",
+                "--bootstrap-servers",
+                bootstrap,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        # The agent creates the topic once the broker is reachable: until then, wait.
+        if result.returncode != 0 and "does not exist" in result.stderr:
+            assert time.monotonic() < deadline, result.stderr
+            time.sleep(0.5)
+            continue
+        assert result.returncode == 0, result.stderr
+        spans = [e for e in map(json.loads, result.stdout.splitlines()) if e["pid"] == pid]
+        if len(spans) >= expected or time.monotonic() > deadline:
+            return spans
+        time.sleep(0.5)
+
+
+@dataclass
+class Request:
+    rid: int
+    method: str
+    path: str
+    query: str
+    sleep_ms: int
+    status: int
+    start_ns: int = 0
+    end_ns: int = 0
+    got_status: int = 0
+
+
+def plan_requests(count: int, seed: int = 7, deep_every: int = 5) -> list[Request]:
+    """A known mix: sleeping handlers (goroutines migrate across the sleep) and deep
+    recursion (the goroutine stack is grown and copied) with odd statuses and methods."""
+    rng = random.Random(seed)
+    requests = []
+    for rid in range(count):
+        method = rng.choice(["GET", "GET", "POST", "PUT"])
+        ms = rng.randint(3, 30)
+        if rid % deep_every == 0:
+            requests.append(Request(rid, method, f"/deep/{rid}", f"depth=2000&ms={ms}", ms, 200))
+        else:
+            status = rng.choice([200, 200, 201, 404, 503])
+            requests.append(
+                Request(rid, method, f"/sleep/{rid}", f"ms={ms}&status={status}", ms, status)
+            )
+    return requests
+
+
+def send_concurrently(server: GoServer, requests: list[Request], clients: int = 16) -> None:
+    """`clients` keep-alive connections share the requests; records client-side times."""
+    queue = list(reversed(requests))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        try:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    req = queue.pop()
+                req.start_ns = time.time_ns()
+                conn.request(
+                    req.method, f"{req.path}?{req.query}", body=b"" if req.method != "GET" else None
+                )
+                response = conn.getresponse()
+                response.read()
+                req.end_ns = time.time_ns()
+                req.got_status = response.status
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(r.got_status == r.status for r in requests)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

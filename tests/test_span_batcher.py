@@ -1,0 +1,125 @@
+"""SpanBatcher: grouping per process, flush on size and age, and the batch codec round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from producer.event_layout import EVENT_KIND_HTTP_SPAN, EVENT_KIND_SPAN, HTTP_SPAN_EVENT, SPAN_EVENT
+from producer.span_batcher import ProcessInfo, SpanBatcher
+from schemas.event_batch import BatchDecodeError, decode_span_batch, iter_events
+
+FUNCS = ["main.a", "main.(*server).handleSleep", "net/http.serverHandler.ServeHTTP"]
+
+
+def spans(pids: list[int], func_id: int = 1) -> np.ndarray:
+    records = np.zeros(len(pids), dtype=SPAN_EVENT)
+    records["kind"] = EVENT_KIND_SPAN
+    records["size"] = SPAN_EVENT.itemsize
+    records["pid"] = pids
+    records["start_ns"] = np.arange(len(pids)) * 1000 + 5_000
+    records["ts_ns"] = records["start_ns"] + 777
+    records["goid"] = np.arange(len(pids)) + 40
+    records["tid"] = 7
+    records["end_tid"] = 8
+    records["func_id"] = func_id
+    return records
+
+
+def http_records(pid: int, paths: list[bytes], statuses: list[int]) -> np.ndarray:
+    records = np.zeros(len(paths), dtype=HTTP_SPAN_EVENT)
+    records["kind"] = EVENT_KIND_HTTP_SPAN
+    records["size"] = HTTP_SPAN_EVENT.itemsize
+    records["pid"] = pid
+    records["start_ns"] = 100
+    records["ts_ns"] = 600
+    records["goid"] = -1
+    records["func_id"] = 2
+    records["method"] = b"POST"
+    records["method_len"] = 4
+    records["path"] = paths
+    records["path_len"] = [len(p) for p in paths]
+    records["status"] = statuses
+    return records
+
+
+def make_batcher(max_events: int = 1000) -> SpanBatcher:
+    batcher = SpanBatcher(
+        "node-a",
+        FUNCS,
+        {11: ProcessInfo("/srv/app"), 12: ProcessInfo("/srv/other")},
+        max_events=max_events,
+        max_delay_ns=200,
+    )
+    batcher.boot_to_epoch_ns = 1_700_000_000_000_000_000
+    return batcher
+
+
+def test_groups_mixed_processes_into_one_batch_each_keyed_node_pid() -> None:
+    batcher = make_batcher()
+    pids = [11, 12, 11, 11, 12] * 5  # 23 would do too: 25 spans, 15 of pid 11
+    assert batcher.add(spans(pids), http_records(11, [], []), now_ns=0) == []
+    assert batcher.due(now_ns=199) == []
+    out = {b.key: b for b in batcher.due(now_ns=200)}
+    assert set(out) == {b"node-a/11", b"node-a/12"}
+    assert out[b"node-a/11"].events == 15 and out[b"node-a/12"].events == 10
+    decoded = decode_span_batch(out[b"node-a/11"].value)
+    assert decoded.pid == 11 and decoded.exe == "/srv/app" and decoded.funcs == [FUNCS[1]]
+    events = list(iter_events(decoded))
+    assert len(events) == 15
+    first = events[0]
+    assert first["func"] == FUNCS[1]
+    assert first["duration_ns"] == 777
+    assert first["start_ns"] == 1_700_000_000_000_000_000 + 5_000
+    assert first["tid"] == 7 and first["end_tid"] == 8 and first["goid"] == 40
+    assert "http_method" not in first
+    assert batcher.pending_events == 0
+
+
+def test_full_batches_leave_at_once_and_are_capped() -> None:
+    batcher = make_batcher(max_events=10)
+    out = batcher.add(spans([11] * 23), http_records(11, [], []), now_ns=0)
+    assert sum(b.events for b in out) == 23
+    assert max(b.events for b in out) <= 10
+
+
+def test_http_spans_carry_method_path_status() -> None:
+    batcher = make_batcher()
+    batcher.add(
+        spans([]), http_records(12, [b"/api/user/7", b"/health", b"/x"], [201, 0, 0x4141]), 0
+    )
+    (batch,) = batcher.flush_all()
+    events = list(iter_events(decode_span_batch(batch.value)))
+    assert [e["http_path"] for e in events] == ["/api/user/7", "/health", "/x"]
+    assert [e["http_method"] for e in events] == ["POST"] * 3
+    # 0 means the handler wrote nothing (net/http sends 200); out of range means unknown.
+    assert [e["http_status"] for e in events] == [201, 200, 0]
+    assert events[0]["goid"] is None and events[0]["duration_ns"] == 500
+
+
+def test_truncated_paths_keep_their_first_bytes() -> None:
+    batcher = make_batcher()
+    records = http_records(11, [b"/" + b"a" * 127], [200])
+    records["path_len"] = 300
+    batcher.add(spans([]), records, 0)
+    (batch,) = batcher.flush_all()
+    (event,) = iter_events(decode_span_batch(batch.value))
+    assert event["http_path"] == "/" + "a" * 127
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\xc1", b"\x93\x01\x02\x03", b"\x81\xa1v\x02"])
+def test_decoder_rejects_malformed_messages(garbage: bytes) -> None:
+    with pytest.raises(BatchDecodeError):
+        decode_span_batch(garbage)
+
+
+def test_decoder_checks_column_sizes() -> None:
+    import msgpack
+
+    batcher = make_batcher()
+    batcher.add(spans([11, 11]), http_records(11, [], []), 0)
+    (batch,) = batcher.flush_all()
+    message = msgpack.unpackb(batch.value)
+    message["cols"]["goid"] = message["cols"]["goid"][:-1]
+    with pytest.raises(BatchDecodeError, match="goid"):
+        decode_span_batch(msgpack.packb(message))
