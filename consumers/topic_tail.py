@@ -24,6 +24,7 @@ import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
+from producer.kafka_publisher import parse_bootstrap_servers
 from schemas.event_batch import decode_span_batch, iter_events
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -302,6 +303,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     bootstrap = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
+    try:
+        parse_bootstrap_servers(bootstrap)
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
     printer = _Printer(fmt, args.json, sys.stdout)
     try:
         return uvloop.run(_tail(args, bootstrap, printer))

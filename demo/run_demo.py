@@ -147,6 +147,7 @@ def wait_for_agent(agent: subprocess.Popen[str]) -> None:
             break
     else:
         raise SystemExit(f"the agent exited early with code {agent.wait()}")
+
     # Keep draining its log so it never blocks on a full pipe; show warnings and totals.
     def relay() -> None:
         assert agent.stderr is not None

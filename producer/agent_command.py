@@ -9,7 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from producer.bpf_loader import ProbeOptions, SpanProbes
+from producer.bpf_loader import ProbeOptions, SpanProbes, require_privileges
 from producer.errors import AgentError, TargetError
 from producer.kafka_publisher import KafkaPublisher, PublisherConfig
 from producer.pipeline import AgentPipeline, PipelineSettings
@@ -141,6 +141,7 @@ def _resolve_targets(config: AgentConfig, names: FunctionNames) -> list[TargetPr
 def run(args: argparse.Namespace) -> int:
     try:
         config = AgentConfig.from_args(args)
+        require_privileges()
         names = FunctionNames()
         targets = _resolve_targets(config, names)
         options = ProbeOptions(use_perf_buffer=config.event_transport == "perf")

@@ -102,7 +102,7 @@ class PerfBufferReader:
         def on_lost(count: int) -> None:
             self._lost += count
 
-        bpf[table].open_perf_buffer(on_record, page_cnt=pages, lost_cb=on_lost)
+        bpf[table.encode()].open_perf_buffer(on_record, page_cnt=pages, lost_cb=on_lost)
 
     def drain(self, max_records: int | None = None) -> np.ndarray:
         self._bpf.perf_buffer_poll(timeout=0)
@@ -127,11 +127,7 @@ class SpanProbes:
 
     def __init__(self, options: ProbeOptions | None = None) -> None:
         self.options = options or ProbeOptions()
-        if os.geteuid() != 0:
-            raise PrivilegeError(
-                "loading BPF programs needs root (or CAP_BPF, CAP_PERFMON and "
-                "CAP_SYS_RESOURCE); run the agent as root or give it those capabilities"
-            )
+        require_privileges()
         try:
             from bcc import BPF  # noqa: PLC0415 - bcc is imported here and nowhere else
         except ImportError as exc:
@@ -151,8 +147,8 @@ class SpanProbes:
                 "headers are installed and linked (`make setup`) and tracefs is mounted"
             ) from exc
         self._processes: dict[int, _AttachedProcess] = {}
-        self._sites = self._bpf["probe_sites"]
-        self._layouts = self._bpf["process_layouts"]
+        self._sites = self._bpf[b"probe_sites"]
+        self._layouts = self._bpf[b"process_layouts"]
         self.span_reader: Reader
         self.http_reader: Reader
         if self.options.use_perf_buffer:
@@ -160,10 +156,10 @@ class SpanProbes:
             self.http_reader = PerfBufferReader(self._bpf, "http_events", HTTP_SPAN_EVENT, 64)
         else:
             self.span_reader = RingBufReader(
-                self._bpf["span_events"].map_fd, self.options.span_ring_pages, SPAN_EVENT
+                self._bpf[b"span_events"].map_fd, self.options.span_ring_pages, SPAN_EVENT
             )
             self.http_reader = RingBufReader(
-                self._bpf["http_events"].map_fd, self.options.http_ring_pages, HTTP_SPAN_EVENT
+                self._bpf[b"http_events"].map_fd, self.options.http_ring_pages, HTTP_SPAN_EVENT
             )
 
     @property
@@ -171,7 +167,7 @@ class SpanProbes:
         """File descriptors that turn readable when the kernel forces a reader wakeup."""
         if self.options.use_perf_buffer:
             return []
-        return [self._bpf["span_events"].map_fd, self._bpf["http_events"].map_fd]
+        return [self._bpf[b"span_events"].map_fd, self._bpf[b"http_events"].map_fd]
 
     def add_process(self, pid: int, layout: ProcessLayout) -> None:
         self._layouts[ctypes.c_uint32(pid)] = _LayoutStruct(
@@ -256,12 +252,12 @@ class SpanProbes:
 
     def _forget_calls(self, pid: int) -> None:
         for table in ("calls_in_flight", "thread_stacks"):
-            stale = [key for key in self._bpf[table] if key.tgid == pid]
+            stale = [key for key in self._bpf[table.encode()] if key.tgid == pid]
             for key in stale:
-                self._bpf[table].pop(key, None)
+                self._bpf[table.encode()].pop(key, None)
 
     def counters(self) -> dict[str, int]:
-        table = self._bpf["counters"]
+        table = self._bpf[b"counters"]
         totals = {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
         for reader in (self.span_reader, self.http_reader):
             if isinstance(reader, PerfBufferReader):
@@ -269,7 +265,7 @@ class SpanProbes:
         return totals
 
     def set_synthetic_pid(self, pid: int) -> None:
-        table = self._bpf["synthetic_pid"]
+        table = self._bpf[b"synthetic_pid"]
         table[ctypes.c_int(0)] = ctypes.c_uint32(pid)
 
     def close(self) -> None:
@@ -278,6 +274,26 @@ class SpanProbes:
         for reader in (self.span_reader, self.http_reader):
             reader.close()
         self._bpf.cleanup()
+
+
+# CAP_SYS_ADMIN(21), CAP_PERFMON(38), CAP_BPF(39)
+_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+
+
+def require_privileges() -> None:
+    """Fail early, before any target is touched, when BPF cannot be loaded at all."""
+    effective = 0
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("CapEff:"):
+                effective = int(line.split()[1], 16)
+    has = lambda cap: bool(effective >> cap & 1)  # noqa: E731
+    if not (has(_CAP_SYS_ADMIN) or (has(_CAP_BPF) and has(_CAP_PERFMON))):
+        raise PrivilegeError(
+            "loading BPF programs and uprobes needs root, or the capabilities CAP_BPF, "
+            "CAP_PERFMON, CAP_SYS_PTRACE and CAP_SYS_RESOURCE; run the agent as root "
+            "(sudo ebpf-apm agent ...) or grant those capabilities"
+        )
 
 
 def _kernel_has_ringbuf() -> bool:

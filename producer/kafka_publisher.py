@@ -90,8 +90,10 @@ class PublisherConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        if not parse_bootstrap_servers(self.bootstrap_servers):
-            problems.append(f"bootstrap_servers={self.bootstrap_servers!r} lists no HOST:PORT")
+        try:
+            parse_bootstrap_servers(self.bootstrap_servers)
+        except PublisherConfigError as exc:
+            problems.append(str(exc))
         if not self.topic:
             problems.append("topic is empty")
         if self.acks not in _ACKS:
@@ -139,7 +141,10 @@ class _Message:
 
 
 def parse_bootstrap_servers(servers: str) -> list[tuple[str, int]]:
-    """"a:9092,[::1]:9093,b" -> [("a", 9092), ("::1", 9093), ("b", 9092)]; raises on bad ports."""
+    """"a:9092,[::1]:9093,b" -> [("a", 9092), ("::1", 9093), ("b", 9092)].
+
+    Raises PublisherConfigError (a ValueError) for a bad port or an empty list.
+    """
     result: list[tuple[str, int]] = []
     for item in servers.split(","):
         item = item.strip()
@@ -154,6 +159,10 @@ def parse_bootstrap_servers(servers: str) -> list[tuple[str, int]]:
                 "expected HOST:PORT, e.g. 127.0.0.1:9092"
             )
         result.append((host.strip("[]"), int(port)))
+    if not result:
+        raise PublisherConfigError(
+            f"no Kafka address in {servers!r}: expected HOST:PORT[,HOST:PORT...]"
+        )
     return result
 
 
@@ -283,6 +292,7 @@ class KafkaPublisher:
         self._space = asyncio.Event()  # replaced each time bytes are freed; waiters see set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._dead = asyncio.Event()  # set when the background task stopped on an error
         self._resume_at = 0.0  # loop time before which retried messages are not resent
         self._waiting_since = 0.0  # loop time since which the oldest unacked message waits
         self._backoff = config.retry_backoff_s
@@ -329,7 +339,7 @@ class KafkaPublisher:
         if self._fatal is not None:
             raise PublisherError(
                 f"the Kafka publisher for topic {self._config.topic!r} stopped: "
-                f"{_describe(self._fatal)}"
+                f"{self._fatal_reason()}"
             ) from self._fatal
         size = len(key) + len(value)
         if size > self._config.max_request_size:
@@ -353,7 +363,7 @@ class KafkaPublisher:
                         await asyncio.wait_for(self._space.wait(), remaining)
                     except TimeoutError:
                         break
-            if self._buffered_bytes + size > limit:
+            if self._buffered_bytes + size > limit or self._closing:
                 self._drop(events)
                 return False
         if self._dropping:
@@ -368,14 +378,17 @@ class KafkaPublisher:
         return True
 
     async def flush(self, timeout_s: float) -> bool:
-        """Wait until every accepted message is acknowledged or failed; False on timeout."""
-        if self._unacked == 0:
-            return True
+        """Wait until every accepted message is acknowledged or failed; False on timeout
+        (or as soon as the publisher has stopped on an error)."""
+        if self._unacked == 0 or self._fatal is not None:
+            return self._unacked == 0
+        waits = {asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._dead.wait())}
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+        return self._unacked == 0
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Flush for up to timeout_s, then stop; what is still unacknowledged is counted as
@@ -401,11 +414,12 @@ class KafkaPublisher:
         if self._unacked:
             log.warning(
                 "closing the Kafka publisher with %d messages (%d events) for topic %r not "
-                "acknowledged by %s; they are lost (the broker was unreachable or too slow)",
+                "acknowledged by %s; they are lost (%s)",
                 self._unacked,
                 self._unacked_events,
                 self._config.topic,
                 self._config.bootstrap_servers,
+                self._fatal_reason() or "the broker was unreachable or too slow",
             )
             self._failed[0] += self._unacked
             self._failed[1] += self._unacked_events
@@ -524,14 +538,24 @@ class KafkaPublisher:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            if isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+                exc = exc.exceptions[0]  # from the TaskGroup: say what actually failed
             # Keep the error for publish() to raise: a dead sender must not go unnoticed.
             self._fatal = exc
+            self._dead.set()
             log.error(
                 "the Kafka publisher for topic %r stopped: %s",
                 self._config.topic,
-                _describe(exc),
-                exc_info=True,
+                self._fatal_reason(),
+                exc_info=not isinstance(exc, PublisherError),  # ours say it all already
             )
+
+    def _fatal_reason(self) -> str:
+        if self._fatal is None:
+            return ""
+        return str(self._fatal) if isinstance(self._fatal, PublisherError) else _describe(
+            self._fatal
+        )
 
     def _new_producer(self) -> AIOKafkaProducer:
         cfg = self._config
@@ -555,11 +579,10 @@ class KafkaPublisher:
                 producer = self._new_producer()
                 try:
                     await producer.start()
-                except asyncio.CancelledError:
-                    await producer.stop()
-                    raise
-                except KafkaError as exc:
-                    await producer.stop()
+                except BaseException as exc:
+                    await producer.stop()  # even when cancelled: no unclosed connections
+                    if not isinstance(exc, KafkaError) or not exc.retriable:
+                        raise self._start_error(exc) from exc
                     reason = _describe(exc)
                 else:
                     self._producer = producer
@@ -578,6 +601,21 @@ class KafkaPublisher:
                 self._unreachable_warning(reason)
             await asyncio.sleep(delay)
             delay = min(delay * 2, self._config.retry_backoff_max_s)
+
+    def _start_error(self, exc: BaseException) -> BaseException:
+        # The broker answers but refuses the producer: retrying will not help.
+        if not isinstance(exc, KafkaError):
+            return exc
+        hint = ""
+        if self._config.idempotent:
+            hint = (
+                "; idempotent producers need InitProducerId, which Tansu (the embedded "
+                "broker) does not support: turn idempotence off"
+            )
+        return PublisherError(
+            f"Kafka at {self._config.bootstrap_servers} refused to start a producer: "
+            f"{_describe(exc)}{hint}"
+        )
 
     async def _send_loop(self, producer: AIOKafkaProducer) -> None:
         loop = asyncio.get_running_loop()
@@ -656,6 +694,7 @@ async def ensure_topics(
     asked for: the returned dict tells). Only the all-topics listing is used to decide what
     is missing, because Tansu auto-creates any topic named in a metadata request.
     """
+    quiet_aiokafka_logs()
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers,
         client_id="ebpf-apm-admin",

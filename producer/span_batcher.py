@@ -150,11 +150,12 @@ class SpanBatcher:
         http_columns = None
         if http is not None:
             methods = [
-                _decode_text(m, int(n_)) for m, n_ in zip(http["method"], http["method_len"])
+                _decode_text(m, int(n_))
+                for m, n_ in zip(http["method"], http["method_len"], strict=True)
             ]
             paths = [
                 _decode_text(p, min(int(n_), HTTP_PATH_MAX))
-                for p, n_ in zip(http["path"], http["path_len"])
+                for p, n_ in zip(http["path"], http["path_len"], strict=True)
             ]
             http_columns = HttpColumns(
                 rows=np.arange(n, dtype=np.uint32),

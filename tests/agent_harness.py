@@ -129,9 +129,21 @@ class Agent:
         self._close_pipe()
 
 
-def run_agent_to_exit(args: list[str], timeout: float = 60) -> tuple[int, str]:
+def run_agent_to_exit(
+    args: list[str], timeout: float = 60, user: str | None = None
+) -> tuple[int, str]:
+    """Run the agent to its end; `user` runs it as that unprivileged user instead of root."""
+    prefix = (
+        ["setpriv", f"--reuid={user}", "--regid=nogroup", "--clear-groups", "--inh-caps=-all"]
+        if user
+        else []
+    )
     result = subprocess.run(
-        [*EBPF_APM, "agent", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [*prefix, *EBPF_APM, "agent", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return result.returncode, result.stderr
 

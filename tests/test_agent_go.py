@@ -155,21 +155,23 @@ def test_target_exit_ends_the_agent_cleanly(go_targets: dict, kafka_broker) -> N
     check_spans(read_spans(kafka_broker.bootstrap_servers, pid, 40), requests)
 
 
-def test_broker_down_at_start_delivers_once_it_is_up(go_targets: dict, tmp_path: Path) -> None:
+def test_broker_down_at_start_delivers_once_it_is_up(go_targets: dict) -> None:
     from producer.embedded_broker import EmbeddedBroker, free_port
 
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"
     requests = plan_requests(30, seed=9)
-    with go_server(go_targets[("1.27", False)]) as server:
-        with Agent(agent_args(bootstrap, server.pid)) as agent:
-            agent.wait_ready()
-            send_concurrently(server, requests, clients=4)  # while no broker exists
-            time.sleep(1.0)
-            assert "unreachable" in agent.log, agent.log
-            with EmbeddedBroker(port=port) as broker:
-                spans = read_spans(broker.bootstrap_servers, server.pid, 60, timeout=40)
-                assert agent.stop() == 0, agent.log
+    with (
+        go_server(go_targets[("1.27", False)]) as server,
+        Agent(agent_args(bootstrap, server.pid)) as agent,
+    ):
+        agent.wait_ready()
+        send_concurrently(server, requests, clients=4)  # while no broker exists
+        time.sleep(1.0)
+        assert "unreachable" in agent.log, agent.log
+        with EmbeddedBroker(port=port) as broker:
+            spans = read_spans(broker.bootstrap_servers, server.pid, 60, timeout=40)
+            assert agent.stop() == 0, agent.log
     check_spans(spans, requests)
 
 
@@ -223,3 +225,40 @@ def test_non_go_function_is_timed_with_uretprobes(c_target: Path, kafka_broker) 
     assert len(spans) == 23
     assert all(s["func"] == "compute" and s["goid"] is None for s in spans)
     assert all(s["duration_ns"] >= 3_000_000 for s in spans)
+
+
+def test_without_privileges_the_agent_says_what_it_needs(go_targets: dict) -> None:
+    with go_server(go_targets[("1.27", False)]) as server:
+        code, err = run_agent_to_exit(["--pid", str(server.pid)], user="nobody")
+        assert process_alive(server.pid)
+    assert code == 1, err
+    assert "needs root" in err and "CAP_BPF" in err
+
+
+def test_exe_selects_every_process_of_that_binary(go_targets: dict, kafka_broker) -> None:
+    binary = go_targets[("1.19", True)]
+    plans = [plan_requests(12, seed=11), plan_requests(12, seed=12)]
+    for r in plans[1]:
+        r.path = r.path.replace("/sleep/", "/sleep/b").replace("/deep/", "/deep/b")
+    with go_server(binary) as one, go_server(binary) as two:
+        args = [
+            "--exe",
+            str(binary),
+            "--func",
+            HANDLE_SLEEP,
+            "--func",
+            HANDLE_DEEP,
+            "--bootstrap-servers",
+            kafka_broker.bootstrap_servers,
+            "--node-name",
+            "test-node",
+        ]
+        with Agent(args) as agent:
+            agent.wait_ready()
+            assert "tracing 2 process(es)" in agent.log
+            for server, requests in zip((one, two), plans, strict=True):
+                send_concurrently(server, requests, clients=4)
+            for server, requests in zip((one, two), plans, strict=True):
+                spans = read_spans(kafka_broker.bootstrap_servers, server.pid, 24)
+                check_spans(spans, requests)
+            assert agent.stop() == 0, agent.log

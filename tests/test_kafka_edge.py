@@ -22,9 +22,10 @@ from kafka_fixtures import read_topic, span_batch, unique_topic
 
 from consumers import topic_tail
 from producer import kafka_publisher
-from producer.embedded_broker import EmbeddedBroker, free_port
+from producer.embedded_broker import BrokerError, EmbeddedBroker, free_port
 from producer.kafka_publisher import (
     KafkaPublisher,
+    KafkaUnavailableError,
     PublisherConfig,
     PublisherConfigError,
     ensure_topics,
@@ -317,6 +318,15 @@ def test_publish_waits_for_room_while_the_broker_acknowledges(
     assert (stats.accepted_messages, stats.acked_messages, stats.dropped_messages) == (40, 40, 0)
 
 
+def test_ensure_topics_without_a_broker_says_what_to_do() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with pytest.raises(KafkaUnavailableError) as info:
+        asyncio.run(ensure_topics(address, {"apm.uprobe.events": 3}))
+    assert info.value.exit_code == 1
+    assert str(info.value).startswith(f"cannot reach Kafka at {address} to create topics ")
+    assert "start one with `ebpf-apm broker` or set --bootstrap-servers" in str(info.value)
+
+
 def test_publisher_config_rejects_bad_settings() -> None:
     with pytest.raises(PublisherConfigError) as info:
         PublisherConfig("127.0.0.1:9092", "t", acks="2", compression="brotli")
@@ -495,6 +505,28 @@ def test_tail_unknown_topic_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no decoder for topic 'apm.nope'" in err and UPROBE_TOPIC in err
 
 
+def test_tail_stops_quietly_on_ctrl_c(uprobe_topic: str) -> None:
+    process = subprocess.Popen(
+        tail_command(UPROBE_TOPIC, "--bootstrap-servers", uprobe_topic),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stderr is not None
+        assert process.stderr.readline().startswith(f"tailing {UPROBE_TOPIC} ")
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert (process.returncode, stdout, stderr) == (0, "", "")
+
+
+def test_tail_bad_address_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert topic_tail.run(tail_args(UPROBE_TOPIC, "--bootstrap-servers", "kafka:port")) == 2
+    assert "bad Kafka address 'kafka:port'" in capsys.readouterr().err
+
+
 def test_tail_dead_broker_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     address = f"127.0.0.1:{free_port()}"
     assert topic_tail.run(tail_args(UPROBE_TOPIC, "--bootstrap-servers", address)) == 1
@@ -517,6 +549,26 @@ def test_tail_missing_topic_exits_1_without_creating_it(
 
 
 # -- broker command -----------------------------------------------------------------------
+
+
+def test_embedded_broker_start_failure_shows_its_output(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-tansu"
+    fake.write_text("#!/bin/sh\necho 'fake broker: cannot open storage' >&2\nexec sleep 60\n")
+    fake.chmod(0o755)
+    broker = EmbeddedBroker(binary=str(fake), start_timeout_s=0.3, stop_grace_s=1)
+    with pytest.raises(BrokerError) as info:
+        broker.start()
+    message = str(info.value)
+    assert "did not accept connections" in message and "within 0.3 s" in message
+    assert "fake broker: cannot open storage" in message
+    assert broker.poll() is not None  # start() stopped what it started
+
+    crashing = tmp_path / "crashing-tansu"
+    crashing.write_text("#!/bin/sh\necho 'bad flag' >&2\nexit 3\n")
+    crashing.chmod(0o755)
+    with pytest.raises(BrokerError, match=r"exited with status 3(.|\n)*bad flag"):
+        EmbeddedBroker(binary=str(crashing)).start()
+
 
 
 def test_broker_command_runs_until_sigterm_and_refuses_a_busy_port() -> None:
