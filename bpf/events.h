@@ -10,6 +10,10 @@
 
 #define EVENT_KIND_SPAN 1
 #define EVENT_KIND_HTTP_SPAN 2
+#define EVENT_KIND_NET 3
+
+#define NET_SEND 0
+#define NET_RECV 1
 
 #ifndef HTTP_METHOD_MAX
 #define HTTP_METHOD_MAX 8
@@ -45,6 +49,21 @@ struct http_span_event {
     __u8 _pad[3];
     char method[HTTP_METHOD_MAX];
     char path[HTTP_PATH_MAX];
+};
+
+/* One socket send or receive of a traced process; hdr.ts_ns is when it completed. */
+struct net_event {
+    struct event_header hdr;
+    __s64 goid;          /* goroutine that made the call, -1 outside Go */
+    __s64 bytes;         /* bytes actually sent or received (the call's result) */
+    __u32 tid;
+    __u8 direction;      /* NET_SEND or NET_RECV */
+    __u8 family;         /* AF_INET 2, AF_INET6 10 */
+    __u16 sport;         /* local port, host order */
+    __u16 dport;         /* remote port, host order */
+    __u16 _pad[3];
+    __u8 saddr[16];      /* local address; IPv4 in the first 4 bytes */
+    __u8 daddr[16];      /* remote address */
 };
 
 #endif

@@ -9,6 +9,7 @@
  * Go calls are keyed by goroutine (the g pointer is in R14 under Go's register ABI), because
  * a goroutine that blocks may resume on another thread. Non-Go calls are keyed by thread.
  *
+ * Compiled together with net_events.bpf.c into one BPF object (producer/bpf_loader.py).
  * Options come in as -D defines from producer/bpf_loader.py:
  *   SPAN_RING_PAGES, HTTP_RING_PAGES  ring buffer sizes in pages (powers of two)
  *   WAKEUP_EVERY                      records per CPU between forced wakeups of the reader
@@ -41,8 +42,10 @@
 #define COUNTER_TABLE_FULL 1      /* call not timed: in-flight table full */
 #define COUNTER_NO_ENTRY 2        /* return seen without its entry (attached mid-call) */
 #define COUNTER_READ_FAILED 3     /* user memory read failed (goid, request fields) */
-#define COUNTER_EMITTED 4         /* records written */
-#define COUNTER_SLOTS 5
+#define COUNTER_EMITTED 4         /* span records written */
+#define COUNTER_NET_EMITTED 5     /* network records written */
+#define COUNTER_NET_RING_FULL 6   /* network record lost: ring buffer had no room */
+#define COUNTER_SLOTS 7
 
 #define SITE_ENTRY 1
 #define SITE_RETURN 2
@@ -101,7 +104,7 @@ BPF_HASH(process_layouts, u32, struct process_layout, MAX_PROCESSES);
 BPF_HASH(calls_in_flight, struct call_key, struct call_start, MAX_CALLS_IN_FLIGHT);
 BPF_HASH(thread_stacks, struct thread_key, struct thread_calls, MAX_CALLS_IN_FLIGHT);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
-BPF_PERCPU_ARRAY(unwoken, u64, 2);
+BPF_PERCPU_ARRAY(unwoken, u64, 3); /* spans, http, net */
 
 #ifdef USE_PERF_BUFFER
 BPF_PERF_OUTPUT(span_events);

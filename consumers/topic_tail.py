@@ -24,7 +24,7 @@ import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from producer.kafka_publisher import parse_bootstrap_servers
+from producer.kafka_publisher import describe_error, parse_bootstrap_servers
 from schemas.event_batch import decode_span_batch, iter_events
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -91,16 +91,22 @@ TOPICS: dict[str, TopicFormat] = {
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
@@ -129,12 +135,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"Kafka to read from (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
     )
-
-
-def _describe(exc: BaseException) -> str:
-    name, text = type(exc).__name__, str(exc)
-    # aiokafka's messages often start with the class name already.
-    return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
 @contextlib.contextmanager
@@ -187,7 +187,7 @@ async def _tail(args: argparse.Namespace, bootstrap: str, printer: _Printer) -> 
                 topics = await consumer.topics()
         except KafkaError as exc:
             _error(
-                f"cannot reach Kafka at {bootstrap}: {_describe(exc)}; "
+                f"cannot reach Kafka at {bootstrap}: {describe_error(exc)}; "
                 "start one with `ebpf-apm broker` or set --bootstrap-servers"
             )
             return 1
@@ -272,7 +272,7 @@ async def _print_loop(
                 except Exception as exc:  # any decoder failure: report the message, go on
                     print(
                         f"warning: skipping the message at {tp.topic} partition {tp.partition} "
-                        f"offset {record.offset}: {_describe(exc)}",
+                        f"offset {record.offset}: {describe_error(exc)}",
                         file=sys.stderr,
                         flush=True,
                     )

@@ -173,8 +173,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with EmbeddedBroker(port=0) as broker:
         print(f"broker: {broker.bootstrap_servers} (Tansu, in memory)")
-        # The agent would create the topic too, but `tail` must find it when it starts.
-        asyncio.run(ensure_topics(broker.bootstrap_servers, {"apm.uprobe.events": 6}))
+        # The agent would create the topics too, but `tail` must find it when it starts.
+        asyncio.run(
+            ensure_topics(
+                broker.bootstrap_servers, {"apm.uprobe.events": 6, "apm.kprobe.events": 6}
+            )
+        )
         service = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True)
         agent = tail = None
         try:

@@ -9,17 +9,22 @@ import os
 import socket
 from dataclasses import dataclass
 
-from producer.bpf_loader import ProbeOptions, SpanProbes, require_privileges
+from producer.bpf_loader import NET_HOOKS, ProbeOptions, SpanProbes, require_privileges
 from producer.errors import AgentError, TargetError
 from producer.kafka_publisher import KafkaPublisher, PublisherConfig
-from producer.pipeline import AgentPipeline, PipelineSettings
-from producer.span_batcher import SpanBatcher
+from producer.pipeline import AgentPipeline, PipelineSettings, Stream
+from producer.span_batcher import NetBatcher, SpanBatcher
 from producer.targets import FunctionNames, TargetProcess, pids_of_executable, resolve_target
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
+NET_HOOK_NAMES = {
+    "kprobes": "kprobes on tcp_sendmsg/tcp_recvmsg",
+    "tracepoints": "tracepoints sock:sock_send_length/sock_recv_length",
+    "off": "off",
+}
 
 
 @dataclass(frozen=True)
@@ -30,7 +35,9 @@ class AgentConfig:
     http: bool
     bootstrap_servers: str
     node_name: str
-    topic: str
+    span_topic: str
+    net_topic: str
+    net_hooks: str
     partitions: int
     compression: str
     idempotent: bool
@@ -57,7 +64,9 @@ class AgentConfig:
             bootstrap_servers=args.bootstrap_servers
             or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_BOOTSTRAP),
             node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
-            topic=args.topic,
+            span_topic=args.span_topic,
+            net_topic=args.net_topic,
+            net_hooks=args.net_hooks,
             partitions=args.partitions,
             compression=args.compression,
             idempotent=args.idempotent,
@@ -98,12 +107,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--node-name", help="name of this node in events (default $NODE_NAME or the host name)"
     )
-    parser.add_argument("--topic", default="apm.uprobe.events")
+    parser.add_argument("--span-topic", default="apm.uprobe.events")
+    parser.add_argument("--net-topic", default="apm.kprobe.events")
     parser.add_argument(
         "--partitions",
         type=int,
         default=6,
-        help="partitions when the agent has to create the topic (default 6)",
+        help="partitions of both topics when the agent creates them (default 6)",
+    )
+    parser.add_argument(
+        "--net-hooks",
+        choices=NET_HOOKS,
+        default="auto",
+        help="socket I/O hooks: kprobes where the kernel has them, else the sock tracepoints "
+        "(auto); off disables network events",
     )
     parser.add_argument("--compression", choices=COMPRESSIONS, default="lz4")
     parser.add_argument(
@@ -144,35 +161,50 @@ def run(args: argparse.Namespace) -> int:
         require_privileges()
         names = FunctionNames()
         targets = _resolve_targets(config, names)
-        options = ProbeOptions(use_perf_buffer=config.event_transport == "perf")
+        options = ProbeOptions(
+            use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks
+        )
         probes = SpanProbes(options)
     except AgentError as exc:
         log.error("%s", exc)
         return exc.exit_code
-    publisher = KafkaPublisher(
-        PublisherConfig(
-            bootstrap_servers=config.bootstrap_servers,
-            topic=config.topic,
-            compression=config.compression,
-            idempotent=config.idempotent,
-            buffer_max_bytes=config.buffer_mib << 20,
-            client_id=f"ebpf-apm-agent-{config.node_name}",
+
+    def publisher(topic: str) -> KafkaPublisher:
+        return KafkaPublisher(
+            PublisherConfig(
+                bootstrap_servers=config.bootstrap_servers,
+                topic=topic,
+                compression=config.compression,
+                idempotent=config.idempotent,
+                buffer_max_bytes=config.buffer_mib << 20,
+                client_id=f"ebpf-apm-agent-{config.node_name}",
+            )
         )
+
+    limits = {
+        "max_events": config.max_batch_events,
+        "max_delay_ns": config.max_batch_delay_ms * 1_000_000,
+    }
+    spans = Stream(
+        config.span_topic,
+        SpanBatcher(config.node_name, names.names, {}, **limits),
+        publisher(config.span_topic),
     )
-    batcher = SpanBatcher(
-        node=config.node_name,
-        function_names=names.names,
-        process_info={},
-        max_events=config.max_batch_events,
-        max_delay_ns=config.max_batch_delay_ms * 1_000_000,
-    )
+    net = None
+    if probes.net_enabled:
+        net = Stream(
+            config.net_topic,
+            NetBatcher(config.node_name, {}, **limits),
+            publisher(config.net_topic),
+        )
     pipeline = AgentPipeline(
         probes,
-        publisher,
-        batcher,
-        [],
+        spans,
+        net,
         config.bootstrap_servers,
-        PipelineSettings(topic=config.topic, partitions=config.partitions),
+        PipelineSettings(
+            span_topic=config.span_topic, net_topic=config.net_topic, partitions=config.partitions
+        ),
     )
     try:
         for target in targets:
@@ -188,10 +220,11 @@ def run(args: argparse.Namespace) -> int:
                     len(fn.plan.return_offsets),
                     " [HTTP]" if fn.http else "",
                 )
+        log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
         log.info(
-            "tracing %d process(es); publishing to topic %s on %s",
+            "tracing %d process(es); publishing to %s on %s",
             len(targets),
-            config.topic,
+            ", ".join(stream.topic for stream in pipeline.streams),
             config.bootstrap_servers,
         )
         return _run_loop(pipeline)

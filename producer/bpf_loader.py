@@ -1,4 +1,4 @@
-"""Compiles bpf/uprobe_spans.bpf.c with BCC and attaches it to target processes.
+"""Compiles the agent's BPF probe families with BCC and attaches them to target processes.
 
 The only module of the agent that imports `bcc`. It knows nothing about Kafka or batching:
 it turns probe plans into attached uprobes plus the per-process map entries the BPF side
@@ -10,25 +10,39 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from producer.errors import KernelSupportError, PrivilegeError, TargetError
-from producer.event_layout import HTTP_SPAN_EVENT, SPAN_EVENT
+from producer.event_layout import HTTP_SPAN_EVENT, NET_EVENT, SPAN_EVENT
 from producer.ringbuf_reader import RingBufReader
 
 log = logging.getLogger(__name__)
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-SPAN_PROGRAM = BPF_DIR / "uprobe_spans.bpf.c"
+# Probe families, compiled as one BPF object so they share the per-process table and the
+# counters. BCC only turns functions of its main source into programs, so the files are
+# joined into one text rather than #included.
+SPAN_SOURCE = BPF_DIR / "uprobe_spans.bpf.c"
+NET_SOURCE = BPF_DIR / "net_events.bpf.c"
+TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
 SITE_ENTRY = 1
 SITE_RETURN = 2
 SITE_FLAG_HTTP = 1
-COUNTER_NAMES = ("ring_full", "table_full", "return_without_entry", "read_failed", "emitted")
+COUNTER_NAMES = (
+    "ring_full",
+    "table_full",
+    "return_without_entry",
+    "read_failed",
+    "emitted",
+    "net_emitted",
+    "net_ring_full",
+)
+NET_HOOKS = ("auto", "kprobes", "tracepoints", "off")
 
 
 @dataclass(frozen=True)
@@ -37,6 +51,8 @@ class ProbeOptions:
 
     span_ring_pages: int = 1024
     http_ring_pages: int = 256
+    net_ring_pages: int = 1024
+    net_hooks: str = "auto"  # NET_HOOKS; "auto" picks kprobes when the kernel has them
     wakeup_every: int = 256
     max_calls_in_flight: int = 65536
     use_perf_buffer: bool = False
@@ -47,11 +63,16 @@ class ProbeOptions:
             f"-I{BPF_DIR}",
             f"-DSPAN_RING_PAGES={self.span_ring_pages}",
             f"-DHTTP_RING_PAGES={self.http_ring_pages}",
+            f"-DNET_RING_PAGES={self.net_ring_pages}",
             f"-DWAKEUP_EVERY={self.wakeup_every}",
             f"-DMAX_CALLS_IN_FLIGHT={self.max_calls_in_flight}",
         ]
         if self.use_perf_buffer:
             flags.append("-DUSE_PERF_BUFFER")
+        if self.net_hooks in ("kprobes", "tracepoints"):
+            flags.append("-DWITH_NET_EVENTS")
+        if self.net_hooks == "kprobes":
+            flags.append("-DNET_KPROBES")
         if self.synthetic_burst:
             flags += ["-DSYNTHETIC_SOURCE", f"-DSYNTHETIC_BURST={self.synthetic_burst}"]
         return flags
@@ -126,7 +147,8 @@ class SpanProbes:
     """The span program loaded into the kernel, and the probes attached for it."""
 
     def __init__(self, options: ProbeOptions | None = None) -> None:
-        self.options = options or ProbeOptions()
+        options = options or ProbeOptions()
+        self.options = replace(options, net_hooks=choose_net_hooks(options.net_hooks))
         require_privileges()
         try:
             from bcc import BPF  # noqa: PLC0415 - bcc is imported here and nowhere else
@@ -140,10 +162,10 @@ class SpanProbes:
                 "run the agent with --event-transport perf"
             )
         try:
-            self._bpf = BPF(src_file=str(SPAN_PROGRAM).encode(), cflags=self.options.cflags())
+            self._bpf = BPF(text=self.program_text().encode(), cflags=self.options.cflags())
         except Exception as exc:  # BCC raises bare Exception for compile and load failures
             raise KernelSupportError(
-                f"could not compile or load {SPAN_PROGRAM.name}: {exc}. Check that kernel "
+                f"could not compile or load the BPF probes: {exc}. Check that kernel "
                 "headers are installed and linked (`make setup`) and tracefs is mounted"
             ) from exc
         self._processes: dict[int, _AttachedProcess] = {}
@@ -151,9 +173,12 @@ class SpanProbes:
         self._layouts = self._bpf[b"process_layouts"]
         self.span_reader: Reader
         self.http_reader: Reader
+        self.net_reader: Reader | None = None
         if self.options.use_perf_buffer:
             self.span_reader = PerfBufferReader(self._bpf, "span_events", SPAN_EVENT, 256)
             self.http_reader = PerfBufferReader(self._bpf, "http_events", HTTP_SPAN_EVENT, 64)
+            if self.net_enabled:
+                self.net_reader = PerfBufferReader(self._bpf, "net_events", NET_EVENT, 256)
         else:
             self.span_reader = RingBufReader(
                 self._bpf[b"span_events"].map_fd, self.options.span_ring_pages, SPAN_EVENT
@@ -161,13 +186,26 @@ class SpanProbes:
             self.http_reader = RingBufReader(
                 self._bpf[b"http_events"].map_fd, self.options.http_ring_pages, HTTP_SPAN_EVENT
             )
+            if self.net_enabled:
+                self.net_reader = RingBufReader(
+                    self._bpf[b"net_events"].map_fd, self.options.net_ring_pages, NET_EVENT
+                )
+
+    def program_text(self) -> str:
+        sources = [SPAN_SOURCE] + ([NET_SOURCE] if self.net_enabled else [])
+        return "\n".join(source.read_text() for source in sources)
 
     @property
     def wakeup_fds(self) -> list[int]:
         """File descriptors that turn readable when the kernel forces a reader wakeup."""
         if self.options.use_perf_buffer:
             return []
-        return [self._bpf[b"span_events"].map_fd, self._bpf[b"http_events"].map_fd]
+        rings = [b"span_events", b"http_events"] + ([b"net_events"] if self.net_enabled else [])
+        return [self._bpf[ring].map_fd for ring in rings]
+
+    @property
+    def net_enabled(self) -> bool:
+        return self.options.net_hooks != "off"
 
     def add_process(self, pid: int, layout: ProcessLayout) -> None:
         self._layouts[ctypes.c_uint32(pid)] = _LayoutStruct(
@@ -259,9 +297,12 @@ class SpanProbes:
     def counters(self) -> dict[str, int]:
         table = self._bpf[b"counters"]
         totals = {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
-        for reader in (self.span_reader, self.http_reader):
-            if isinstance(reader, PerfBufferReader):
-                totals["ring_full"] += reader.lost
+        if isinstance(self.span_reader, PerfBufferReader):
+            totals["ring_full"] += self.span_reader.lost
+        if isinstance(self.http_reader, PerfBufferReader):
+            totals["ring_full"] += self.http_reader.lost
+        if isinstance(self.net_reader, PerfBufferReader):
+            totals["net_ring_full"] += self.net_reader.lost
         return totals
 
     def set_synthetic_pid(self, pid: int) -> None:
@@ -271,8 +312,9 @@ class SpanProbes:
     def close(self) -> None:
         for pid in list(self._processes):
             self.detach_process(pid)
-        for reader in (self.span_reader, self.http_reader):
-            reader.close()
+        for reader in (self.span_reader, self.http_reader, self.net_reader):
+            if reader is not None:
+                reader.close()
         self._bpf.cleanup()
 
 
@@ -294,6 +336,34 @@ def require_privileges() -> None:
             "CAP_PERFMON, CAP_SYS_PTRACE and CAP_SYS_RESOURCE; run the agent as root "
             "(sudo ebpf-apm agent ...) or grant those capabilities"
         )
+
+
+def choose_net_hooks(wanted: str) -> str:
+    """Which hooks report socket I/O: kprobes on tcp_sendmsg/tcp_recvmsg where the kernel has
+    kprobes, else the sock:sock_{send,recv}_length tracepoints (Linux 6.3+)."""
+    if wanted not in NET_HOOKS:
+        raise KernelSupportError(f"network hooks {wanted!r}: choose one of {', '.join(NET_HOOKS)}")
+    has_kprobes = any((root / "kprobe_events").exists() for root in TRACEFS_ROOTS)
+    has_tracepoints = any(
+        (root / "events/sock/sock_send_length").exists() for root in TRACEFS_ROOTS
+    )
+    if wanted == "auto":
+        if has_kprobes:
+            return "kprobes"
+        if has_tracepoints:
+            return "tracepoints"
+        log.warning(
+            "this kernel has neither kprobes nor the sock:sock_send_length tracepoint "
+            "(Linux 6.3+): network events are off"
+        )
+        return "off"
+    if wanted == "kprobes" and not has_kprobes:
+        raise KernelSupportError("--net-hooks kprobes: this kernel has no kprobes; use auto")
+    if wanted == "tracepoints" and not has_tracepoints:
+        raise KernelSupportError(
+            "--net-hooks tracepoints: sock:sock_send_length needs Linux 6.3; use auto"
+        )
+    return wanted
 
 
 def _kernel_has_ringbuf() -> bool:

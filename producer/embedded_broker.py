@@ -2,8 +2,16 @@
 
 Tansu speaks the Apache Kafka protocol and is ready in milliseconds, so a test session can
 start a real broker instead of mocking one. Everything it stores is lost when it stops.
-Known differences from Apache Kafka: no idempotent producer (InitProducerId fails), and any
-topic named in a metadata request is auto-created (with Tansu's default partition count).
+
+Differences from Apache Kafka met so far (Tansu 0.6):
+- no idempotent producer: InitProducerId fails with UnknownError;
+- any topic named in a metadata request is auto-created (4 partitions), so code that only
+  wants to know whether a topic exists must list all topics;
+- ListOffsets(latest) returns the last record batch's base offset + 1, short of the end when
+  that batch holds several records; the high watermark of a fetch response is right;
+- after a restart it acknowledges produce requests for topics it no longer has, and that
+  data is not kept (producers with cached metadata lose what they send until they refresh);
+- on SIGTERM it waits for connected clients to hang up, up to about 5 s.
 
 `ebpf-apm broker` runs one in the foreground until Ctrl-C.
 """
@@ -208,8 +216,7 @@ class EmbeddedBroker:
                 # Tansu waits (up to ~5 s) for connected clients to hang up; with memory
                 # storage there is nothing to save, so there is no point waiting longer.
                 log.info(
-                    "Tansu broker pid %d still draining client connections after %g s; "
-                    "killing it",
+                    "Tansu broker pid %d still draining client connections after %g s; killing it",
                     process.pid,
                     self.stop_grace_s,
                 )

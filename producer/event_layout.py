@@ -10,6 +10,9 @@ import numpy as np
 
 EVENT_KIND_SPAN = 1
 EVENT_KIND_HTTP_SPAN = 2
+EVENT_KIND_NET = 3
+NET_SEND = 0
+NET_RECV = 1
 HTTP_METHOD_MAX = 8
 HTTP_PATH_MAX = 128
 
@@ -46,6 +49,26 @@ HTTP_SPAN_EVENT = np.dtype(
     align=True,
 )
 
+NET_EVENT = np.dtype(
+    [
+        ("kind", "<u2"),
+        ("size", "<u2"),
+        ("pid", "<u4"),
+        ("ts_ns", "<u8"),
+        ("goid", "<i8"),
+        ("bytes", "<i8"),
+        ("tid", "<u4"),
+        ("direction", "u1"),
+        ("family", "u1"),
+        ("sport", "<u2"),
+        ("dport", "<u2"),
+        ("_pad", "<u2", (3,)),
+        ("saddr", "S16"),
+        ("daddr", "S16"),
+    ],
+    align=True,
+)
+
 # Offsets as C sees them, for the layout test: C name -> (numpy field, offset).
 C_FIELDS: dict[str, dict[str, str]] = {
     "span_event": {
@@ -68,5 +91,17 @@ C_FIELDS: dict[str, dict[str, str]] = {
         "method_len": "method_len",
         "method": "method",
         "path": "path",
+    },
+    "net_event": {
+        "hdr.ts_ns": "ts_ns",
+        "goid": "goid",
+        "bytes": "bytes",
+        "tid": "tid",
+        "direction": "direction",
+        "family": "family",
+        "sport": "sport",
+        "dport": "dport",
+        "saddr": "saddr",
+        "daddr": "daddr",
     },
 }

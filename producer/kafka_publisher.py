@@ -141,7 +141,7 @@ class _Message:
 
 
 def parse_bootstrap_servers(servers: str) -> list[tuple[str, int]]:
-    """"a:9092,[::1]:9093,b" -> [("a", 9092), ("::1", 9093), ("b", 9092)].
+    """ "a:9092,[::1]:9093,b" -> [("a", 9092), ("::1", 9093), ("b", 9092)].
 
     Raises PublisherConfigError (a ValueError) for a bad port or an empty list.
     """
@@ -178,7 +178,8 @@ def _size(n: int) -> str:
     return f"{n / MiB:g} MiB" if n >= MiB else f"{n} bytes"
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """ "TypeName: message", for error messages that say what failed."""
     name, text = type(exc).__name__, str(exc)
     # aiokafka's messages often start with the class name already.
     return text if text.startswith(name) else f"{name}: {text}" if text else name
@@ -197,7 +198,7 @@ async def _probe(servers: list[tuple[str, int]]) -> str | None:
                 asyncio.open_connection(host, port), _PROBE_TIMEOUT_S
             )
         except (TimeoutError, OSError) as exc:
-            errors.append(_describe(exc))
+            errors.append(describe_error(exc))
             continue
         writer.close()
         with contextlib.suppress(OSError):
@@ -322,6 +323,10 @@ class KafkaPublisher:
             buffered_bytes=self._buffered_bytes,
             connected=self._connected,
         )
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
 
     async def start(self) -> None:
         """Return at once; connecting (and reconnecting) happens in a background task."""
@@ -494,7 +499,7 @@ class KafkaPublisher:
 
     def _fail(self, msg: _Message, exc: BaseException) -> None:
         self._release(msg)
-        self._count_failure(type(exc).__name__, _describe(exc), msg.events)
+        self._count_failure(type(exc).__name__, describe_error(exc), msg.events)
 
     # -- connection state ---------------------------------------------------------------
 
@@ -514,7 +519,7 @@ class KafkaPublisher:
         self._backoff = min(self._backoff * 2, self._config.retry_backoff_max_s)
         if not self._outage:
             self._outage = True
-            self._unreachable_warning(_describe(exc))
+            self._unreachable_warning(describe_error(exc))
 
     def _note_delivery(self) -> None:
         self._connected = True
@@ -551,11 +556,10 @@ class KafkaPublisher:
             )
 
     def _fatal_reason(self) -> str:
-        if self._fatal is None:
+        exc = self._fatal
+        if exc is None:
             return ""
-        return str(self._fatal) if isinstance(self._fatal, PublisherError) else _describe(
-            self._fatal
-        )
+        return str(exc) if isinstance(exc, PublisherError) else describe_error(exc)
 
     def _new_producer(self) -> AIOKafkaProducer:
         cfg = self._config
@@ -583,7 +587,7 @@ class KafkaPublisher:
                     await producer.stop()  # even when cancelled: no unclosed connections
                     if not isinstance(exc, KafkaError) or not exc.retriable:
                         raise self._start_error(exc) from exc
-                    reason = _describe(exc)
+                    reason = describe_error(exc)
                 else:
                     self._producer = producer
                     self._connected = True
@@ -614,7 +618,7 @@ class KafkaPublisher:
             )
         return PublisherError(
             f"Kafka at {self._config.bootstrap_servers} refused to start a producer: "
-            f"{_describe(exc)}{hint}"
+            f"{describe_error(exc)}{hint}"
         )
 
     async def _send_loop(self, producer: AIOKafkaProducer) -> None:
@@ -706,7 +710,7 @@ async def ensure_topics(
         except KafkaError as exc:
             raise KafkaUnavailableError(
                 f"cannot reach Kafka at {bootstrap_servers} to create topics "
-                f"{', '.join(topics)}: {_describe(exc)}; start one with `ebpf-apm broker` "
+                f"{', '.join(topics)}: {describe_error(exc)}; start one with `ebpf-apm broker` "
                 "or set --bootstrap-servers"
             ) from exc
         existing = set(await admin.list_topics())
@@ -744,7 +748,5 @@ async def _partition_counts(
             return {t["topic"]: len(t["partitions"]) for t in described}
         if loop.time() > deadline or not all(for_code(c).retriable for c in errors.values()):
             detail = ", ".join(f"{n}: {for_code(c).__name__}" for n, c in errors.items())
-            raise TopicSetupError(
-                f"Kafka at {bootstrap_servers} cannot describe topics ({detail})"
-            )
+            raise TopicSetupError(f"Kafka at {bootstrap_servers} cannot describe topics ({detail})")
         await asyncio.sleep(0.2)

@@ -1,10 +1,12 @@
 """The node agent's stages, wired in one place.
 
-    kernel probes -> ring buffers -> drain (numpy) -> SpanBatcher (per pid) -> KafkaPublisher
+    kernel probes -> ring buffers -> drain (numpy) -> per-process batchers -> Kafka publishers
+      spans + HTTP spans ---------------------------> SpanBatcher -> apm.uprobe.events
+      socket sends/receives ------------------------> NetBatcher  -> apm.kprobe.events
 
 The reader drains when the kernel forces a wakeup (enough records wait on a CPU) and on a
-short timer, so a quiet process's spans still leave within the batch delay. Every loss is
-counted where it happens: in the kernel (ring full, in-flight table full), in the publisher
+short timer, so a quiet process's records still leave within the batch delay. Every loss is
+counted where it happens: in the kernel (ring full, in-flight table full), in a publisher
 (buffer full while the broker is away). A stats line reports them.
 """
 
@@ -16,11 +18,11 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from producer.bpf_loader import SpanProbes
-from producer.kafka_publisher import KafkaPublisher, ensure_topics
-from producer.span_batcher import OutgoingBatch, ProcessInfo, SpanBatcher
+from producer.kafka_publisher import KafkaPublisher, PublisherStats, ensure_topics
+from producer.span_batcher import NetBatcher, OutgoingBatch, ProcessInfo, SpanBatcher
 from producer.targets import TargetProcess
 
 log = logging.getLogger(__name__)
@@ -28,8 +30,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    topic: str = "apm.uprobe.events"
-    partitions: int = 6
+    span_topic: str = "apm.uprobe.events"
+    net_topic: str = "apm.kprobe.events"
+    partitions: int = 6  # both topics alike: consumers join them partition by partition
     drain_interval_s: float = 0.05
     stats_interval_s: float = 10.0
     exit_when_targets_gone: bool = True
@@ -50,30 +53,34 @@ def boot_to_epoch_offset_ns() -> int:
 
 
 @dataclass
-class AgentTotals:
+class Stream:
+    """One kind of record on its way to its topic."""
+
+    topic: str
+    batcher: SpanBatcher | NetBatcher
+    publisher: KafkaPublisher
     records_read: int = 0
-    batches_out: int = 0
-    processes_exited: int = 0
-    kernel: dict[str, int] = field(default_factory=dict)
 
 
 class AgentPipeline:
     def __init__(
         self,
         probes: SpanProbes,
-        publisher: KafkaPublisher,
-        batcher: SpanBatcher,
-        targets: list[TargetProcess],
+        spans: Stream,
+        net: Stream | None,
         bootstrap_servers: str,
         settings: PipelineSettings,
     ) -> None:
         self.probes = probes
-        self.publisher = publisher
-        self.batcher = batcher
-        self.targets = {t.pid: t for t in targets}
+        self.spans = spans
+        self.net = net
+        self.streams = [spans] + ([net] if net else [])
+        self.targets: dict[int, TargetProcess] = {}
+        self.process_info: dict[int, ProcessInfo] = {}
+        for stream in self.streams:
+            stream.batcher.process_info = self.process_info
         self.bootstrap_servers = bootstrap_servers
         self.settings = settings
-        self.totals = AgentTotals()
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._pidfds: dict[int, int] = {}
@@ -95,7 +102,7 @@ class AgentPipeline:
                 target.layout.is_go,
             )
         self.targets[target.pid] = target
-        self.batcher.process_info[target.pid] = ProcessInfo(exe=target.exe)
+        self.process_info[target.pid] = ProcessInfo(exe=target.exe)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -103,11 +110,12 @@ class AgentPipeline:
             loop.add_signal_handler(sig, self.stop, f"signal {signal.Signals(sig).name}")
         for fd in self.probes.wakeup_fds:
             loop.add_reader(fd, self._wakeup.set)
-        for pid in self.targets:
+        for pid in list(self.targets):
             self._watch_exit(pid)
-        self.batcher.boot_to_epoch_ns = boot_to_epoch_offset_ns()
-        await self.publisher.start()
-        topics = asyncio.create_task(self._ensure_topic())
+        offset = boot_to_epoch_offset_ns()
+        for stream in self.streams:
+            stream.batcher.boot_to_epoch_ns = offset
+        kafka = asyncio.create_task(self._start_kafka())
         stats = asyncio.create_task(self._report_periodically())
         try:
             while not self._stop.is_set():
@@ -119,18 +127,26 @@ class AgentPipeline:
             for pid in list(self.targets):
                 self.probes.detach_process(pid)
             await self._drain_once()
-            await self._publish(self.batcher.flush_all())
-            flushed = await self.publisher.flush(self.settings.close_timeout_s)
-            await self.publisher.close(1.0)
+            flushed = True
+            for stream in self.streams:
+                await self._publish(stream, stream.batcher.flush_all())
+            if not kafka.done():  # never reached the broker: start so the flush can try
+                kafka.cancel()
+                for stream in self.streams:
+                    if not stream.publisher.started:
+                        await stream.publisher.start()
+            for stream in self.streams:
+                flushed &= await stream.publisher.flush(self.settings.close_timeout_s)
+                await stream.publisher.close(1.0)
         finally:
-            topics.cancel()
+            kafka.cancel()
             stats.cancel()
             for fd in self.probes.wakeup_fds:
                 loop.remove_reader(fd)
             for pid in list(self._pidfds):
                 self._unwatch(pid)
         self._report(final=True)
-        if flushed is False:
+        if not flushed:
             log.error(
                 "events still unacknowledged after %.0f s; they are lost",
                 self.settings.close_timeout_s,
@@ -148,15 +164,20 @@ class AgentPipeline:
         now = time.monotonic_ns()
         spans = self.probes.span_reader.drain()
         http = self.probes.http_reader.drain()
-        self.totals.records_read += len(spans) + len(http)
-        batches = self.batcher.add(spans, http, now)
-        batches += self.batcher.due(now)
-        await self._publish(batches)
+        self.spans.records_read += len(spans) + len(http)
+        assert isinstance(self.spans.batcher, SpanBatcher)
+        batches = self.spans.batcher.add(spans, http, now)
+        await self._publish(self.spans, batches + self.spans.batcher.due(now))
+        if self.net is not None and self.probes.net_reader is not None:
+            records = self.probes.net_reader.drain()
+            self.net.records_read += len(records)
+            assert isinstance(self.net.batcher, NetBatcher)
+            batches = self.net.batcher.add(records, now)
+            await self._publish(self.net, batches + self.net.batcher.due(now))
 
-    async def _publish(self, batches: list[OutgoingBatch]) -> None:
+    async def _publish(self, stream: Stream, batches: list[OutgoingBatch]) -> None:
         for batch in batches:
-            await self.publisher.publish(batch.key, batch.value, batch.events)
-            self.totals.batches_out += 1
+            await stream.publisher.publish(batch.key, batch.value, batch.events)
 
     def _watch_exit(self, pid: int) -> None:
         try:
@@ -179,25 +200,38 @@ class AgentPipeline:
         # The process is gone, so its probes are too; its last records are still in the ring
         # and leave with the next drain. Remove its map entries so nothing leaks.
         self.probes.detach_process(pid)
-        self.totals.processes_exited += 1
         log.warning(
             "process %d (%s) exited; its probes were removed", pid, target.exe if target else "?"
         )
         if not self.targets and self.settings.exit_when_targets_gone:
             self.stop("every traced process has exited")
 
-    async def _ensure_topic(self) -> None:
-        delay = 0.5
+    async def _start_kafka(self) -> None:
+        """Create both topics with one partition count before anything is published: a
+        broker that auto-creates topics on first use would give them its default count, and
+        consumers join the topics partition by partition."""
+        wanted = {stream.topic: self.settings.partitions for stream in self.streams}
+        delay, warned = 0.5, False
         while True:
             try:
-                await ensure_topics(
-                    self.bootstrap_servers, {self.settings.topic: self.settings.partitions}
-                )
-                return
-            except Exception as exc:  # retried: the publisher reports the broker's state
-                log.debug("creating topic %s: %s", self.settings.topic, exc)
+                counts = await ensure_topics(self.bootstrap_servers, wanted)
+                break
+            except Exception as exc:  # retried; events wait in the publishers' buffers
+                if not warned:
+                    log.warning("Kafka unreachable: %s; retrying, events are buffered", exc)
+                    warned = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+        if len({counts.get(topic) for topic in wanted}) > 1:
+            log.error(
+                "topics %s have different partition counts (%s): consumers cannot join them; "
+                "recreate them with equal counts",
+                ", ".join(wanted),
+                counts,
+            )
+        for stream in self.streams:
+            if not stream.publisher.started:
+                await stream.publisher.start()
 
     async def _report_periodically(self) -> None:
         while True:
@@ -206,30 +240,28 @@ class AgentPipeline:
 
     def _report(self, final: bool) -> None:
         kernel = self.probes.counters()
-        self.totals.kernel = kernel
-        pub = self.publisher.stats
-        log.log(
-            logging.INFO if not final else logging.WARNING if _lost(kernel, pub) else logging.INFO,
-            "%s: records read %d, kernel emitted %d, lost in kernel (ring full) %d, "
-            "untimed (table full) %d, returns without entry %d, read failures %d; "
-            "events acked %d, dropped by publisher %d, failed %d",
-            "totals" if final else "stats",
-            self.totals.records_read,
-            kernel["emitted"],
-            kernel["ring_full"],
-            kernel["table_full"],
-            kernel["return_without_entry"],
-            kernel["read_failed"],
-            pub.acked_events,
-            pub.dropped_events,
-            pub.failed_messages,
+        span_pub = self.spans.publisher.stats
+        lost = kernel["ring_full"] + kernel["table_full"] + kernel["net_ring_full"]
+        lost += sum(_dropped(s.publisher.stats) for s in self.streams)
+        line = (
+            f"spans read {self.spans.records_read}, kernel emitted {kernel['emitted']}, "
+            f"lost in kernel (ring full) {kernel['ring_full']}, "
+            f"untimed (table full) {kernel['table_full']}, "
+            f"returns without entry {kernel['return_without_entry']}, "
+            f"read failures {kernel['read_failed']}; span events acked {span_pub.acked_events}, "
+            f"dropped by publisher {span_pub.dropped_events}, failed {span_pub.failed_events}"
         )
+        if self.net is not None:
+            net_pub = self.net.publisher.stats
+            line += (
+                f"; network events read {self.net.records_read}, kernel emitted "
+                f"{kernel['net_emitted']}, lost in kernel {kernel['net_ring_full']}, acked "
+                f"{net_pub.acked_events}, dropped {net_pub.dropped_events}, "
+                f"failed {net_pub.failed_events}"
+            )
+        level = logging.WARNING if final and lost else logging.INFO
+        log.log(level, "%s: %s", "totals" if final else "stats", line)
 
 
-def _lost(kernel: dict[str, int], pub: object) -> bool:
-    return bool(
-        kernel["ring_full"]
-        or kernel["table_full"]
-        or getattr(pub, "dropped_events", 0)
-        or getattr(pub, "failed_messages", 0)
-    )
+def _dropped(stats: PublisherStats) -> int:
+    return stats.dropped_events + stats.failed_events

@@ -1,4 +1,4 @@
-"""Span records from the kernel -> one msgpack batch per process, flushed on size or age.
+"""Records from the kernel -> one msgpack batch per process, flushed on size or age.
 
 Pure: the caller passes the time, so the flush policy is tested without sleeping. Records of
 many processes arrive mixed; they are grouped by pid because a Kafka message carries one
@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 
 from producer.event_layout import HTTP_PATH_MAX
-from schemas.event_batch import HttpColumns, SpanBatch, encode_span_batch
+from schemas.event_batch import (
+    HttpColumns,
+    NetBatch,
+    SpanBatch,
+    encode_net_batch,
+    encode_span_batch,
+)
 
 
 @dataclass(frozen=True)
@@ -32,8 +38,7 @@ class OutgoingBatch:
 @dataclass
 class _Pending:
     first_seen_ns: int
-    spans: list[np.ndarray] = field(default_factory=list)
-    http: list[np.ndarray] = field(default_factory=list)
+    parts: dict[str, list[np.ndarray]] = field(default_factory=dict)
     count: int = 0
 
 
@@ -63,19 +68,20 @@ def _http_status(raw: int) -> int:
     return raw if 100 <= raw <= 599 else 0
 
 
-class SpanBatcher:
-    """Accumulates records per process and cuts batches of at most `max_events`."""
+class ProcessBatcher:
+    """Accumulates record arrays per process and cuts batches of at most `max_events`.
+
+    Subclasses say how one process's records become one message (`_encode_parts`); this
+    class owns grouping and the flush policy (count or age)."""
 
     def __init__(
         self,
         node: str,
-        function_names: list[str],
         process_info: dict[int, ProcessInfo],
         max_events: int = 16384,
         max_delay_ns: int = 200_000_000,
     ) -> None:
         self.node = node
-        self.function_names = function_names  # shared, grows as functions are attached
         self.process_info = process_info  # shared, maintained by the agent
         self.max_events = max_events
         self.max_delay_ns = max_delay_ns
@@ -86,15 +92,14 @@ class SpanBatcher:
     def pending_events(self) -> int:
         return sum(p.count for p in self._pending.values())
 
-    def add(self, spans: np.ndarray, http: np.ndarray, now_ns: int) -> list[OutgoingBatch]:
-        """Take new records; returns the batches that became full."""
+    def _add(self, tagged: list[tuple[str, np.ndarray]], now_ns: int) -> list[OutgoingBatch]:
         full: list[OutgoingBatch] = []
-        for records, is_http in ((spans, False), (http, True)):
+        for tag, records in tagged:
             for pid, part in _split_by_pid(records):
                 pending = self._pending.get(pid)
                 if pending is None:
                     pending = self._pending[pid] = _Pending(first_seen_ns=now_ns)
-                (pending.http if is_http else pending.spans).append(part)
+                pending.parts.setdefault(tag, []).append(part)
                 pending.count += len(part)
                 if pending.count >= self.max_events:
                     full.extend(self._cut(pid))
@@ -102,38 +107,58 @@ class SpanBatcher:
 
     def due(self, now_ns: int) -> list[OutgoingBatch]:
         """Batches whose oldest record has waited `max_delay_ns`."""
-        out: list[OutgoingBatch] = []
-        for pid in [
-            p for p, b in self._pending.items() if now_ns - b.first_seen_ns >= self.max_delay_ns
-        ]:
-            out.extend(self._cut(pid))
-        return out
+        waited = [
+            pid for pid, p in self._pending.items() if now_ns - p.first_seen_ns >= self.max_delay_ns
+        ]
+        return [batch for pid in waited for batch in self._cut(pid)]
 
     def flush_all(self) -> list[OutgoingBatch]:
-        out: list[OutgoingBatch] = []
-        for pid in list(self._pending):
-            out.extend(self._cut(pid))
-        return out
+        return [batch for pid in list(self._pending) for batch in self._cut(pid)]
 
     def _cut(self, pid: int) -> list[OutgoingBatch]:
         pending = self._pending.pop(pid)
-        spans = np.concatenate(pending.spans) if pending.spans else None
-        http = np.concatenate(pending.http) if pending.http else None
         out = []
-        # Function spans and HTTP spans share one batch layout; HTTP rows come last.
-        span_chunks = (
-            []
-            if spans is None
-            else np.array_split(spans, max(1, -(-len(spans) // self.max_events)))
-        )
-        for chunk in span_chunks:
-            out.append(self._encode(pid, chunk, None))
-        if http is not None:
-            for start in range(0, len(http), self.max_events):
-                out.append(self._encode(pid, None, http[start : start + self.max_events]))
+        for tag, parts in pending.parts.items():
+            records = np.concatenate(parts)
+            for start in range(0, len(records), self.max_events):
+                chunk = records[start : start + self.max_events]
+                out.append(
+                    OutgoingBatch(
+                        key=f"{self.node}/{pid}".encode(),
+                        value=self._encode_parts(pid, tag, chunk),
+                        events=len(chunk),
+                    )
+                )
         return out
 
-    def _encode(self, pid: int, spans: np.ndarray | None, http: np.ndarray | None) -> OutgoingBatch:
+    def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
+        raise NotImplementedError
+
+
+class SpanBatcher(ProcessBatcher):
+    """Function spans and HTTP spans -> `apm.uprobe.events` batches."""
+
+    def __init__(
+        self,
+        node: str,
+        function_names: list[str],
+        process_info: dict[int, ProcessInfo],
+        max_events: int = 16384,
+        max_delay_ns: int = 200_000_000,
+    ) -> None:
+        super().__init__(node, process_info, max_events, max_delay_ns)
+        self.function_names = function_names  # shared, grows as functions are attached
+
+    def add(self, spans: np.ndarray, http: np.ndarray, now_ns: int) -> list[OutgoingBatch]:
+        """Take new records; returns the batches that became full."""
+        return self._add([("span", spans), ("http", http)], now_ns)
+
+    def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
+        if tag == "http":
+            return self._encode(pid, None, records)
+        return self._encode(pid, records, None)
+
+    def _encode(self, pid: int, spans: np.ndarray | None, http: np.ndarray | None) -> bytes:
         records = spans if spans is not None else http
         assert records is not None
         n = len(records)
@@ -173,6 +198,28 @@ class SpanBatcher:
             http=http_columns,
             k8s=info.k8s,
         )
-        return OutgoingBatch(
-            key=f"{self.node}/{pid}".encode(), value=encode_span_batch(batch), events=n
-        )
+        return encode_span_batch(batch)
+
+
+class NetBatcher(ProcessBatcher):
+    """Socket sends and receives -> `apm.kprobe.events` batches."""
+
+    def add(self, records: np.ndarray, now_ns: int) -> list[OutgoingBatch]:
+        return self._add([("net", records)], now_ns)
+
+    def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
+        info = self.process_info.get(pid, ProcessInfo(exe=""))
+        columns = {
+            "tid": records["tid"],
+            "goid": records["goid"],
+            "ts_ns": records["ts_ns"].astype(np.int64) + np.int64(self.boot_to_epoch_ns),
+            "bytes": records["bytes"],
+            "direction": records["direction"],
+            "family": records["family"],
+            "sport": records["sport"],
+            "dport": records["dport"],
+            "saddr": records["saddr"],
+            "daddr": records["daddr"],
+        }
+        batch = NetBatch(node=self.node, pid=pid, exe=info.exe, columns=columns, k8s=info.k8s)
+        return encode_net_batch(batch)

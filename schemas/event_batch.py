@@ -1,4 +1,4 @@
-"""The msgpack batch format of the `apm.uprobe.events` topic (see schemas/uprobe_events.md).
+"""The msgpack batch formats of `apm.uprobe.events` and `apm.kprobe.events` (schemas/*.md).
 
 One Kafka message carries many spans of one process, stored column by column: each numeric
 column is one little-endian byte string, so the agent encodes a batch with a handful of numpy
@@ -8,6 +8,7 @@ turns a batch back into one dict per span, the shape `ebpf-apm tail --json` prin
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,19 +101,25 @@ def _column(raw: Any, dtype: np.dtype[Any], n: int, name: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype)
 
 
-def decode_span_batch(value: bytes) -> SpanBatch:
-    """Parse one message value; every size is checked before it is trusted."""
+def _unpack(value: bytes, kind: str | None) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(value, raw=False, strict_map_key=True)
     except Exception as exc:  # msgpack raises several unrelated types
         raise BatchDecodeError(f"not msgpack: {exc}") from exc
     if not isinstance(message, dict):
         raise BatchDecodeError(f"expected a msgpack map, got {type(message).__name__}")
-    if message.get("v") != FORMAT_VERSION or message.get("kind") != KIND_SPAN:
+    known = (kind,) if kind else (KIND_SPAN, KIND_NET)
+    if message.get("v") != FORMAT_VERSION or message.get("kind") not in known:
         raise BatchDecodeError(
             f"unsupported batch v={message.get('v')!r} kind={message.get('kind')!r}; "
-            f"this reader knows v={FORMAT_VERSION} kind={KIND_SPAN!r}"
+            f"this reader knows v={FORMAT_VERSION} kind in {known}"
         )
+    return message
+
+
+def decode_span_batch(value: bytes) -> SpanBatch:
+    """Parse one message value; every size is checked before it is trusted."""
+    message = _unpack(value, KIND_SPAN)
     try:
         n = int(message["n"])
         raw_cols = message["cols"]
@@ -183,3 +190,120 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
         for name in K8S_FIELDS:
             event[name] = k8s.get(name)
         yield event
+
+
+# --- apm.kprobe.events: socket sends and receives (schemas/kprobe_events.md) -------------
+
+KIND_NET = "net"
+DIRECTION_SEND = 0
+DIRECTION_RECV = 1
+DIRECTIONS = ("send", "recv")
+
+NET_COLUMNS: dict[str, np.dtype[Any]] = {
+    "tid": np.dtype("<u4"),
+    "goid": np.dtype("<i8"),
+    "ts_ns": np.dtype("<i8"),
+    "bytes": np.dtype("<i8"),
+    "direction": np.dtype("u1"),
+    "family": np.dtype("u1"),  # 0 unknown, 2 AF_INET, 10 AF_INET6
+    "sport": np.dtype("<u2"),
+    "dport": np.dtype("<u2"),
+    "saddr": np.dtype("S16"),  # IPv4 in the first 4 bytes
+    "daddr": np.dtype("S16"),
+}
+
+
+@dataclass
+class NetBatch:
+    node: str
+    pid: int
+    exe: str
+    columns: dict[str, np.ndarray]
+    k8s: dict[str, str | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.columns["tid"])
+
+
+def encode_net_batch(batch: NetBatch) -> bytes:
+    n = len(batch)
+    cols: dict[str, bytes] = {}
+    for name, dtype in NET_COLUMNS.items():
+        column = batch.columns[name]
+        if len(column) != n:
+            raise ValueError(f"column {name!r} has {len(column)} values, expected {n}")
+        cols[name] = np.ascontiguousarray(column, dtype=dtype).tobytes()
+    message: dict[str, Any] = {
+        "v": FORMAT_VERSION,
+        "kind": KIND_NET,
+        "node": batch.node,
+        "pid": batch.pid,
+        "exe": batch.exe,
+        "n": n,
+        "cols": cols,
+    }
+    if batch.k8s is not None:
+        message["k8s"] = batch.k8s
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode_net_batch(value: bytes) -> NetBatch:
+    message = _unpack(value, KIND_NET)
+    try:
+        n = int(message["n"])
+        raw_cols = message["cols"]
+        columns = {
+            name: _column(raw_cols.get(name), dtype, n, name) for name, dtype in NET_COLUMNS.items()
+        }
+        if n and int(columns["direction"].max()) > DIRECTION_RECV:
+            raise BatchDecodeError("direction outside send/recv")
+        return NetBatch(
+            node=str(message["node"]),
+            pid=int(message["pid"]),
+            exe=str(message.get("exe", "")),
+            columns=columns,
+            k8s=message.get("k8s"),
+        )
+    except BatchDecodeError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BatchDecodeError(f"malformed net batch: {exc!r}") from exc
+
+
+def _address(family: int, raw: bytes) -> str | None:
+    if family == 2:
+        return str(ipaddress.IPv4Address(raw[:4].ljust(4, b"\0")))
+    if family == 10:
+        return str(ipaddress.IPv6Address(raw.ljust(16, b"\0")))
+    return None
+
+
+def iter_net_events(batch: NetBatch) -> Iterator[dict[str, Any]]:
+    """One dict per socket send or receive, as `ebpf-apm tail apm.kprobe.events --json`."""
+    cols = {name: column.tolist() for name, column in batch.columns.items()}
+    k8s = batch.k8s or {}
+    for i in range(len(batch)):
+        goid = cols["goid"][i]
+        family = cols["family"][i]
+        event: dict[str, Any] = {
+            "node": batch.node,
+            "pid": batch.pid,
+            "exe": batch.exe,
+            "tid": cols["tid"][i],
+            "goid": None if goid < 0 else goid,
+            "ts_ns": cols["ts_ns"][i],
+            "bytes": cols["bytes"][i],
+            "direction": DIRECTIONS[cols["direction"][i]],
+            "saddr": _address(family, cols["saddr"][i]),
+            "sport": cols["sport"][i] if family else None,
+            "daddr": _address(family, cols["daddr"][i]),
+            "dport": cols["dport"][i] if family else None,
+        }
+        for name in K8S_FIELDS:
+            event[name] = k8s.get(name)
+        yield event
+
+
+def batch_kind(value: bytes) -> str:
+    """`span` or `net`, without decoding the columns (BatchDecodeError if neither)."""
+    return str(_unpack(value, None)["kind"])

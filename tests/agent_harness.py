@@ -44,16 +44,14 @@ class GoServer:
 
 
 @contextmanager
-def go_server(binary: Path) -> Iterator[GoServer]:
-    process = subprocess.Popen(
-        [str(binary), "-addr", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True
-    )
+def go_server(binary: Path, addr: str = "127.0.0.1:0") -> Iterator[GoServer]:
+    process = subprocess.Popen([str(binary), "-addr", addr], stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         line = process.stdout.readline().split()
         assert line and line[0] == "LISTEN", f"server printed {line!r}"
         host, port = line[1].rsplit(":", 1)
-        yield GoServer(process, host, int(port))
+        yield GoServer(process, host.strip("[]"), int(port))
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

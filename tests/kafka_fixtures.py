@@ -47,7 +47,7 @@ def span_batch(
     """A batch from (func, start_ns, duration_ns) triples; `http` maps span index -> request."""
     funcs = sorted({func for func, _, _ in spans})
     n = len(spans)
-    columns = {
+    columns: dict[str, np.ndarray] = {
         "tid": np.arange(pid, pid + n, dtype=np.uint32),
         "end_tid": np.arange(pid, pid + n, dtype=np.uint32),
         "goid": np.array([i + 1 if i % 2 else -1 for i in range(n)], dtype=np.int64),
@@ -65,8 +65,13 @@ def span_batch(
             status=np.array([http[r][2] for r in rows], dtype=np.uint16),
         )
     return SpanBatch(
-        node=node, pid=pid, exe=f"/srv/app-{pid}", funcs=funcs, columns=columns,
-        http=http_columns, k8s=k8s,
+        node=node,
+        pid=pid,
+        exe=f"/srv/app-{pid}",
+        funcs=funcs,
+        columns=columns,
+        http=http_columns,
+        k8s=k8s,
     )
 
 

@@ -38,6 +38,7 @@ def test_numpy_layouts_match_the_c_header(tmp_path: Path) -> None:
     dtypes = {
         "span_event": event_layout.SPAN_EVENT,
         "http_span_event": event_layout.HTTP_SPAN_EVENT,
+        "net_event": event_layout.NET_EVENT,
     }
     for struct, fields in event_layout.C_FIELDS.items():
         dtype = dtypes[struct]
@@ -48,6 +49,14 @@ def test_numpy_layouts_match_the_c_header(tmp_path: Path) -> None:
 
 def test_header_constants_match() -> None:
     header = (ROOT / "bpf" / "events.h").read_text()
-    for name in ("EVENT_KIND_SPAN", "EVENT_KIND_HTTP_SPAN", "HTTP_METHOD_MAX", "HTTP_PATH_MAX"):
+    for name in (
+        "EVENT_KIND_SPAN",
+        "EVENT_KIND_HTTP_SPAN",
+        "EVENT_KIND_NET",
+        "NET_SEND",
+        "NET_RECV",
+        "HTTP_METHOD_MAX",
+        "HTTP_PATH_MAX",
+    ):
         value = getattr(event_layout, name)
         assert f"#define {name} {value}" in header, name

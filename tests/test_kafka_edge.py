@@ -15,7 +15,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import kafka_fixtures
 import pytest
 from aiokafka.structs import ConsumerRecord
 from kafka_fixtures import read_topic, span_batch, unique_topic
@@ -28,16 +27,17 @@ from producer.kafka_publisher import (
     KafkaUnavailableError,
     PublisherConfig,
     PublisherConfigError,
+    PublisherError,
+    PublisherStats,
     ensure_topics,
 )
 from schemas.event_batch import SpanBatch, decode_span_batch, encode_span_batch, iter_events
 
 pytestmark = pytest.mark.integration
-# The broker fixtures, until tests/conftest.py shares them with every module.
-kafka_broker = kafka_fixtures.kafka_broker
-fresh_kafka_broker = kafka_fixtures.fresh_kafka_broker
 
 REPO = Path(__file__).resolve().parent.parent
+Records = list[ConsumerRecord[bytes, bytes]]
+Stats = PublisherStats
 UPROBE_TOPIC = "apm.uprobe.events"
 LOGGER = "producer.kafka_publisher"
 
@@ -68,7 +68,7 @@ def test_publish_batches_and_read_them_back(kafka_broker: EmbeddedBroker) -> Non
     bootstrap, topic = kafka_broker.bootstrap_servers, unique_topic("publish")
     batches = [numbered_batch(i) for i in range(23)]
 
-    async def scenario() -> tuple[dict[str, int], object, list[ConsumerRecord[bytes, bytes]]]:
+    async def scenario() -> tuple[dict[str, int], Stats, Records]:
         counts = await ensure_topics(bootstrap, {topic: 3})
         publisher = KafkaPublisher(PublisherConfig(bootstrap, topic, linger_ms=5))
         await publisher.start()
@@ -82,10 +82,17 @@ def test_publish_batches_and_read_them_back(kafka_broker: EmbeddedBroker) -> Non
     counts, stats, records = asyncio.run(scenario())
     assert counts == {topic: 3}
     events = sum(len(b) for b in batches)
-    assert stats == type(stats)(
-        accepted_messages=23, accepted_events=events, acked_messages=23, acked_events=events,
-        dropped_messages=0, dropped_events=0, failed_messages=0, failed_events=0,
-        buffered_bytes=0, connected=True,
+    assert stats == PublisherStats(
+        accepted_messages=23,
+        accepted_events=events,
+        acked_messages=23,
+        acked_events=events,
+        dropped_messages=0,
+        dropped_events=0,
+        failed_messages=0,
+        failed_events=0,
+        buffered_bytes=0,
+        connected=True,
     )
     assert len(records) == 23
     # Keys arrive as given, each process (key) on one partition, in publish order there.
@@ -112,10 +119,13 @@ def test_ensure_topics_keeps_existing_and_tolerates_races(kafka_broker: Embedded
     async def scenario() -> list[dict[str, int]]:
         created = await ensure_topics(bootstrap, {first: 2})
         # Existing topic with another count is left alone; two creators race on `second`.
-        return [created, *await asyncio.gather(
-            ensure_topics(bootstrap, {first: 5, second: 3}),
-            ensure_topics(bootstrap, {second: 3}),
-        )]
+        return [
+            created,
+            *await asyncio.gather(
+                ensure_topics(bootstrap, {first: 5, second: 3}),
+                ensure_topics(bootstrap, {second: 3}),
+            ),
+        ]
 
     assert asyncio.run(scenario()) == [{first: 2}, {first: 2, second: 3}, {second: 3}]
 
@@ -127,7 +137,7 @@ def test_publisher_buffers_until_the_broker_starts(caplog: pytest.LogCaptureFixt
     batches = [numbered_batch(i) for i in range(12)]
     config = PublisherConfig(bootstrap, topic, retry_backoff_s=0.1, retry_backoff_max_s=0.4)
 
-    async def scenario() -> tuple[object, object, list[ConsumerRecord[bytes, bytes]]]:
+    async def scenario() -> tuple[Stats, Stats, Records]:
         publisher = KafkaPublisher(config)
         await publisher.start()
         for batch in batches[:6]:
@@ -150,7 +160,10 @@ def test_publisher_buffers_until_the_broker_starts(caplog: pytest.LogCaptureFixt
     assert (down.accepted_messages, down.acked_messages, down.connected) == (12, 0, False)
     assert down.buffered_bytes == size
     assert (up.acked_messages, up.acked_events, up.buffered_bytes, up.connected) == (
-        12, events, 0, True
+        12,
+        events,
+        0,
+        True,
     )
     assert up.dropped_messages == up.failed_messages == 0
     assert sorted(records_events(records), key=repr) == sorted(
@@ -171,12 +184,14 @@ def test_publisher_retries_through_a_stalled_broker(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.INFO, logger=LOGGER)
     topic = unique_topic("stall")
 
-    async def scenario(broker: EmbeddedBroker) -> tuple[object, object, list[bytes]]:
+    async def scenario(broker: EmbeddedBroker) -> tuple[Stats, Stats, list[bytes]]:
         bootstrap = broker.bootstrap_servers
         await ensure_topics(bootstrap, {topic: 2})
-        publisher = KafkaPublisher(PublisherConfig(
-            bootstrap, topic, send_timeout_s=1.0, retry_backoff_s=0.1, retry_backoff_max_s=0.5
-        ))
+        publisher = KafkaPublisher(
+            PublisherConfig(
+                bootstrap, topic, send_timeout_s=1.0, retry_backoff_s=0.1, retry_backoff_max_s=0.5
+            )
+        )
         await publisher.start()
         for i in range(3):
             assert await publisher.publish(b"node/%d" % i, b"before-%d" % i, 1)
@@ -201,7 +216,10 @@ def test_publisher_retries_through_a_stalled_broker(caplog: pytest.LogCaptureFix
         stalled, done, values = asyncio.run(scenario(broker))
     assert (stalled.connected, stalled.acked_messages, stalled.accepted_messages) == (False, 3, 8)
     assert (done.acked_messages, done.acked_events, done.failed_messages, done.buffered_bytes) == (
-        8, 13, 0, 0
+        8,
+        13,
+        0,
+        0,
     )
     # At least once: a request that timed out may still have been written by the broker.
     expected = {b"before-%d" % i for i in range(3)} | {b"during-%d" % i for i in range(5)}
@@ -223,7 +241,7 @@ def test_publisher_survives_a_broker_restart(
     bootstrap, topic = f"127.0.0.1:{port}", unique_topic("restart")
     config = PublisherConfig(bootstrap, topic, retry_backoff_s=0.1, retry_backoff_max_s=0.5)
 
-    async def scenario() -> tuple[object, object]:
+    async def scenario() -> tuple[PublisherStats, PublisherStats]:
         publisher = KafkaPublisher(config)
         with EmbeddedBroker(port=port, stop_grace_s=0.2):
             await ensure_topics(bootstrap, {topic: 2})
@@ -248,7 +266,10 @@ def test_publisher_survives_a_broker_restart(
     # Acknowledged by the new broker. Not read back: a Tansu that restarted (memory storage)
     # acknowledges produce requests for topics it no longer has, and the data is not kept.
     assert (up.acked_messages, up.acked_events, up.failed_messages, up.buffered_bytes) == (
-        10, 15, 0, 0
+        10,
+        15,
+        0,
+        0,
     )
     messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == LOGGER]
     warnings = [m for level, m in messages if level >= logging.WARNING]
@@ -261,12 +282,16 @@ def test_full_buffer_drops_exactly_what_does_not_fit(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.INFO, logger=LOGGER)
     bootstrap = f"127.0.0.1:{free_port()}"  # nobody listens: everything stays buffered
     config = PublisherConfig(
-        bootstrap, "nowhere", buffer_max_bytes=1000, enqueue_timeout_s=0.05,
-        max_request_size=1500, retry_backoff_s=0.1,
+        bootstrap,
+        "nowhere",
+        buffer_max_bytes=1000,
+        enqueue_timeout_s=0.05,
+        max_request_size=1500,
+        retry_backoff_s=0.1,
     )
     key = b"node/1234"  # 9 bytes: key + value is 300 bytes
 
-    async def scenario() -> tuple[list[bool], float, object, object]:
+    async def scenario() -> tuple[list[bool], float, PublisherStats, PublisherStats]:
         publisher = KafkaPublisher(config)
         await publisher.start()
         results = [await publisher.publish(key, bytes(291), 5) for _ in range(7)]
@@ -303,11 +328,16 @@ def test_publish_waits_for_room_while_the_broker_acknowledges(
     bootstrap, topic = kafka_broker.bootstrap_servers, unique_topic("backpressure")
     value = bytes(range(256)) * 8  # ~2 KiB: the buffer holds three messages
 
-    async def scenario() -> tuple[list[bool], object]:
+    async def scenario() -> tuple[list[bool], PublisherStats]:
         await ensure_topics(bootstrap, {topic: 1})
-        publisher = KafkaPublisher(PublisherConfig(
-            bootstrap, topic, buffer_max_bytes=3 * (len(value) + 8), enqueue_timeout_s=10,
-        ))
+        publisher = KafkaPublisher(
+            PublisherConfig(
+                bootstrap,
+                topic,
+                buffer_max_bytes=3 * (len(value) + 8),
+                enqueue_timeout_s=10,
+            )
+        )
         await publisher.start()
         results = [await publisher.publish(b"node/%03d" % i, value, 1) for i in range(40)]
         await publisher.close()
@@ -325,6 +355,28 @@ def test_ensure_topics_without_a_broker_says_what_to_do() -> None:
     assert info.value.exit_code == 1
     assert str(info.value).startswith(f"cannot reach Kafka at {address} to create topics ")
     assert "start one with `ebpf-apm broker` or set --bootstrap-servers" in str(info.value)
+
+
+def test_idempotent_publisher_on_tansu_fails_clearly(kafka_broker: EmbeddedBroker) -> None:
+    bootstrap, topic = kafka_broker.bootstrap_servers, unique_topic("idempotent")
+
+    async def scenario() -> tuple[bool, PublisherError, PublisherStats]:
+        publisher = KafkaPublisher(PublisherConfig(bootstrap, topic, idempotent=True))
+        await publisher.start()
+        assert await publisher.publish(b"node/1", b"value", 1)
+        flushed = await publisher.flush(10)  # returns as soon as the publisher gave up
+        with pytest.raises(PublisherError) as info:
+            await publisher.publish(b"node/1", b"value", 1)
+        await publisher.close()
+        return flushed, info.value, publisher.stats
+
+    started = time.monotonic()
+    flushed, error, stats = asyncio.run(scenario())
+    assert not flushed and time.monotonic() - started < 5
+    assert error.exit_code == 1
+    assert f"Kafka at {bootstrap} refused to start a producer: UnknownError" in str(error)
+    assert "turn idempotence off" in str(error)
+    assert (stats.accepted_messages, stats.failed_messages, stats.acked_messages) == (1, 1, 0)
 
 
 def test_publisher_config_rejects_bad_settings() -> None:
@@ -373,10 +425,16 @@ def publish_values(bootstrap: str, values: list[tuple[bytes, bytes]]) -> None:
 
 TAIL_BATCHES = [
     span_batch(
-        "node-a", 101, [("main.handler", 10, 53_200_000), ("main.db", 20, 1_500)],
+        "node-a",
+        101,
+        [("main.handler", 10, 53_200_000), ("main.db", 20, 1_500)],
         http={0: ("GET", "/sleep", 200)},
-        k8s={"k8s_namespace": "shop", "k8s_pod": "web-1", "k8s_container": "app",
-             "k8s_workload": "web"},
+        k8s={
+            "k8s_namespace": "shop",
+            "k8s_pod": "web-1",
+            "k8s_container": "app",
+            "k8s_workload": "web",
+        },
     ),
     span_batch("node-b", 202, [("main.work", 30, 2_000_000_000)]),
     span_batch("node-a", 101, [("main.handler", 40, 7_000_000), ("main.db", 50, 900)]),
@@ -396,7 +454,12 @@ def uprobe_topic(fresh_kafka_broker: EmbeddedBroker) -> str:
 
 def test_tail_prints_one_json_object_per_event_and_stops_at_max(uprobe_topic: str) -> None:
     result = run_tail(
-        UPROBE_TOPIC, "--from-beginning", "--json", "--max", "4", "--bootstrap-servers",
+        UPROBE_TOPIC,
+        "--from-beginning",
+        "--json",
+        "--max",
+        "4",
+        "--bootstrap-servers",
         uprobe_topic,
     )
     assert result.returncode == 0, result.stderr
@@ -409,7 +472,9 @@ def test_tail_prints_one_json_object_per_event_and_stops_at_max(uprobe_topic: st
     first = json.loads(lines[0])
     assert first["func"] == "main.handler" and first["duration_ns"] == 53_200_000
     assert (first["http_method"], first["http_path"], first["http_status"]) == (
-        "GET", "/sleep", 200
+        "GET",
+        "/sleep",
+        200,
     )
     assert (first["node"], first["pid"], first["k8s_pod"]) == ("node-a", 101, "web-1")
 
@@ -419,7 +484,11 @@ def test_tail_stops_after_timeout_without_messages(uprobe_topic: str) -> None:
     started = time.monotonic()
     result = subprocess.run(
         tail_command(UPROBE_TOPIC, "--from-beginning", "--json", "--timeout", "1"),
-        cwd=REPO, capture_output=True, text=True, timeout=60, env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stderr
@@ -429,8 +498,9 @@ def test_tail_stops_after_timeout_without_messages(uprobe_topic: str) -> None:
 
 
 def test_tail_readable_lines(uprobe_topic: str, capsys: pytest.CaptureFixture[str]) -> None:
-    args = tail_args(UPROBE_TOPIC, "--from-beginning", "--max", "3",
-                     "--bootstrap-servers", uprobe_topic)
+    args = tail_args(
+        UPROBE_TOPIC, "--from-beginning", "--max", "3", "--bootstrap-servers", uprobe_topic
+    )
     assert topic_tail.run(args) == 0
     lines = capsys.readouterr().out.splitlines()
     clock = r"\d\d:\d\d:\d\d\.\d{3}"
@@ -444,7 +514,10 @@ def test_tail_readable_lines(uprobe_topic: str, capsys: pytest.CaptureFixture[st
 def test_tail_from_the_end_prints_only_new_events(uprobe_topic: str) -> None:
     process = subprocess.Popen(
         tail_command(UPROBE_TOPIC, "--json", "--max", "2", "--bootstrap-servers", uprobe_topic),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert process.stderr is not None
@@ -467,13 +540,21 @@ def test_tail_from_the_end_prints_only_new_events(uprobe_topic: str) -> None:
 def test_tail_skips_an_undecodable_message(fresh_kafka_broker: EmbeddedBroker) -> None:
     bootstrap = fresh_kafka_broker.bootstrap_servers
     good = TAIL_BATCHES[1:]
-    publish_values(bootstrap, [
-        (key_of(good[0]), encode_span_batch(good[0])),
-        (b"node-x/1", b"garbage"),
-        (key_of(good[1]), encode_span_batch(good[1])),
-    ])
+    publish_values(
+        bootstrap,
+        [
+            (key_of(good[0]), encode_span_batch(good[0])),
+            (b"node-x/1", b"garbage"),
+            (key_of(good[1]), encode_span_batch(good[1])),
+        ],
+    )
     result = run_tail(
-        UPROBE_TOPIC, "--from-beginning", "--json", "--timeout", "1", "--bootstrap-servers",
+        UPROBE_TOPIC,
+        "--from-beginning",
+        "--json",
+        "--timeout",
+        "1",
+        "--bootstrap-servers",
         bootstrap,
     )
     assert result.returncode == 0, result.stderr
@@ -487,12 +568,19 @@ def test_tail_skips_an_undecodable_message(fresh_kafka_broker: EmbeddedBroker) -
 
 
 def test_tail_quiet_on_broken_pipe(uprobe_topic: str) -> None:
-    command = " ".join(tail_command(
-        UPROBE_TOPIC, "--from-beginning", "--timeout", "1", "--bootstrap-servers", uprobe_topic
-    ))
+    command = " ".join(
+        tail_command(
+            UPROBE_TOPIC, "--from-beginning", "--timeout", "1", "--bootstrap-servers", uprobe_topic
+        )
+    )
     result = subprocess.run(
-        f"set -o pipefail; {command} | head -n 1", shell=True, executable="/bin/bash",
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        f"set -o pipefail; {command} | head -n 1",
+        shell=True,
+        executable="/bin/bash",
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 1
@@ -508,7 +596,10 @@ def test_tail_unknown_topic_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
 def test_tail_stops_quietly_on_ctrl_c(uprobe_topic: str) -> None:
     process = subprocess.Popen(
         tail_command(UPROBE_TOPIC, "--bootstrap-servers", uprobe_topic),
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         assert process.stderr is not None
@@ -568,7 +659,6 @@ def test_embedded_broker_start_failure_shows_its_output(tmp_path: Path) -> None:
     crashing.chmod(0o755)
     with pytest.raises(BrokerError, match=r"exited with status 3(.|\n)*bad flag"):
         EmbeddedBroker(binary=str(crashing)).start()
-
 
 
 def test_broker_command_runs_until_sigterm_and_refuses_a_busy_port() -> None:

@@ -1,0 +1,168 @@
+"""Network events from the kernel against what the test's own sockets sent and received.
+
+A Go server writes each response in flushed chunks with sleeps between them (the handler's
+goroutine migrates between threads); raw-socket clients count every byte they send and
+receive. Each socket event must carry the goroutine of the connection that made it, the
+real byte count, and the connection's addresses and ports. BPF, root, no broker.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from agent_harness import go_server
+
+from producer.bpf_loader import ProbeOptions, SpanProbes
+from producer.event_layout import NET_RECV, NET_SEND
+from producer.targets import FunctionNames, resolve_target
+
+pytestmark = pytest.mark.bpf
+
+HANDLE_CHUNKS = "main.(*server).handleChunks"
+CHUNKED_END = 5  # "0\r\n\r\n", written by net/http after the handler returns
+
+
+@dataclass
+class Exchange:
+    request: bytes
+    response_bytes: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+
+
+@dataclass
+class Connection:
+    local_port: int = 0
+    exchanges: list[Exchange] = field(default_factory=list)
+
+
+def read_chunked_response(stream) -> int:
+    """Read one chunked HTTP/1.1 response; returns how many bytes it took on the wire."""
+    total = 0
+    while True:  # status line and headers
+        line = stream.readline()
+        total += len(line)
+        if line in (b"\r\n", b""):
+            break
+    while True:
+        size_line = stream.readline()
+        total += len(size_line)
+        size = int(size_line.strip(), 16)
+        data = stream.read(size + 2)
+        total += len(data)
+        if size == 0:
+            return total
+
+
+def run_client(host: str, port: int, conn: Connection, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.connect((host, port))
+        conn.local_port = sock.getsockname()[1]
+        stream = sock.makefile("rb")
+        for i in range(count):
+            sizes = ",".join(str(rng.randint(1, 6000)) for _ in range(rng.randint(1, 4)))
+            path = f"/chunks/{seed}-{i}?sizes={sizes}&ms={rng.randint(1, 8)}"
+            request = f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
+            exchange = Exchange(request, start_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+            sock.sendall(request)
+            exchange.response_bytes = read_chunked_response(stream)
+            exchange.end_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            conn.exchanges.append(exchange)
+        stream.close()
+
+
+def trace(binary: Path, host: str, clients: int, per_client: int):
+    """Serve `clients` raw connections under the agent's probes; returns the records."""
+    with go_server(binary, addr=f"[{host}]:0" if ":" in host else f"{host}:0") as server:
+        names = FunctionNames()
+        target = resolve_target(server.pid, [HANDLE_CHUNKS], names)
+        probes = SpanProbes(ProbeOptions(net_hooks="auto"))
+        try:
+            probes.add_process(server.pid, target.layout)
+            for fn in target.functions:
+                probes.attach_function(
+                    server.pid, target.binary, target.load_bias, fn.plan.symbol.address,
+                    fn.plan.entry_offset, fn.plan.return_offsets, fn.func_id, fn.http, True,
+                )  # fmt: skip
+            conns = [Connection() for _ in range(clients)]
+            threads = [
+                threading.Thread(
+                    target=run_client, args=(server.host, server.port, c, per_client, i)
+                )
+                for i, c in enumerate(conns)
+            ]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            time.sleep(0.1)
+            assert probes.net_reader is not None
+            net = probes.net_reader.drain()
+            http = probes.http_reader.drain()
+            spans = probes.span_reader.drain()
+            counters = probes.counters()
+        finally:
+            probes.close()
+        return server.port, conns, net, http, spans, counters, names
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"], ids=["ipv4", "ipv6"])
+def test_socket_events_match_the_bytes_on_the_wire(go_targets: dict, host: str) -> None:
+    server_port, conns, net, http, spans, counters, names = trace(
+        go_targets[("1.27", False)], host, clients=16, per_client=6
+    )
+    assert counters["net_ring_full"] == 0 and counters["ring_full"] == 0
+    assert (net["goid"] > 0).all(), "every event of a Go process names its goroutine"
+    by_port = {c.local_port: c for c in conns}
+    events_by_port: dict[int, np.ndarray] = {}
+    for port in by_port:
+        events_by_port[port] = net[net["dport"] == port]
+    assert sum(len(e) for e in events_by_port.values()) == len(net), "no stray events"
+    family = 10 if ":" in host else 2
+    local = socket.inet_pton(socket.AF_INET6 if family == 10 else socket.AF_INET, host)
+    for port, conn in by_port.items():
+        events = events_by_port[port]
+        assert (events["family"] == family).all()
+        assert (events["sport"] == server_port).all()
+        assert all(bytes(a).ljust(16, b"\0")[: len(local)] == local for a in events["saddr"])
+        sends = events[events["direction"] == NET_SEND]
+        recvs = events[events["direction"] == NET_RECV]
+        # One goroutine serves a keep-alive connection and writes every response. (Reads
+        # may name another goroutine: net/http reads ahead on a background goroutine while
+        # a handler runs, to notice a client hanging up.)
+        assert len(set(sends["goid"].tolist())) == 1
+        assert int(sends["bytes"].sum()) == sum(x.response_bytes for x in conn.exchanges)
+        assert int(recvs["bytes"].sum()) == sum(len(x.request) for x in conn.exchanges)
+        # Inside each request's HTTP span, the goroutine sent all but the chunked trailer.
+        goid = int(sends["goid"][0])
+        mine = http[http["goid"] == goid]
+        assert len(mine) == len(conn.exchanges)
+        for span, exchange in zip(np.sort(mine, order="start_ns"), conn.exchanges, strict=True):
+            inside = sends[(sends["ts_ns"] >= span["start_ns"]) & (sends["ts_ns"] <= span["ts_ns"])]
+            assert int(inside["bytes"].sum()) == exchange.response_bytes - CHUNKED_END
+            assert exchange.start_ns <= span["start_ns"] and span["ts_ns"] <= exchange.end_ns
+    assert len(spans) == 16 * 6
+    assert set(names.names) >= {HANDLE_CHUNKS}
+
+
+def test_migrating_goroutines_keep_their_events(go_targets: dict) -> None:
+    """Events of one goroutine come from several threads: the key is the goroutine."""
+    _, conns, net, http, spans, _, _ = trace(
+        go_targets[("1.19", True)], "127.0.0.1", clients=16, per_client=4
+    )
+    threads_per_goroutine = defaultdict(set)
+    for event in net[net["direction"] == NET_SEND]:
+        threads_per_goroutine[int(event["goid"])].add(int(event["tid"]))
+    assert len(threads_per_goroutine) == 16
+    assert any(len(tids) > 1 for tids in threads_per_goroutine.values())
+    assert len(spans) == 16 * 4 and len(http) == 16 * 4
