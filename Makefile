@@ -11,7 +11,7 @@ demo: setup
 	@$(PY) demo/run_demo.py
 
 lint: setup
-	$(VENV)/bin/ruff check producer consumers schemas tests benchmarks demo
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy producer consumers schemas
 
 test: setup lint

@@ -28,7 +28,7 @@ fi
 # BCC looks for headers at /lib/modules/$(uname -r)/{build,source}. This kernel ships none
 # (no modules, no IKHEADERS), so point them at Debian's newest installed header package.
 kdir="/lib/modules/$(uname -r)"
-if [ ! -e "$kdir/build/include/linux/kconfig.h" ]; then
+if [ ! -e "$kdir/build/Makefile" ] || [ ! -e "$kdir/source/include/linux/kconfig.h" ]; then
     hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1)
     [ -n "$hdr" ] || { say "no /usr/src/linux-headers-*-amd64 found; install linux-headers-amd64"; exit 1; }
     common="${hdr%-amd64}-common"

@@ -44,6 +44,7 @@ class AgentConfig:
     event_transport: str
     max_batch_events: int
     max_batch_delay_ms: int
+    max_call_seconds: float
     buffer_mib: int
 
     @classmethod
@@ -54,6 +55,8 @@ class AgentConfig:
             raise TargetError(f"--max-batch-delay-ms {args.max_batch_delay_ms}: use 1..60000")
         if args.max_batch_events < 1:
             raise TargetError(f"--max-batch-events {args.max_batch_events}: must be positive")
+        if not args.max_call_seconds > 0:
+            raise TargetError(f"--max-call-seconds {args.max_call_seconds}: must be positive")
         if args.partitions < 1:
             raise TargetError(f"--partitions {args.partitions}: must be positive")
         return cls(
@@ -73,6 +76,7 @@ class AgentConfig:
             event_transport=args.event_transport,
             max_batch_events=args.max_batch_events,
             max_batch_delay_ms=args.max_batch_delay_ms,
+            max_call_seconds=args.max_call_seconds,
             buffer_mib=args.buffer_mib,
         )
 
@@ -123,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(auto); off disables network events",
     )
     parser.add_argument("--compression", choices=COMPRESSIONS, default="lz4")
+    parser.add_argument(
+        "--max-call-seconds",
+        type=float,
+        default=3600.0,
+        help="forget a call with no return after this long (a Go panic skips the return)",
+    )
     parser.add_argument(
         "--idempotent",
         action="store_true",
@@ -203,7 +213,10 @@ def run(args: argparse.Namespace) -> int:
         net,
         config.bootstrap_servers,
         PipelineSettings(
-            span_topic=config.span_topic, net_topic=config.net_topic, partitions=config.partitions
+            span_topic=config.span_topic,
+            net_topic=config.net_topic,
+            partitions=config.partitions,
+            max_call_s=config.max_call_seconds,
         ),
     )
     try:

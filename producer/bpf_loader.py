@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,19 @@ class SpanProbes:
             stale = [key for key in self._bpf[table.encode()] if key.tgid == pid]
             for key in stale:
                 self._bpf[table.encode()].pop(key, None)
+
+    def sweep_abandoned_calls(self, older_than_ns: int) -> int:
+        """Forget calls that entered longer ago than `older_than_ns` and never returned.
+
+        A Go function that panics (and is recovered further up) or calls runtime.Goexit
+        leaves through no RET, so its entry would stay in the table forever: goroutine ids
+        are never reused. Returns how many were removed."""
+        now = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        table = self._bpf[b"calls_in_flight"]
+        stale = [key for key, start in table.items() if now - start.start_ns > older_than_ns]
+        for key in stale:
+            table.pop(key, None)
+        return len(stale)
 
     def counters(self) -> dict[str, int]:
         table = self._bpf[b"counters"]

@@ -37,6 +37,7 @@ class PipelineSettings:
     stats_interval_s: float = 10.0
     exit_when_targets_gone: bool = True
     close_timeout_s: float = 10.0
+    max_call_s: float = 3600.0  # a call in flight longer than this is taken as abandoned
 
 
 def boot_to_epoch_offset_ns() -> int:
@@ -85,6 +86,7 @@ class AgentPipeline:
         self._wakeup = asyncio.Event()
         self._pidfds: dict[int, int] = {}
         self.exit_reason = ""
+        self.abandoned_calls = 0
 
     def attach(self, target: TargetProcess) -> None:
         """Attach one resolved target (called before `run`, or as processes appear)."""
@@ -236,6 +238,15 @@ class AgentPipeline:
     async def _report_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.settings.stats_interval_s)
+            abandoned = self.probes.sweep_abandoned_calls(int(self.settings.max_call_s * 1e9))
+            if abandoned:
+                self.abandoned_calls += abandoned
+                log.info(
+                    "forgot %d call(s) in flight for over %.0f s (a panic or Goexit skipped "
+                    "their return)",
+                    abandoned,
+                    self.settings.max_call_s,
+                )
             self._report(final=False)
 
     def _report(self, final: bool) -> None:

@@ -166,3 +166,27 @@ def test_migrating_goroutines_keep_their_events(go_targets: dict) -> None:
     assert len(threads_per_goroutine) == 16
     assert any(len(tids) > 1 for tids in threads_per_goroutine.values())
     assert len(spans) == 16 * 4 and len(http) == 16 * 4
+
+
+def test_calls_that_never_return_are_swept(go_targets: dict) -> None:
+    """A handler that panics leaves through no RET: its entry must not stay forever."""
+    with go_server(go_targets[("1.27", True)]) as server:
+        target = resolve_target(server.pid, ["main.(*server).handlePanic"], FunctionNames())
+        probes = SpanProbes(ProbeOptions(net_hooks="off"))
+        try:
+            probes.add_process(server.pid, target.layout)
+            for fn in target.functions:
+                probes.attach_function(
+                    server.pid, target.binary, target.load_bias, fn.plan.symbol.address,
+                    fn.plan.entry_offset, fn.plan.return_offsets, fn.func_id, fn.http, True,
+                )  # fmt: skip
+            for _ in range(7):
+                with pytest.raises(Exception):  # noqa: B017 - the server drops the connection
+                    server.get("/panic")
+            assert server.get("/health")[0] == 200
+            assert probes.sweep_abandoned_calls(older_than_ns=3_600 * 10**9) == 0
+            # handlePanic's 7 calls and ServeHTTP's 7 (the panic unwinds through it too)
+            assert probes.sweep_abandoned_calls(older_than_ns=0) == 14
+            assert probes.sweep_abandoned_calls(older_than_ns=0) == 0
+        finally:
+            probes.close()

@@ -127,6 +127,14 @@ func (s *server) handleChunks(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// handlePanic serves /panic: it never returns (net/http recovers the panic and closes the
+// connection), so a probe on its RET never fires and its call stays in flight.
+//
+//go:noinline
+func (s *server) handlePanic(w http.ResponseWriter, r *http.Request) {
+	panic("requested panic")
+}
+
 // handleHealth serves /health.
 //
 //go:noinline
@@ -152,6 +160,7 @@ func main() {
 	mux.HandleFunc("/chunks", s.handleChunks)
 	mux.HandleFunc("/chunks/", s.handleChunks)
 	mux.HandleFunc("/health", s.handleHealth)
+	mux.HandleFunc("/panic", s.handlePanic)
 
 	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
