@@ -105,8 +105,9 @@ class _LayoutStruct(ctypes.Structure):
 @dataclass
 class _AttachedProcess:
     sites: list[int] = field(default_factory=list)  # runtime addresses in probe_sites
-    # (binary path, file address) of each uprobe, to detach by the same spec
-    uprobes: list[tuple[bytes, int, bool]] = field(default_factory=list)
+    # BCC's event name of each uprobe. Detaching by (path, address) makes BCC resolve
+    # /proc/PID/exe again, which fails once the process has exited: the probe would leak.
+    uprobe_events: set[bytes] = field(default_factory=set)
 
 
 class PerfBufferReader:
@@ -236,6 +237,7 @@ class SpanProbes:
         proc = self._processes[pid]
         flags = SITE_FLAG_HTTP if http else 0
         path = binary.encode()
+        known = set(self._bpf.uprobe_fds)
         try:
             self._add_site(
                 proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags
@@ -243,7 +245,6 @@ class SpanProbes:
             self._bpf.attach_uprobe(
                 name=path, addr=address + entry_offset, fn_name=b"span_entry", pid=pid
             )
-            proc.uprobes.append((path, address + entry_offset, False))
             if is_go:
                 for offset in return_offsets:
                     self._add_site(
@@ -252,18 +253,18 @@ class SpanProbes:
                     self._bpf.attach_uprobe(
                         name=path, addr=address + offset, fn_name=b"span_return", pid=pid
                     )
-                    proc.uprobes.append((path, address + offset, False))
             else:
                 self._bpf.attach_uretprobe(
                     name=path, addr=address, fn_name=b"span_uretprobe", pid=pid
                 )
-                proc.uprobes.append((path, address, True))
         except Exception as exc:
             if not os.path.exists(f"/proc/{pid}"):
                 raise TargetError(f"process {pid} exited while probes were attached") from exc
             raise KernelSupportError(
                 f"attaching uprobes to {binary} (pid {pid}) at {address:#x} failed: {exc}"
             ) from exc
+        finally:
+            proc.uprobe_events |= set(self._bpf.uprobe_fds) - known
 
     def _add_site(
         self, proc: _AttachedProcess, pid: int, ip: int, func_id: int, role: int, flags: int
@@ -276,14 +277,11 @@ class SpanProbes:
         proc = self._processes.pop(pid, None)
         if proc is None:
             return
-        for path, addr, is_return in proc.uprobes:
+        for event in proc.uprobe_events:
             try:
-                if is_return:
-                    self._bpf.detach_uretprobe(name=path, addr=addr, pid=pid)
-                else:
-                    self._bpf.detach_uprobe(name=path, addr=addr, pid=pid)
-            except Exception as exc:  # the binary may be gone with the process
-                log.debug("detaching %s@%#x for pid %d: %s", path, addr, pid, exc)
+                self._bpf.detach_uprobe_event(event)
+            except Exception as exc:  # BCC raises bare Exception
+                log.debug("detaching %s for pid %d: %s", event.decode(), pid, exc)
         for ip in proc.sites:
             self._sites.pop(self._sites.Key(pid, 0, ip), None)
         self._layouts.pop(ctypes.c_uint32(pid), None)
@@ -309,15 +307,15 @@ class SpanProbes:
         return len(stale)
 
     def counters(self) -> dict[str, int]:
+        # Perf buffers too: a full buffer fails perf_submit, which the program counts itself;
+        # the readers' lost callbacks report the same records again (PerfBufferReader.lost).
         table = self._bpf[b"counters"]
-        totals = {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
-        if isinstance(self.span_reader, PerfBufferReader):
-            totals["ring_full"] += self.span_reader.lost
-        if isinstance(self.http_reader, PerfBufferReader):
-            totals["ring_full"] += self.http_reader.lost
-        if isinstance(self.net_reader, PerfBufferReader):
-            totals["net_ring_full"] += self.net_reader.lost
-        return totals
+        return {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
+
+    @property
+    def attached_uprobes(self) -> int:
+        """Uprobes currently attached, all processes (a leak shows here)."""
+        return len(self._bpf.uprobe_fds)
 
     def set_synthetic_pid(self, pid: int) -> None:
         table = self._bpf[b"synthetic_pid"]

@@ -24,8 +24,10 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka import codec as aiokafka_codec
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
 
@@ -45,6 +47,10 @@ _AIOKAFKA_REPEAT_INTERVAL_S = 300.0
 _WATCH_INTERVAL_S = 1.0
 _STALL_S = 3.0
 _STOP_GRACE_S = 1.0
+# aiokafka 0.14 compresses lz4 at level 9 (LZ4 HC). On agent batches that costs ~8x the CPU
+# of level 1 for ~2% smaller messages: it was half the agent's CPU at 1.2M spans/s
+# (benchmarks/agent_throughput.py). Readers decode any level.
+_LZ4_LEVEL = 1
 
 
 class PublisherError(Exception):
@@ -254,6 +260,31 @@ class _RepeatFilter(logging.Filter):
 _AIOKAFKA_FILTER = _RepeatFilter(_AIOKAFKA_REPEAT_INTERVAL_S)
 
 
+def _lz4_encode(payload: bytes, level: int = _LZ4_LEVEL) -> bytes:
+    return bytes(aiokafka_codec.lz4_encode(payload, level))
+
+
+def use_fast_lz4() -> None:
+    """Make aiokafka's record batches use _LZ4_LEVEL (idempotent).
+
+    Its batch builders (the Cython one and the pure-Python fallback) call the module-level
+    name `lz4_encode` with the default level, so that name is replaced in both. Pinned
+    below aiokafka 0.15, like _stop_producer's reach into the sender.
+    """
+    from aiokafka.record import default_records  # noqa: PLC0415
+
+    modules: list[Any] = [default_records]
+    with contextlib.suppress(ImportError):
+        from aiokafka.record._crecords import (  # noqa: PLC0415
+            default_records as c_records,
+        )
+
+        modules.append(c_records)
+    for module in modules:
+        if getattr(module, "lz4_encode", None) is aiokafka_codec.lz4_encode:
+            module.lz4_encode = _lz4_encode
+
+
 def quiet_aiokafka_logs() -> None:
     """Rate-limit aiokafka's repeated warnings and errors (idempotent).
 
@@ -333,6 +364,7 @@ class KafkaPublisher:
         if self._task is not None:
             raise RuntimeError("KafkaPublisher.start() was called twice")
         quiet_aiokafka_logs()
+        use_fast_lz4()
         self._task = asyncio.create_task(self._run(), name=f"kafka-publisher:{self._config.topic}")
 
     async def publish(self, key: bytes, value: bytes, events: int) -> bool:

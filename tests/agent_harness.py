@@ -10,13 +10,14 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -253,3 +254,59 @@ def process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# --- Raw HTTP/1.1 clients that count every byte on the wire ----------------------------
+
+CHUNKED_END = 5  # "0\r\n\r\n", written by net/http after the handler returns
+
+
+@dataclass
+class Exchange:
+    request: bytes
+    response_bytes: int = 0
+    start_ns: int = 0
+    end_ns: int = 0
+
+
+@dataclass
+class Connection:
+    local_port: int = 0
+    exchanges: list[Exchange] = field(default_factory=list)
+
+
+def read_chunked_response(stream) -> int:
+    """Read one chunked HTTP/1.1 response; returns how many bytes it took on the wire."""
+    total = 0
+    while True:  # status line and headers
+        line = stream.readline()
+        total += len(line)
+        if line in (b"\r\n", b""):
+            break
+    while True:
+        size_line = stream.readline()
+        total += len(size_line)
+        size = int(size_line.strip(), 16)
+        data = stream.read(size + 2)
+        total += len(data)
+        if size == 0:
+            return total
+
+
+def run_client(host: str, port: int, conn: Connection, count: int, seed: int) -> None:
+    rng = random.Random(seed)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.connect((host, port))
+        conn.local_port = sock.getsockname()[1]
+        stream = sock.makefile("rb")
+        for i in range(count):
+            sizes = ",".join(str(rng.randint(1, 6000)) for _ in range(rng.randint(1, 4)))
+            path = f"/chunks/{seed}-{i}?sizes={sizes}&ms={rng.randint(1, 8)}"
+            request = f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
+            exchange = Exchange(request, start_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME))
+            sock.sendall(request)
+            exchange.response_bytes = read_chunked_response(stream)
+            exchange.end_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            conn.exchanges.append(exchange)
+        stream.close()

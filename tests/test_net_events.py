@@ -8,17 +8,15 @@ real byte count, and the connection's addresses and ports. BPF, root, no broker.
 
 from __future__ import annotations
 
-import random
 import socket
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from agent_harness import go_server
+from agent_harness import CHUNKED_END, Connection, go_server, run_client
 
 from producer.bpf_loader import ProbeOptions, SpanProbes
 from producer.event_layout import NET_RECV, NET_SEND
@@ -27,58 +25,6 @@ from producer.targets import FunctionNames, resolve_target
 pytestmark = pytest.mark.bpf
 
 HANDLE_CHUNKS = "main.(*server).handleChunks"
-CHUNKED_END = 5  # "0\r\n\r\n", written by net/http after the handler returns
-
-
-@dataclass
-class Exchange:
-    request: bytes
-    response_bytes: int = 0
-    start_ns: int = 0
-    end_ns: int = 0
-
-
-@dataclass
-class Connection:
-    local_port: int = 0
-    exchanges: list[Exchange] = field(default_factory=list)
-
-
-def read_chunked_response(stream) -> int:
-    """Read one chunked HTTP/1.1 response; returns how many bytes it took on the wire."""
-    total = 0
-    while True:  # status line and headers
-        line = stream.readline()
-        total += len(line)
-        if line in (b"\r\n", b""):
-            break
-    while True:
-        size_line = stream.readline()
-        total += len(size_line)
-        size = int(size_line.strip(), 16)
-        data = stream.read(size + 2)
-        total += len(data)
-        if size == 0:
-            return total
-
-
-def run_client(host: str, port: int, conn: Connection, count: int, seed: int) -> None:
-    rng = random.Random(seed)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.connect((host, port))
-        conn.local_port = sock.getsockname()[1]
-        stream = sock.makefile("rb")
-        for i in range(count):
-            sizes = ",".join(str(rng.randint(1, 6000)) for _ in range(rng.randint(1, 4)))
-            path = f"/chunks/{seed}-{i}?sizes={sizes}&ms={rng.randint(1, 8)}"
-            request = f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode()
-            exchange = Exchange(request, start_ns=time.clock_gettime_ns(time.CLOCK_BOOTTIME))
-            sock.sendall(request)
-            exchange.response_bytes = read_chunked_response(stream)
-            exchange.end_ns = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            conn.exchanges.append(exchange)
-        stream.close()
 
 
 def trace(binary: Path, host: str, clients: int, per_client: int):
@@ -190,3 +136,25 @@ def test_calls_that_never_return_are_swept(go_targets: dict) -> None:
             assert probes.sweep_abandoned_calls(older_than_ns=0) == 0
         finally:
             probes.close()
+
+
+def test_probes_of_an_exited_process_are_removed(go_targets: dict) -> None:
+    """Detaching after the process exited must not leak its uprobes (by-path lookups fail
+    then: /proc/PID/exe is gone)."""
+    probes = SpanProbes(ProbeOptions(net_hooks="off"))
+    try:
+        for _ in range(3):
+            with go_server(go_targets[("1.19", False)]) as server:
+                target = resolve_target(server.pid, [], FunctionNames())
+                probes.add_process(server.pid, target.layout)
+                for fn in target.functions:
+                    probes.attach_function(
+                        server.pid, target.binary, target.load_bias, fn.plan.symbol.address,
+                        fn.plan.entry_offset, fn.plan.return_offsets, fn.func_id, fn.http, True,
+                    )  # fmt: skip
+                assert probes.attached_uprobes > 0
+                pid = server.pid
+            probes.detach_process(pid)  # after the server has exited
+            assert probes.attached_uprobes == 0
+    finally:
+        probes.close()
