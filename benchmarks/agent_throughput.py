@@ -3,7 +3,7 @@
 Load: benchmarks/getppid_load.py calls getppid() at a fixed rate on its own core; the span
 program built with SYNTHETIC_SOURCE writes --burst ordinary span records per call, through
 the same emit path as real probes. Agent: this process, pinned to one core, runs the
-agent's stages on one thread as AgentPipeline.run wires them: SpanProbes' ring buffer ->
+agent's stages on one thread as AgentPipeline.run wires them: AgentProbes' ring buffer ->
 numpy drain on forced wakeups (loop.add_reader on wakeup_fds) and a 50 ms timer ->
 SpanBatcher -> KafkaPublisher (lz4, acks=all), against an embedded Tansu broker that may
 use both cores.
@@ -39,7 +39,7 @@ from typing import Any
 import msgpack
 import uvloop
 
-from producer.bpf_loader import ProbeOptions, SpanProbes
+from producer.bpf_loader import AgentProbes, ProbeOptions
 from producer.embedded_broker import EmbeddedBroker
 from producer.event_layout import SPAN_EVENT
 from producer.kafka_publisher import KafkaPublisher, PublisherConfig, ensure_topics
@@ -221,7 +221,7 @@ DrainLoop = Callable[[KafkaPublisher, asyncio.Event], Coroutine[Any, Any, int]]
 
 
 async def measure_path(
-    name: str, args: argparse.Namespace, bootstrap: str, probes: SpanProbes, loop: DrainLoop
+    name: str, args: argparse.Namespace, bootstrap: str, probes: AgentProbes, loop: DrainLoop
 ) -> PathResult:
     """Load `probes` with the generator while `loop` drains and publishes; stop, flush, count.
 
@@ -289,7 +289,7 @@ def readers(fds: list[int], wake: asyncio.Event) -> Iterator[None]:
 
 async def run_project(args: argparse.Namespace, bootstrap: str) -> PathResult:
     options = ProbeOptions(synthetic_burst=args.burst, span_ring_pages=args.ring_pages)
-    probes = SpanProbes(options)
+    probes = AgentProbes(options)
     batcher = SpanBatcher(node=NODE, function_names=FUNCTION_NAMES, process_info={})
     batcher.boot_to_epoch_ns = boot_to_epoch_offset_ns()
 
@@ -313,7 +313,7 @@ async def run_project(args: argparse.Namespace, bootstrap: str) -> PathResult:
         probes.close()
 
 
-async def drain_once(probes: SpanProbes, batcher: SpanBatcher, publisher: KafkaPublisher) -> int:
+async def drain_once(probes: AgentProbes, batcher: SpanBatcher, publisher: KafkaPublisher) -> int:
     now = time.monotonic_ns()
     spans = probes.span_reader.drain()
     http = probes.http_reader.drain()
@@ -325,7 +325,7 @@ async def drain_once(probes: SpanProbes, batcher: SpanBatcher, publisher: KafkaP
 
 
 def opened_perf_table(bpf: Any, name: bytes) -> Any:
-    """The table object SpanProbes opened its perf readers on.
+    """The table object AgentProbes opened its perf readers on.
 
     BCC caches table objects by the spelling of the key ("x" and b"x" give two objects for
     one map), so look for the one holding readers rather than guess the spelling.
@@ -333,7 +333,7 @@ def opened_perf_table(bpf: Any, name: bytes) -> Any:
     for table in bpf.tables.values():
         if getattr(table, "_name", None) == name and getattr(table, "_open_key_fds", None):
             return table
-    raise BenchmarkError(f"no perf reader open on {name.decode()}: has SpanProbes changed?")
+    raise BenchmarkError(f"no perf reader open on {name.decode()}: has AgentProbes changed?")
 
 
 class PerEventCollector:
@@ -348,7 +348,7 @@ class PerEventCollector:
         self.lost = 0
         self.boot_to_epoch_ns = boot_to_epoch_offset_ns()
         table = opened_perf_table(bpf, b"span_events")
-        # SpanProbes opened its own perf reader on this table (string_at per record, bulk
+        # AgentProbes opened its own perf reader on this table (string_at per record, bulk
         # numpy afterwards). The original design decoded in the callback: replace it.
         for cpu in list(table._open_key_fds):
             del table[cpu]
@@ -416,7 +416,7 @@ def per_cpu_pages(total: int) -> int:
 
 
 async def run_baseline(args: argparse.Namespace, bootstrap: str) -> PathResult:
-    probes = SpanProbes(ProbeOptions(use_perf_buffer=True, synthetic_burst=args.burst))
+    probes = AgentProbes(ProbeOptions(use_perf_buffer=True, synthetic_burst=args.burst))
     pages = per_cpu_pages(args.ring_pages)
     collector = PerEventCollector(probes._bpf, pages, args.baseline_wakeup_events)
 

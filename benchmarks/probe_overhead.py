@@ -7,7 +7,7 @@ of the rounds is reported:
   (b) an empty BPF program (`return 0`) attached at exactly the project's probe points
       (entry offset and every RET of main.work, from producer.targets.resolve_target),
       pid-filtered: the kernel's own uprobe cost, which no BPF program can avoid;
-  (c) the project's span program attached through the agent's path (SpanProbes.add_process
+  (c) the project's span program attached through the agent's path (AgentProbes.add_process
       + attach_function, as AgentPipeline.attach does) while a thread drains the ring
       buffer every few ms, so nothing is dropped; every round checks that the kernel wrote
       one record per call and lost none.
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from producer.bpf_loader import ProbeOptions, SpanProbes
+from producer.bpf_loader import AgentProbes, ProbeOptions
 from producer.targets import FunctionNames, TargetProcess, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,7 +132,7 @@ class EmptyProbes:
         target = plan(pid)
         (fn,) = target.functions
         symbol = fn.plan.symbol.address
-        # The same (binary, ELF address, pid) triples SpanProbes.attach_function uses.
+        # The same (binary, ELF address, pid) triples AgentProbes.attach_function uses.
         addresses = [symbol + fn.plan.entry_offset]
         addresses += [symbol + offset for offset in fn.plan.return_offsets]
         before = set(self._bpf.uprobe_fds)
@@ -151,7 +151,7 @@ def detach_new_uprobes(bpf: Any, before: set[bytes]) -> None:
 
     BCC's detach_uprobe(name, addr, pid) resolves /proc/PID/exe again to rebuild the event
     name; once the target has exited that resolution gives another name and the detach
-    fails (SpanProbes.detach_process logs and ignores it). Detaching by the names recorded
+    fails (AgentProbes.detach_process logs and ignores it). Detaching by the names recorded
     at attach time works either way, so every round starts with no probes left behind.
     """
     for event in set(bpf.uprobe_fds) - before:
@@ -161,7 +161,7 @@ def detach_new_uprobes(bpf: Any, before: set[bytes]) -> None:
 class Drainer(threading.Thread):
     """Reads the span ring every few ms, as the agent's reader would, so it never fills."""
 
-    def __init__(self, probes: SpanProbes) -> None:
+    def __init__(self, probes: AgentProbes) -> None:
         super().__init__(name="ring-drainer", daemon=True)
         self._probes = probes
         self._done = threading.Event()
@@ -182,7 +182,7 @@ class ProjectProbes:
     """The agent's span program, attached the way AgentPipeline.attach does it."""
 
     def __init__(self, calls: int) -> None:
-        self.probes = SpanProbes(ProbeOptions())  # the agent's defaults
+        self.probes = AgentProbes(ProbeOptions())  # the agent's defaults
         self.calls = calls
         self.problems: list[str] = []
 

@@ -9,7 +9,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from producer.bpf_loader import NET_HOOKS, ProbeOptions, SpanProbes, require_privileges
+from producer.bpf_loader import NET_HOOKS, AgentProbes, ProbeOptions, require_privileges
 from producer.errors import AgentError, TargetError
 from producer.kafka_publisher import KafkaPublisher, PublisherConfig
 from producer.pipeline import AgentPipeline, PipelineSettings, Stream
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         options = ProbeOptions(
             use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks
         )
-        probes = SpanProbes(options)
+        probes = AgentProbes(options)
     except AgentError as exc:
         log.error("%s", exc)
         return exc.exit_code

@@ -145,8 +145,9 @@ class PerfBufferReader:
 Reader = RingBufReader | PerfBufferReader
 
 
-class SpanProbes:
-    """The span program loaded into the kernel, and the probes attached for it."""
+class AgentProbes:
+    """The agent's BPF object (span and network probe families) loaded into the kernel,
+    and the probes attached for it."""
 
     def __init__(self, options: ProbeOptions | None = None) -> None:
         options = options or ProbeOptions()

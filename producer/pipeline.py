@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from producer.bpf_loader import SpanProbes
+from producer.bpf_loader import AgentProbes
 from producer.kafka_publisher import KafkaPublisher, PublisherStats, ensure_topics
 from producer.span_batcher import NetBatcher, OutgoingBatch, ProcessInfo, SpanBatcher
 from producer.targets import TargetProcess
@@ -66,7 +66,7 @@ class Stream:
 class AgentPipeline:
     def __init__(
         self,
-        probes: SpanProbes,
+        probes: AgentProbes,
         spans: Stream,
         net: Stream | None,
         bootstrap_servers: str,

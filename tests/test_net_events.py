@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from agent_harness import CHUNKED_END, Connection, go_server, run_client
 
-from producer.bpf_loader import ProbeOptions, SpanProbes
+from producer.bpf_loader import AgentProbes, ProbeOptions
 from producer.event_layout import NET_RECV, NET_SEND
 from producer.targets import FunctionNames, resolve_target
 
@@ -32,7 +32,7 @@ def trace(binary: Path, host: str, clients: int, per_client: int):
     with go_server(binary, addr=f"[{host}]:0" if ":" in host else f"{host}:0") as server:
         names = FunctionNames()
         target = resolve_target(server.pid, [HANDLE_CHUNKS], names)
-        probes = SpanProbes(ProbeOptions(net_hooks="auto"))
+        probes = AgentProbes(ProbeOptions(net_hooks="auto"))
         try:
             probes.add_process(server.pid, target.layout)
             for fn in target.functions:
@@ -118,7 +118,7 @@ def test_calls_that_never_return_are_swept(go_targets: dict) -> None:
     """A handler that panics leaves through no RET: its entry must not stay forever."""
     with go_server(go_targets[("1.27", True)]) as server:
         target = resolve_target(server.pid, ["main.(*server).handlePanic"], FunctionNames())
-        probes = SpanProbes(ProbeOptions(net_hooks="off"))
+        probes = AgentProbes(ProbeOptions(net_hooks="off"))
         try:
             probes.add_process(server.pid, target.layout)
             for fn in target.functions:
@@ -141,7 +141,7 @@ def test_calls_that_never_return_are_swept(go_targets: dict) -> None:
 def test_probes_of_an_exited_process_are_removed(go_targets: dict) -> None:
     """Detaching after the process exited must not leak its uprobes (by-path lookups fail
     then: /proc/PID/exe is gone)."""
-    probes = SpanProbes(ProbeOptions(net_hooks="off"))
+    probes = AgentProbes(ProbeOptions(net_hooks="off"))
     try:
         for _ in range(3):
             with go_server(go_targets[("1.19", False)]) as server:

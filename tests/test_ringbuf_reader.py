@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from producer.bpf_loader import ProbeOptions, SpanProbes
+from producer.bpf_loader import AgentProbes, ProbeOptions
 from producer.event_layout import EVENT_KIND_SPAN, SPAN_EVENT
 
 pytestmark = pytest.mark.bpf
@@ -17,19 +17,19 @@ BURST = 23  # records per getppid() call: odd, so off-by-one errors show
 
 
 @pytest.fixture(scope="module")
-def probes() -> SpanProbes:
+def probes() -> AgentProbes:
     # One page of ring: 73 records of 56 bytes, so a few bursts wrap around its end.
-    loaded = SpanProbes(ProbeOptions(synthetic_burst=BURST, span_ring_pages=1))
+    loaded = AgentProbes(ProbeOptions(synthetic_burst=BURST, span_ring_pages=1))
     loaded.set_synthetic_pid(os.getpid())
     yield loaded
     loaded.close()
 
 
-def drain_all(probes: SpanProbes) -> np.ndarray:
+def drain_all(probes: AgentProbes) -> np.ndarray:
     return probes.span_reader.drain()
 
 
-def test_every_record_arrives_once_across_many_wraps(probes: SpanProbes) -> None:
+def test_every_record_arrives_once_across_many_wraps(probes: AgentProbes) -> None:
     drain_all(probes)
     before = probes.counters()
     seen = []
@@ -49,7 +49,7 @@ def test_every_record_arrives_once_across_many_wraps(probes: SpanProbes) -> None
     assert (records["ts_ns"] >= records["start_ns"] + 1000).all()
 
 
-def test_a_full_ring_counts_what_it_loses(probes: SpanProbes) -> None:
+def test_a_full_ring_counts_what_it_loses(probes: AgentProbes) -> None:
     drain_all(probes)
     before = probes.counters()
     for _ in range(9):  # 207 records offered to a ring that holds 73
@@ -64,7 +64,7 @@ def test_a_full_ring_counts_what_it_loses(probes: SpanProbes) -> None:
     assert probes.span_reader.pending_bytes() == 0
 
 
-def test_max_records_leaves_the_rest_for_the_next_drain(probes: SpanProbes) -> None:
+def test_max_records_leaves_the_rest_for_the_next_drain(probes: AgentProbes) -> None:
     drain_all(probes)
     os.getppid()
     first = probes.span_reader.drain(max_records=5)
