@@ -74,6 +74,8 @@ class ProcessBatcher:
     Subclasses say how one process's records become one message (`_encode_parts`); this
     class owns grouping and the flush policy (count or age)."""
 
+    TAGS: tuple[str, ...] = ()  # the kinds of record arrays, in the order they are published
+
     def __init__(
         self,
         node: str,
@@ -118,7 +120,11 @@ class ProcessBatcher:
     def _cut(self, pid: int) -> list[OutgoingBatch]:
         pending = self._pending.pop(pid)
         out = []
-        for tag, parts in pending.parts.items():
+        # Fixed order: a request's handler span must not follow its HTTP span in the topic.
+        for tag in self.TAGS:
+            parts = pending.parts.get(tag)
+            if not parts:
+                continue
             records = np.concatenate(parts)
             for start in range(0, len(records), self.max_events):
                 chunk = records[start : start + self.max_events]
@@ -137,6 +143,8 @@ class ProcessBatcher:
 
 class SpanBatcher(ProcessBatcher):
     """Function spans and HTTP spans -> `apm.uprobe.events` batches."""
+
+    TAGS = ("span", "http")
 
     def __init__(
         self,
@@ -203,6 +211,8 @@ class SpanBatcher(ProcessBatcher):
 
 class NetBatcher(ProcessBatcher):
     """Socket sends and receives -> `apm.kprobe.events` batches."""
+
+    TAGS = ("net",)
 
     def add(self, records: np.ndarray, now_ns: int) -> list[OutgoingBatch]:
         return self._add([("net", records)], now_ns)

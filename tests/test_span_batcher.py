@@ -123,3 +123,15 @@ def test_decoder_checks_column_sizes() -> None:
     message["cols"]["goid"] = message["cols"]["goid"][:-1]
     with pytest.raises(BatchDecodeError, match="goid"):
         decode_span_batch(msgpack.packb(message))
+
+
+def test_function_spans_leave_before_http_spans_whatever_came_first() -> None:
+    """A handler's span precedes its request's HTTP span in the topic, even when the
+    process's first records were HTTP spans of unprobed handlers."""
+    batcher = make_batcher()
+    batcher.add(spans([]), http_records(11, [b"/health"], [200]), 0)
+    batcher.add(spans([11]), http_records(11, [b"/api"], [200]), 1)
+    kinds = [
+        "http_method" in next(iter_events(decode_span_batch(b.value))) for b in batcher.flush_all()
+    ]
+    assert kinds == [False, True]
