@@ -7,9 +7,12 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from producer.bpf_loader import NET_HOOKS, AgentProbes, ProbeOptions, require_privileges
+from producer.discovered_targets import KubernetesSettings, rules_file_of, serve_agent
 from producer.errors import AgentError, TargetError
 from producer.kafka_publisher import KafkaPublisher, PublisherConfig
 from producer.pipeline import AgentPipeline, PipelineSettings, Stream
@@ -46,11 +49,14 @@ class AgentConfig:
     max_batch_delay_ms: int
     max_call_seconds: float
     buffer_mib: int
+    config: str | None
+    kubernetes: KubernetesSettings | None
+    health_file: str | None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AgentConfig:
-        if not args.pid and not args.exe:
-            raise TargetError("name at least one target with --pid PID or --exe PATH")
+        if not args.pid and not args.exe and not args.config:
+            raise TargetError("name targets with --config FILE, or --pid PID / --exe PATH")
         if not 1 <= args.max_batch_delay_ms <= 60_000:
             raise TargetError(f"--max-batch-delay-ms {args.max_batch_delay_ms}: use 1..60000")
         if args.max_batch_events < 1:
@@ -59,6 +65,11 @@ class AgentConfig:
             raise TargetError(f"--max-call-seconds {args.max_call_seconds}: must be positive")
         if args.partitions < 1:
             raise TargetError(f"--partitions {args.partitions}: must be positive")
+        node_name = args.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+        in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        kubernetes = None
+        if not args.no_kubernetes and (args.kube_api or in_cluster):
+            kubernetes = KubernetesSettings(node_name, args.kube_api, args.resolve_owners)
         return cls(
             pids=tuple(args.pid or ()),
             exes=tuple(args.exe or ()),
@@ -66,7 +77,7 @@ class AgentConfig:
             http=not args.no_http,
             bootstrap_servers=args.bootstrap_servers
             or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_BOOTSTRAP),
-            node_name=args.node_name or os.environ.get("NODE_NAME") or socket.gethostname(),
+            node_name=node_name,
             span_topic=args.span_topic,
             net_topic=args.net_topic,
             net_hooks=args.net_hooks,
@@ -78,10 +89,35 @@ class AgentConfig:
             max_batch_delay_ms=args.max_batch_delay_ms,
             max_call_seconds=args.max_call_seconds,
             buffer_mib=args.buffer_mib,
+            config=args.config,
+            kubernetes=kubernetes,
+            health_file=args.health_file,
         )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="targets file (deploy/README.md): processes are selected by rules and attached "
+        "as they start, detached as they exit; reloaded when it changes",
+    )
+    parser.add_argument(
+        "--kube-api",
+        metavar="URL",
+        help="Kubernetes API server for pod names (default: in-cluster service account)",
+    )
+    parser.add_argument(
+        "--no-kubernetes", action="store_true", help="do not name pods even inside a cluster"
+    )
+    parser.add_argument(
+        "--resolve-owners",
+        action="store_true",
+        help="GET ReplicaSets/Jobs whose names do not show their owner (needs RBAC for them)",
+    )
+    parser.add_argument(
+        "--health-file", metavar="PATH", help="touched every second while the agent is healthy"
+    )
     parser.add_argument(
         "--pid", type=int, action="append", metavar="PID", help="process to trace (repeatable)"
     )
@@ -170,7 +206,9 @@ def run(args: argparse.Namespace) -> int:
         config = AgentConfig.from_args(args)
         require_privileges()
         names = FunctionNames()
-        targets = _resolve_targets(config, names)
+        rules_file = rules_file_of(config.config) if config.config else None
+        rules = rules_file.load() if rules_file else None
+        targets = _resolve_targets(config, names) if config.pids or config.exes else []
         options = ProbeOptions(
             use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks
         )
@@ -217,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
             net_topic=config.net_topic,
             partitions=config.partitions,
             max_call_s=config.max_call_seconds,
+            exit_when_targets_gone=rules is None,
+            health_file=config.health_file,
         ),
     )
     try:
@@ -235,12 +275,15 @@ def run(args: argparse.Namespace) -> int:
                 )
         log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
         log.info(
-            "tracing %d process(es); publishing to %s on %s",
+            "tracing %d process(es)%s; publishing to %s on %s",
             len(targets),
+            f" and those the rules in {config.config} select" if config.config else "",
             ", ".join(stream.topic for stream in pipeline.streams),
             config.bootstrap_servers,
         )
-        return _run_loop(pipeline)
+        return _run_loop(
+            serve_agent(pipeline, rules_file, rules, names, config.http, config.kubernetes)
+        )
     except AgentError as exc:
         log.error("%s", exc)
         return exc.exit_code
@@ -248,9 +291,9 @@ def run(args: argparse.Namespace) -> int:
         probes.close()
 
 
-def _run_loop(pipeline: AgentPipeline) -> int:
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency; plain asyncio still works without it
-        return asyncio.run(pipeline.run())
-    return uvloop.run(pipeline.run())
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -19,6 +19,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from producer.bpf_loader import AgentProbes
 from producer.kafka_publisher import KafkaPublisher, PublisherStats, ensure_topics
@@ -38,6 +39,7 @@ class PipelineSettings:
     exit_when_targets_gone: bool = True
     close_timeout_s: float = 10.0
     max_call_s: float = 3600.0  # a call in flight longer than this is taken as abandoned
+    health_file: str | None = None  # touched every second while the drain loop runs
 
 
 def boot_to_epoch_offset_ns() -> int:
@@ -87,9 +89,13 @@ class AgentPipeline:
         self._pidfds: dict[int, int] = {}
         self.exit_reason = ""
         self.abandoned_calls = 0
+        self._running = False
+        self._retired: set[int] = set()  # detached; names kept until their last batch is cut
+        self._health_at = 0.0
 
-    def attach(self, target: TargetProcess) -> None:
+    def attach(self, target: TargetProcess, k8s: dict[str, str | None] | None = None) -> None:
         """Attach one resolved target (called before `run`, or as processes appear)."""
+        self._retired.discard(target.pid)
         self.probes.add_process(target.pid, target.layout)
         for fn in target.functions:
             self.probes.attach_function(
@@ -104,7 +110,22 @@ class AgentPipeline:
                 target.layout.is_go,
             )
         self.targets[target.pid] = target
-        self.process_info[target.pid] = ProcessInfo(exe=target.exe)
+        self.process_info[target.pid] = ProcessInfo(exe=target.exe, k8s=k8s)
+        if self._running:
+            self._watch_exit(target.pid)
+
+    def detach(self, pid: int) -> None:
+        """Remove a process's probes; its records already read still leave with its name."""
+        self._unwatch(pid)
+        self.targets.pop(pid, None)
+        self.probes.detach_process(pid)
+        self._retired.add(pid)
+
+    def update_process(self, pid: int, k8s: dict[str, str | None] | None) -> None:
+        """New Kubernetes names for a traced process (the kubelet reported its container)."""
+        info = self.process_info.get(pid)
+        if info is not None:
+            self.process_info[pid] = ProcessInfo(exe=info.exe, k8s=k8s)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -112,6 +133,7 @@ class AgentPipeline:
             loop.add_signal_handler(sig, self.stop, f"signal {signal.Signals(sig).name}")
         for fd in self.probes.wakeup_fds:
             loop.add_reader(fd, self._wakeup.set)
+        self._running = True
         for pid in list(self.targets):
             self._watch_exit(pid)
         offset = boot_to_epoch_offset_ns()
@@ -125,6 +147,7 @@ class AgentPipeline:
                     await asyncio.wait_for(self._wakeup.wait(), self.settings.drain_interval_s)
                 self._wakeup.clear()
                 await self._drain_once()
+                self._touch_health()
             # Detach first, so the last drain sees every record the probes will ever write.
             for pid in list(self.targets):
                 self.probes.detach_process(pid)
@@ -176,6 +199,17 @@ class AgentPipeline:
             assert isinstance(self.net.batcher, NetBatcher)
             batches = self.net.batcher.add(records, now)
             await self._publish(self.net, batches + self.net.batcher.due(now))
+        done = [p for p in self._retired if not any(s.batcher.has_pending(p) for s in self.streams)]
+        for pid in done:  # without this, thousands of short-lived processes would pile up
+            self._retired.discard(pid)
+            self.process_info.pop(pid, None)
+
+    def _touch_health(self) -> None:
+        now = time.monotonic()
+        if self.settings.health_file and now - self._health_at >= 1.0:
+            self._health_at = now
+            with contextlib.suppress(OSError):
+                Path(self.settings.health_file).touch()
 
     async def _publish(self, stream: Stream, batches: list[OutgoingBatch]) -> None:
         for batch in batches:
@@ -197,11 +231,10 @@ class AgentPipeline:
             os.close(fd)
 
     def _on_exit(self, pid: int) -> None:
-        self._unwatch(pid)
-        target = self.targets.pop(pid, None)
+        target = self.targets.get(pid)
         # The process is gone, so its probes are too; its last records are still in the ring
         # and leave with the next drain. Remove its map entries so nothing leaks.
-        self.probes.detach_process(pid)
+        self.detach(pid)
         log.warning(
             "process %d (%s) exited; its probes were removed", pid, target.exe if target else "?"
         )

@@ -94,6 +94,9 @@ class ProcessBatcher:
     def pending_events(self) -> int:
         return sum(p.count for p in self._pending.values())
 
+    def has_pending(self, pid: int) -> bool:
+        return pid in self._pending
+
     def _add(self, tagged: list[tuple[str, np.ndarray]], now_ns: int) -> list[OutgoingBatch]:
         full: list[OutgoingBatch] = []
         for tag, records in tagged:

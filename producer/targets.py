@@ -93,17 +93,27 @@ def load_bias(pid: int, binary: str) -> int:
     raise TargetError(f"cannot find the mapping of {binary} in /proc/{pid}/maps")
 
 
-def resolve_target(
-    pid: int, symbols: list[str], names: FunctionNames, http: bool = True
-) -> TargetProcess:
-    """Plan probes in one process: `symbols`, plus Go's HTTP server when it has one and
-    `http` is on."""
-    exe = _check_process(pid)
-    binary = f"/proc/{pid}/exe"
+@dataclass(frozen=True)
+class BinaryPlan:
+    """What to probe in one executable file: the same for every process running it, so it
+    is worked out once per binary (ResolveOnceCache) and bound to each process."""
+
+    exe: str
+    layout: ProcessLayout
+    go_version: str | None
+    functions: tuple[FunctionTarget, ...]
+
+
+def plan_binary(
+    binary: str, symbols: list[str], names: FunctionNames, http: bool = True, exe: str = ""
+) -> BinaryPlan:
+    """Plan probes in one binary: `symbols`, plus Go's HTTP server when it has one and
+    `http` is on. `exe` names the binary in messages."""
+    exe = exe or binary
     try:
         table = SymbolTable.from_path(binary)
     except OSError as exc:
-        raise TargetError(f"cannot read the binary of pid {pid} ({exe}): {exc}") from exc
+        raise TargetError(f"cannot read the binary {exe}: {exc}") from exc
     go = is_go_binary(binary)
     version = None
     if go:
@@ -119,37 +129,55 @@ def resolve_target(
         )
     else:
         layout = ProcessLayout(is_go=False)
-    target = TargetProcess(
-        pid=pid,
-        exe=exe,
-        binary=binary,
-        load_bias=load_bias(pid, binary),
-        layout=layout,
-        go_version=version,
-    )
     serves_http = go and HTTP_SERVER_SYMBOL in table
     if not symbols and not (http and serves_http):
         raise TargetError(
-            f"pid {pid} ({exe}) is not a Go net/http server, so there is nothing to trace "
+            f"{exe} is not a Go net/http server, so there is nothing to trace "
             "automatically; name functions with --func SYMBOL"
             if http
-            else f"pid {pid}: nothing to trace: HTTP tracing is off and no --func was given"
+            else f"{exe}: nothing to trace: HTTP tracing is off and no --func was given"
         )
     wanted = [(name, False) for name in symbols if name != HTTP_SERVER_SYMBOL]
     if http and serves_http:
-        if (
-            min(layout.request_method, layout.request_url, layout.url_path, layout.response_status)
-            < 0
-        ):
+        offsets = (layout.request_method, layout.request_url, layout.url_path)
+        if min(*offsets, layout.response_status) < 0:
             raise UnsupportedBinary(
                 f"{exe}: net/http field offsets are unknown for Go {version}; "
                 "trace handler functions with --func and --no-http instead"
             )
         wanted.append((HTTP_SERVER_SYMBOL, True))
-    for name, is_http in wanted:
-        plan = plan_function(binary, table, name, go)
-        target.functions.append(FunctionTarget(names.id_of(name), plan, is_http))
-    return target
+    functions = tuple(
+        FunctionTarget(names.id_of(name), plan_function(binary, table, name, go), is_http)
+        for name, is_http in wanted
+    )
+    return BinaryPlan(exe=exe, layout=layout, go_version=version, functions=functions)
+
+
+def bind_process(pid: int, plan: BinaryPlan) -> TargetProcess:
+    """The plan of a binary, for one process running it."""
+    exe = _check_process(pid)
+    binary = f"/proc/{pid}/exe"
+    return TargetProcess(
+        pid=pid,
+        exe=exe,
+        binary=binary,
+        load_bias=load_bias(pid, binary),
+        layout=plan.layout,
+        go_version=plan.go_version,
+        functions=list(plan.functions),
+    )
+
+
+def resolve_target(
+    pid: int, symbols: list[str], names: FunctionNames, http: bool = True
+) -> TargetProcess:
+    """Plan probes in one process (see plan_binary)."""
+    exe = _check_process(pid)
+    try:
+        plan = plan_binary(f"/proc/{pid}/exe", symbols, names, http, exe=f"pid {pid} ({exe})")
+    except FileNotFoundError as exc:
+        raise TargetError(f"process {pid} exited while its binary was read") from exc
+    return bind_process(pid, plan)
 
 
 def pids_of_executable(path: str) -> list[int]:
