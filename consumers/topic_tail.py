@@ -25,7 +25,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from producer.kafka_publisher import describe_error, parse_bootstrap_servers
-from schemas.event_batch import decode_span_batch, iter_events
+from schemas.avro_codec import codec
+from schemas.event_batch import decode_net_batch, decode_span_batch, iter_events, iter_net_events
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
@@ -76,6 +77,14 @@ def _uprobe_events(value: bytes) -> Iterator[Event]:
     return iter_events(decode_span_batch(value))
 
 
+def _kprobe_events(value: bytes) -> Iterator[Event]:
+    return iter_net_events(decode_net_batch(value))
+
+
+def _joined_spans(value: bytes) -> Iterator[Event]:
+    yield codec("span.avsc").decode(value)  # AvroDecodeError is a ValueError
+
+
 @dataclass(frozen=True)
 class TopicFormat:
     decode: Decoder
@@ -87,6 +96,15 @@ class TopicFormat:
 #   "apm.spans": TopicFormat(avro_decoder("apm.spans")),
 TOPICS: dict[str, TopicFormat] = {
     "apm.uprobe.events": TopicFormat(_uprobe_events, span_line),
+    "apm.kprobe.events": TopicFormat(_kprobe_events),
+    "apm.spans": TopicFormat(_joined_spans, span_line),
+    "apm.latency": TopicFormat(  # the sketch shown as hex
+        lambda value: iter([{
+            k: v.hex() if isinstance(v, bytes) else v
+            for k, v in codec("latency.avsc").decode(value).items()
+        }])
+    ),
+    "apm.alerts": TopicFormat(lambda value: iter([codec("alert.avsc").decode(value)])),
 }
 
 

@@ -15,6 +15,16 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("producer.agent_command", "node agent: probes -> ring buffer -> Kafka"),
     "broker": ("producer.embedded_broker", "embedded Kafka-compatible broker (Tansu)"),
+    "join": (
+        "consumers.join_command",
+        "consumer: apm.uprobe.events + apm.kprobe.events -> apm.spans",
+    ),
+    "aggregate": (
+        "consumers.aggregate_service",
+        "consumer: apm.spans -> percentile windows in storage and apm.latency",
+    ),
+    "alert": ("consumers.alert_service", "consumer: rules over closed windows -> apm.alerts"),
+    "query": ("consumers.query_command", "percentiles for any time range, from storage"),
     "tail": ("consumers.topic_tail", "print a topic's events as JSON lines"),
 }
 

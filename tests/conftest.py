@@ -48,3 +48,6 @@ def c_target(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- Kafka (tests/kafka_fixtures.py): one real broker per session ----------------------
 from kafka_fixtures import fresh_kafka_broker, kafka_broker  # noqa: E402, F401
+
+# --- PostgreSQL (tests/postgres_fixture.py): a real server per session -----------------
+from postgres_fixture import postgres_server, postgres_url  # noqa: E402, F401

@@ -1,0 +1,421 @@
+"""The join consumer's stages, wired in one place (`ebpf-apm join`: join_command.py).
+
+    apm.uprobe.events ─┐                 ┌─ PartitionJoiner ─ encode_spans ─> apm.spans
+                       ├─ InputConsumer ─┤   (one per partition number: watermark, store)
+    apm.kprobe.events ─┘   (one group)   └─ unreadable ──────────────────> apm.deadletter
+    acknowledgements ─> offset ledgers ─> commit (only what every output it fed is acked)
+
+One loop: poll both topics, read each message into its partition's joiner (or a dead
+letter), advance every partition's watermark to the wall clock, publish what it releases.
+Kafka acknowledgements update the ledgers as they arrive; offsets are committed every
+`commit_interval_s`, on partition revocation and at exit. On revocation the partition's
+state is dropped after that commit: the next owner re-reads from the committed offsets, so
+a span is emitted at least once (a replay has the same span_id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from consumers.deadletter import DeadLetter, read_net_message, read_span_message
+from consumers.kafka_io import (
+    InputConsumer,
+    InputRecord,
+    JoinKafkaError,
+    KafkaSettings,
+    OutputBatch,
+    OutputProducer,
+    TopicPart,
+    prepare_topics,
+)
+from consumers.offset_ledger import EmitStep, EmitSteps, InputMessage, TopicPartitionLedger
+from consumers.span_avro import encode_spans
+from consumers.span_joiner import JoinCounters, JoinedSpans, JoinSettings, PartitionJoiner
+from producer.kafka_publisher import describe_error
+
+log = logging.getLogger(__name__)
+
+SPAN_TOPIC = "apm.uprobe.events"
+NET_TOPIC = "apm.kprobe.events"
+OUTPUT_TOPIC = "apm.spans"
+DEADLETTER_TOPIC = "apm.deadletter"
+
+
+@dataclass(frozen=True)
+class JoinConfig:
+    """The service's settings (consumers/join_command.py reads them from flags)."""
+
+    kafka: KafkaSettings
+    join: JoinSettings
+    poll_ms: int = 100
+    commit_interval_s: float = 1.0
+    stats_interval_s: float = 10.0
+    close_timeout_s: float = 10.0
+
+
+@dataclass(eq=False)
+class _Partition:
+    """Everything the join holds for one partition number of both input topics."""
+
+    number: int
+    joiner: PartitionJoiner
+    spans: TopicPartitionLedger = field(default_factory=TopicPartitionLedger)
+    net: TopicPartitionLedger = field(default_factory=TopicPartitionLedger)
+    steps: EmitSteps = field(default_factory=EmitSteps)
+    committed: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class JoinTotals:
+    """Counts over the service's life, reported by the stats line and at exit."""
+
+    joined: JoinCounters = field(default_factory=JoinCounters)
+    unmatched: int = 0
+    dead_letters: int = 0
+    spans_acked: int = 0
+    # time.monotonic() of the first record read and of the latest acknowledgement.
+    first_input_at: float | None = None
+    last_acked_at: float | None = None
+
+    def counters(self, live: list[_Partition]) -> JoinCounters:
+        """Join counters over the service's life: dropped partitions and live ones."""
+        total = JoinCounters()
+        total.add(self.joined)
+        for p in live:
+            total.add(p.joiner.counters)
+        return total
+
+    def line(self, live: list[_Partition], elapsed_s: float) -> str:
+        j = self.counters(live)
+        unmatched = self.unmatched + sum(p.joiner.unmatched_events for p in live)
+        waiting = sum(p.joiner.waiting_spans for p in live)
+        kept = sum(p.joiner.retained_events for p in live)
+        rate = (j.spans_in + j.net_in) / elapsed_s if elapsed_s > 0 else 0.0
+        return (
+            f"in {j.spans_in} spans + {j.net_in} net events ({rate:,.0f}/s); "
+            f"out {j.spans_emitted} spans ({self.spans_acked} acknowledged); "
+            f"waiting {waiting} spans, keeping {kept} net events; "
+            f"late {j.spans_late} spans (emitted) + {j.net_late} net events (dropped); "
+            f"unmatched {unmatched} net events; truncated {j.spans_truncated} spans; "
+            f"dead letters {self.dead_letters}"
+        )
+
+
+class _Delivery:
+    """What one acknowledged output batch completes."""
+
+    __slots__ = ("sources", "step", "steps", "spans")
+
+    def __init__(self, step: EmitStep | None, steps: EmitSteps | None) -> None:
+        self.sources: dict[InputMessage, int] = {}
+        self.step = step
+        self.steps = steps
+        self.spans = 0
+
+
+class JoinService:
+    def __init__(self, config: JoinConfig, clock: Callable[[], int] = time.time_ns) -> None:
+        self.config = config
+        self._clock = clock
+        self._producer = OutputProducer(config.kafka)
+        self._consumer = InputConsumer(config.kafka, self._on_revoked, self._on_assigned)
+        self._partitions: dict[int, _Partition] = {}
+        self._lock = asyncio.Lock()
+        # Counts revocations: records polled before one may belong to another member now.
+        self._generation = 0
+        self._stop = asyncio.Event()
+        # Why the service stopped on its own, and the exit code that goes with it.
+        self._failure: tuple[str, int] | None = None
+        self._dead: list[tuple[DeadLetter, InputMessage]] = []
+        self.totals = JoinTotals()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def partitions(self) -> list[int]:
+        """Partition numbers (of both input topics) this instance holds now."""
+        return sorted(self._partitions)
+
+    def input_counters(self) -> JoinCounters:
+        """Spans and network events read so far (every partition ever held)."""
+        return self.totals.counters(list(self._partitions.values()))
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Join until request_stop() or a delivery failure; 0 when everything emitted was
+        acknowledged and committed, 1 otherwise."""
+        kafka = self.config.kafka
+        partitions = await prepare_topics(kafka)
+        await self._producer.start()
+        try:
+            await self._consumer.start()
+        except BaseException:
+            await self._producer.stop(0)
+            raise
+        log.info(
+            "joining %s and %s (%d partitions each) into %s on %s as group %r",
+            kafka.span_topic,
+            kafka.net_topic,
+            partitions,
+            kafka.output_topic,
+            kafka.bootstrap_servers,
+            kafka.group_id,
+        )
+        started = time.monotonic()
+        try:
+            await self._loop(started)
+        finally:
+            clean = await self._shutdown(started)
+        if self._failure:
+            log.error("%s", self._failure[0])
+            return self._failure[1]
+        return 0 if clean else 1
+
+    def _fail(self, why: str, exit_code: int = 1) -> None:
+        if self._failure is None:
+            self._failure = (why, exit_code)
+        self._stop.set()
+
+    async def _loop(self, started: float) -> None:
+        kafka = self.config.kafka
+        last_commit = last_stats = time.monotonic()
+        while not self._stop.is_set():
+            records = await self._consumer.poll(self.config.poll_ms)
+            # aiokafka returns no records while a rebalance is under way, but one may start
+            # while this loop waits for the lock below.
+            generation = self._generation
+            if records and self.totals.first_input_at is None:
+                self.totals.first_input_at = time.monotonic()
+            async with self._lock:
+                if generation == self._generation:
+                    self._read(records, self._clock())
+                # else: polled before a rebalance; whoever owns them now reads them again
+                await self._send_dead_letters()
+                now = self._clock()
+                for part in list(self._partitions.values()):
+                    caught_up = (
+                        await self._consumer.caught_up(kafka.span_topic, part.number),
+                        await self._consumer.caught_up(kafka.net_topic, part.number),
+                    )
+                    await self._emit(part, part.joiner.advance(now, caught_up))
+                if time.monotonic() - last_commit >= self.config.commit_interval_s:
+                    await self._commit(list(self._partitions.values()))
+                    last_commit = time.monotonic()
+            if time.monotonic() - last_stats >= self.config.stats_interval_s:
+                live = list(self._partitions.values())
+                log.info("join: %s", self.totals.line(live, time.monotonic() - started))
+                last_stats = time.monotonic()
+
+    async def _shutdown(self, started: float) -> bool:
+        """Wait for acknowledgements, commit, leave the group; True if all was delivered."""
+        async with self._lock:
+            delivered = await self._producer.stop(self.config.close_timeout_s)
+            parts = list(self._partitions.values())
+            # Even after a failure: the ledgers only count acknowledged outputs as done.
+            await self._commit(parts)
+            log.info("at exit: %s", self.totals.line(parts, time.monotonic() - started))
+            if any(p.joiner.waiting_spans for p in parts):
+                log.info(
+                    "the spans still waiting for the watermark are read again by the next "
+                    "join, from the committed offsets"
+                )
+            for part in parts:
+                self._forget(part)
+        await self._consumer.stop()
+        if not delivered:
+            log.error(
+                "some spans were not acknowledged by Kafka within %g s; their input was not "
+                "committed and is read again by the next join",
+                self.config.close_timeout_s,
+            )
+        return delivered
+
+    # -- rebalancing ------------------------------------------------------------------------
+
+    async def _on_assigned(self, assigned: list[TopicPart]) -> None:
+        kafka = self.config.kafka
+        span_parts = {p for t, p in assigned if t == kafka.span_topic}
+        net_parts = {p for t, p in assigned if t == kafka.net_topic}
+        if span_parts != net_parts:
+            self._fail(
+                f"the group assigned partitions {sorted(span_parts)} of {kafka.span_topic} but "
+                f"{sorted(net_parts)} of {kafka.net_topic}: the topics are not co-partitioned or "
+                f"another member of group {kafka.group_id!r} uses a different assignor; give "
+                "both topics the same partition count and run only `ebpf-apm join` in the group",
+                exit_code=2,
+            )
+        now = self._clock()
+        async with self._lock:
+            for number in sorted(span_parts & net_parts):
+                self._partition(number, now)
+        log.info("assigned partitions %s", sorted(span_parts & net_parts))
+
+    def _partition(self, number: int, now_ns: int) -> _Partition:
+        """The state of a partition number, new if the group just gave it to us (records
+        can come before the assignment callback has run)."""
+        part = self._partitions.get(number)
+        if part is None:
+            part = self._partitions[number] = _Partition(
+                number, PartitionJoiner(self.config.join, now_ns)
+            )
+        return part
+
+    async def _on_revoked(self, revoked: list[TopicPart]) -> None:
+        numbers = {p for _, p in revoked}
+        async with self._lock:
+            self._generation += 1
+            parts = [self._partitions[n] for n in sorted(numbers) if n in self._partitions]
+            if not parts:
+                return
+            # Acknowledgements first, so that the commit covers every span already out.
+            timeout_s = min(5.0, self.config.kafka.session_timeout_ms / 2000)
+            await self._producer.flush(timeout_s)
+            await self._commit(parts)
+            for part in parts:
+                self._forget(part)
+                del self._partitions[part.number]
+        log.info("revoked partitions %s (state dropped after commit)", sorted(numbers))
+
+    def _forget(self, part: _Partition) -> None:
+        self.totals.joined.add(part.joiner.counters)
+        self.totals.unmatched += part.joiner.unmatched_events
+
+    # -- input ------------------------------------------------------------------------------
+
+    def _read(self, records: list[InputRecord], now_ns: int) -> None:
+        kafka = self.config.kafka
+        assigned = self._consumer.assignment()
+        for r in records:
+            if (r.topic, r.partition) not in assigned:
+                continue  # not ours any more: the new owner reads it
+            part = self._partition(r.partition, now_ns)
+            if r.topic == kafka.span_topic:
+                spans = read_span_message(r.topic, r.partition, r.offset, r.key, r.value)
+                if isinstance(spans, DeadLetter):
+                    self._dead.append((spans, part.spans.track(r.offset, outstanding=1)))
+                    continue
+                message = part.spans.track(r.offset, outstanding=len(spans))
+                part.joiner.add_spans(spans, message, now_ns)
+            else:
+                net = read_net_message(r.topic, r.partition, r.offset, r.key, r.value)
+                if isinstance(net, DeadLetter):
+                    self._dead.append((net, part.net.track(r.offset, outstanding=1)))
+                    continue
+                newest_kept = part.joiner.add_net(net, now_ns)
+                part.net.track(r.offset, newest_kept_ns=newest_kept)
+
+    async def _send_dead_letters(self) -> None:
+        for letter, message in self._dead:
+            log.warning(
+                "message %s goes to %s: %s",
+                letter.source,
+                self.config.kafka.deadletter_topic,
+                letter.reason,
+            )
+            self.totals.dead_letters += 1
+            delivery = _Delivery(None, None)
+            delivery.sources[message] = 1
+            try:
+                future = await self._producer.send_one(
+                    self.config.kafka.deadletter_topic, letter.key, letter.value, letter.headers
+                )
+            except JoinKafkaError as exc:
+                self._fail(str(exc))
+                break
+            future.add_done_callback(functools.partial(self._delivered, delivery))
+        self._dead = []
+
+    # -- output -----------------------------------------------------------------------------
+
+    async def _emit(self, part: _Partition, joined: list[JoinedSpans]) -> None:
+        step = part.steps.open(part.joiner.kept_from_ns)
+        try:
+            if joined:
+                await self._publish(joined, step, part.steps)
+        finally:
+            part.steps.close(step)
+
+    async def _publish(self, joined: list[JoinedSpans], step: EmitStep, steps: EmitSteps) -> None:
+        topic = self.config.kafka.output_topic
+        encoded = encode_spans(joined)
+        open_batches: dict[int, tuple[OutputBatch, _Delivery]] = {}
+        for spans, values in zip(joined, encoded.parts, strict=True):
+            key = f"{spans.batch.node}/{spans.batch.pid}".encode()
+            number = self._producer.partition_of(topic, key)
+            source = spans.token
+            assert isinstance(source, InputMessage)
+            current = open_batches.get(number)
+            if current is None:
+                current = open_batches[number] = self._new_batch(topic, number, step, steps)
+            batch, delivery = current
+            part_values = encoded.values[values]
+            done = 0
+            while True:
+                taken = batch.extend(key, part_values, done)
+                done += taken
+                delivery.sources[source] = delivery.sources.get(source, 0) + taken
+                delivery.spans += taken
+                if done == len(part_values):
+                    break
+                await self._send(batch, delivery)  # full: the rest goes into a new batch
+                batch, delivery = open_batches[number] = self._new_batch(
+                    topic, number, step, steps
+                )
+        for batch, delivery in open_batches.values():
+            await self._send(batch, delivery)
+
+    def _new_batch(
+        self, topic: str, number: int, step: EmitStep, steps: EmitSteps
+    ) -> tuple[OutputBatch, _Delivery]:
+        return self._producer.new_batch(topic, number), _Delivery(step, steps)
+
+    async def _send(self, batch: OutputBatch, delivery: _Delivery) -> None:
+        if not batch.count:
+            return
+        try:
+            future = await self._producer.send(batch)
+        except JoinKafkaError as exc:
+            self._fail(str(exc))
+            return
+        if delivery.step is not None:
+            delivery.step.outstanding += 1
+        future.add_done_callback(functools.partial(self._delivered, delivery))
+
+    def _delivered(self, delivery: _Delivery, future: asyncio.Future[object]) -> None:
+        error = None if future.cancelled() else future.exception()
+        if future.cancelled() or error is not None:
+            why = describe_error(error) if error is not None else "cancelled"
+            self._fail(
+                f"Kafka did not acknowledge output ({why}); the join stopped without committing "
+                "past it: check the broker and restart the join, it re-reads that input"
+            )
+            return
+        for message, count in delivery.sources.items():
+            message.outstanding -= count
+        self.totals.spans_acked += delivery.spans
+        self.totals.last_acked_at = time.monotonic()
+        if delivery.step is not None and delivery.steps is not None:
+            delivery.steps.acked(delivery.step)
+
+    # -- commits ----------------------------------------------------------------------------
+
+    async def _commit(self, parts: list[_Partition]) -> None:
+        kafka = self.config.kafka
+        offsets: dict[TopicPart, int] = {}
+        for part in parts:
+            span_offset = part.spans.committable(None)
+            net_offset = part.net.committable(part.steps.safe_kept_from_ns)
+            for topic, offset in ((kafka.span_topic, span_offset), (kafka.net_topic, net_offset)):
+                if offset is not None and offset != part.committed.get(topic):
+                    offsets[(topic, part.number)] = offset
+        if offsets and await self._consumer.commit(offsets):
+            for (topic, number), offset in offsets.items():
+                if number in self._partitions:
+                    self._partitions[number].committed[topic] = offset

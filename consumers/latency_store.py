@@ -1,0 +1,404 @@
+"""Where closed latency windows live: one small interface, SQLite or PostgreSQL behind it.
+
+    store = await open_store("sqlite:///apm.sqlite")   # or postgresql://user@host/db
+    await store.write(rows, consumer="ebpf-apm-aggregate", watermark_ns=...)
+    rows = await store.rows(since_ns, until_ns, workload=..., operation=...)
+
+One row per series and window, `latency_windows`, keyed by (series, window_start_ns); a
+write is one transaction of upserts, so writing the same window again (a replay after a
+crash) leaves the same row. The same transaction records the aggregator's watermark
+(`aggregate_progress`): after a restart, windows up to it are known to be written.
+
+This is the only module that imports the storage drivers (sqlite3, asyncpg). SQLite runs in
+WAL mode with synchronous=FULL: a committed write survives a crash of the process and of
+the machine. SQLite calls block the event loop for the few milliseconds a write takes.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from consumers.latency_sketch import LatencySketch
+from consumers.route_template import SeriesKey
+from consumers.window_aggregator import ClosedWindow
+
+DEFAULT_STORAGE = "sqlite:///ebpf-apm.sqlite"
+STORAGE_ENV = "EBPF_APM_STORAGE"
+QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+
+
+class StorageError(Exception):
+    """Storage failed at run time (exit code 1): unreachable, refused a write, corrupt."""
+
+    exit_code = 1
+
+
+class StorageConfigError(StorageError, ValueError):
+    """A storage URL that names no supported backend (exit code 2)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """One closed window of one series; durations in ns."""
+
+    series: str
+    window_start_ns: int
+    window_end_ns: int
+    workload: str
+    operation: str
+    status_class: str | None
+    count: int
+    sum: int
+    min: int
+    max: int
+    p50: int
+    p90: int
+    p95: int
+    p99: int
+    p999: int
+    sketch: bytes
+
+    @classmethod
+    def of(cls, key: SeriesKey, window: ClosedWindow) -> LatencyRow:
+        s = window.sketch
+        p50, p90, p95, p99, p999 = s.quantile_ns(QUANTILES)
+        return cls(
+            key.series, window.start_ns, window.end_ns, key.workload, key.operation,
+            key.status_class, s.count, s.sum, s.min, s.max, p50, p90, p95, p99, p999,
+            s.to_bytes(),
+        )
+
+    @property
+    def key(self) -> SeriesKey:
+        return SeriesKey(self.workload, self.operation, self.status_class)
+
+    def load_sketch(self) -> LatencySketch:
+        return LatencySketch.from_bytes(self.sketch)
+
+    def values(self) -> tuple[Any, ...]:
+        """The columns in COLUMNS order (dataclasses.astuple deep-copies: slow)."""
+        return tuple(getattr(self, c) for c in COLUMNS)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {c: getattr(self, c) for c in COLUMNS}
+
+
+COLUMNS = [f.name for f in fields(LatencyRow)]
+_VALUE_COLUMNS = [c for c in COLUMNS if c not in ("series", "window_start_ns")]
+
+
+def _schema(blob: str) -> list[str]:
+    figures = ",\n".join(
+        f"    {c} BIGINT NOT NULL"
+        for c in ("count", "sum", "min", "max", "p50", "p90", "p95", "p99", "p999")
+    )
+    return [
+        f"""CREATE TABLE IF NOT EXISTS latency_windows (
+    series TEXT NOT NULL,
+    window_start_ns BIGINT NOT NULL,
+    window_end_ns BIGINT NOT NULL,
+    workload TEXT NOT NULL,
+    operation TEXT NOT NULL,
+    status_class TEXT,
+{figures},
+    sketch {blob} NOT NULL,
+    PRIMARY KEY (series, window_start_ns)
+)""",
+        "CREATE INDEX IF NOT EXISTS latency_windows_by_start "
+        "ON latency_windows (window_start_ns)",
+        """CREATE TABLE IF NOT EXISTS aggregate_progress (
+    consumer TEXT PRIMARY KEY,
+    window_ns BIGINT NOT NULL,
+    watermark_ns BIGINT NOT NULL
+)""",
+    ]
+
+
+def _upsert(placeholders: list[str]) -> str:
+    updates = ", ".join(f"{c} = excluded.{c}" for c in _VALUE_COLUMNS)
+    return (
+        f"INSERT INTO latency_windows ({', '.join(COLUMNS)}) VALUES ({', '.join(placeholders)}) "
+        f"ON CONFLICT (series, window_start_ns) DO UPDATE SET {updates}"
+    )
+
+
+def _progress_upsert(p: list[str]) -> str:
+    return (
+        f"INSERT INTO aggregate_progress (consumer, window_ns, watermark_ns) "
+        f"VALUES ({p[0]}, {p[1]}, {p[2]}) ON CONFLICT (consumer) DO UPDATE SET "
+        "window_ns = excluded.window_ns, watermark_ns = excluded.watermark_ns"
+    )
+
+
+def _select(p: list[str], workload: bool, operation: bool) -> str:
+    where = [f"window_start_ns >= {p[0]}", f"window_start_ns < {p[1]}"]
+    if workload:
+        where.append(f"workload = {p[len(where)]}")
+    if operation:
+        where.append(f"operation = {p[len(where)]}")
+    return (
+        f"SELECT {', '.join(COLUMNS)} FROM latency_windows WHERE {' AND '.join(where)} "
+        "ORDER BY series, window_start_ns"
+    )
+
+
+@dataclass(frozen=True)
+class Progress:
+    window_ns: int
+    watermark_ns: int
+
+
+class LatencyStore(ABC):
+    """The interface the services use."""
+
+    url: str
+
+    @abstractmethod
+    async def write(
+        self, rows: Sequence[LatencyRow], *, consumer: str, window_ns: int, watermark_ns: int
+    ) -> None:
+        """Upsert rows and record the consumer's watermark, in one durable transaction."""
+
+    @abstractmethod
+    async def progress(self, consumer: str) -> Progress | None:
+        """The consumer's last recorded window size and watermark, if any."""
+
+    @abstractmethod
+    async def series(self) -> list[SeriesKey]:
+        """Every series stored (the aggregator's cardinality cap starts from these)."""
+
+    @abstractmethod
+    async def rows(
+        self,
+        since_ns: int,
+        until_ns: int,
+        *,
+        workload: str | None = None,
+        operation: str | None = None,
+    ) -> list[LatencyRow]:
+        """Rows whose window starts in [since_ns, until_ns), by series and start."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+def _row(values: Sequence[Any]) -> LatencyRow:
+    out = list(values)
+    out[-1] = bytes(out[-1])
+    return LatencyRow(*out)
+
+
+class SqliteStore(LatencyStore):
+    def __init__(self, url: str, path: str) -> None:
+        self.url = url
+        self.path = path
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            for statement in _schema("BLOB"):
+                self._db.execute(statement)
+        except sqlite3.Error as exc:
+            raise StorageError(
+                f"cannot open SQLite database {path!r} ({url}): {exc}; check that the "
+                "directory exists and is writable"
+            ) from exc
+
+    def _fail(self, action: str, exc: Exception) -> StorageError:
+        return StorageError(f"SQLite {self.path!r}: {action} failed: {exc}")
+
+    async def write(
+        self, rows: Sequence[LatencyRow], *, consumer: str, window_ns: int, watermark_ns: int
+    ) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(_upsert(["?"] * len(COLUMNS)), [r.values() for r in rows])
+                self._db.execute(
+                    _progress_upsert(["?"] * 3), (consumer, window_ns, watermark_ns)
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise self._fail(f"writing {len(rows)} windows", exc) from exc
+
+    async def progress(self, consumer: str) -> Progress | None:
+        try:
+            found = self._db.execute(
+                "SELECT window_ns, watermark_ns FROM aggregate_progress WHERE consumer = ?",
+                (consumer,),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._fail("reading progress", exc) from exc
+        return Progress(*found) if found else None
+
+    async def series(self) -> list[SeriesKey]:
+        try:
+            found = self._db.execute(
+                "SELECT DISTINCT workload, operation, status_class FROM latency_windows"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise self._fail("listing series", exc) from exc
+        return [SeriesKey(*r) for r in found]
+
+    async def rows(
+        self,
+        since_ns: int,
+        until_ns: int,
+        *,
+        workload: str | None = None,
+        operation: str | None = None,
+    ) -> list[LatencyRow]:
+        args: list[Any] = [since_ns, until_ns]
+        args += [v for v in (workload, operation) if v is not None]
+        query = _select(["?"] * 4, workload is not None, operation is not None)
+        try:
+            return [_row(r) for r in self._db.execute(query, args).fetchall()]
+        except sqlite3.Error as exc:
+            raise self._fail("reading windows", exc) from exc
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+class PostgresStore(LatencyStore):
+    def __init__(self, url: str, connection: Any) -> None:
+        self.url = url
+        self._db = connection
+
+    @classmethod
+    async def connect(cls, url: str, timeout_s: float = 10.0) -> PostgresStore:
+        import asyncpg  # only the PostgreSQL backend needs it
+
+        try:
+            connection = await asyncpg.connect(url, timeout=timeout_s)
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise StorageError(
+                f"cannot connect to PostgreSQL at {_redact(url)}: {type(exc).__name__}: {exc}; "
+                "check that the server runs and the URL's user, password and database"
+            ) from exc
+        try:
+            async with connection.transaction():
+                # Several aggregators may start at once: serialise the CREATE ... IF NOT EXISTS.
+                await connection.execute("SELECT pg_advisory_xact_lock(4242)")
+                for statement in _schema("BYTEA"):
+                    await connection.execute(statement)
+        except asyncpg.PostgresError as exc:
+            await connection.close()
+            raise StorageError(
+                f"cannot create the tables in PostgreSQL at {_redact(url)}: {exc}; "
+                "the user needs CREATE on the database"
+            ) from exc
+        return cls(url, connection)
+
+    def _fail(self, action: str, exc: Exception) -> StorageError:
+        return StorageError(f"PostgreSQL {_redact(self.url)}: {action} failed: {exc}")
+
+    async def write(
+        self, rows: Sequence[LatencyRow], *, consumer: str, window_ns: int, watermark_ns: int
+    ) -> None:
+        import asyncpg
+
+        marks = [f"${i + 1}" for i in range(len(COLUMNS))]
+        try:
+            async with self._db.transaction():
+                if rows:
+                    await self._db.executemany(_upsert(marks), [r.values() for r in rows])
+                await self._db.execute(
+                    _progress_upsert(["$1", "$2", "$3"]), consumer, window_ns, watermark_ns
+                )
+        except (asyncpg.PostgresError, OSError) as exc:
+            raise self._fail(f"writing {len(rows)} windows", exc) from exc
+
+    async def progress(self, consumer: str) -> Progress | None:
+        found = await self._fetch(
+            "reading progress",
+            "SELECT window_ns, watermark_ns FROM aggregate_progress WHERE consumer = $1",
+            consumer,
+        )
+        return Progress(*found[0]) if found else None
+
+    async def series(self) -> list[SeriesKey]:
+        found = await self._fetch(
+            "listing series",
+            "SELECT DISTINCT workload, operation, status_class FROM latency_windows",
+        )
+        return [SeriesKey(*r) for r in found]
+
+    async def rows(
+        self,
+        since_ns: int,
+        until_ns: int,
+        *,
+        workload: str | None = None,
+        operation: str | None = None,
+    ) -> list[LatencyRow]:
+        args: list[Any] = [since_ns, until_ns]
+        args += [v for v in (workload, operation) if v is not None]
+        query = _select(["$1", "$2", "$3", "$4"], workload is not None, operation is not None)
+        return [_row(r) for r in await self._fetch("reading windows", query, *args)]
+
+    async def _fetch(self, action: str, query: str, *args: Any) -> list[Any]:
+        import asyncpg
+
+        try:
+            return list(await self._db.fetch(query, *args))
+        except (asyncpg.PostgresError, OSError) as exc:
+            raise self._fail(action, exc) from exc
+
+    async def close(self) -> None:
+        await self._db.close()
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def sqlite_path(url: str) -> str:
+    """sqlite:///relative/file, sqlite:////absolute/file, sqlite:///:memory:."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or len(url) == len(prefix):
+        raise StorageConfigError(
+            f"bad SQLite URL {url!r}: expected sqlite:///relative/path or "
+            "sqlite:////absolute/path"
+        )
+    return unquote(url[len(prefix) :])
+
+
+def storage_url(given: str | None) -> str:
+    """--storage, else $EBPF_APM_STORAGE, else the embedded default."""
+    return given or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+
+
+async def open_store(url: str, *, create: bool = True) -> LatencyStore:
+    """The store at url; with create=False a SQLite file that does not exist is an error."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        path = sqlite_path(url)
+        if not create and path != ":memory:" and not os.path.exists(path):
+            raise StorageError(
+                f"no SQLite database at {path!r} ({url}): run `ebpf-apm aggregate` to create "
+                "it, or point --storage (or $EBPF_APM_STORAGE) at the aggregator's storage"
+            )
+        return SqliteStore(url, path)
+    if scheme in ("postgresql", "postgres"):
+        return await PostgresStore.connect(url)
+    raise StorageConfigError(
+        f"unsupported storage URL {_redact(url)!r}: use sqlite:///path (embedded) or "
+        "postgresql://user[:password]@host[:port]/database"
+    )

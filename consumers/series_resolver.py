@@ -1,0 +1,122 @@
+"""Span columns -> a series id per span, with Python work only per new distinct series.
+
+A series is (workload, operation, status class):
+- workload: `namespace/workload` from Kubernetes when the span has a workload, else the
+  executable's file name;
+- operation: `METHOD route` for an HTTP span (see route_template), else the function;
+- status class: `2xx`..`5xx`, or `unknown`, for an HTTP span; none otherwise.
+
+Each span gets a 64-bit hash of the strings that decide its series (the path through its
+route), computed for the whole batch in numpy. Distinct hashes are looked up in a cache;
+only a hash never seen before costs Python work: its series key is built from one of its
+spans and registered (which applies the cap per workload). Several hashes may name one
+series (two executables of the same name, say); a 64-bit collision between two different
+series is possible in principle (around 1e-9 with a million distinct keys) and would merge
+them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from consumers.byte_hash import hash_ranges, mix64
+from consumers.route_template import SeriesKey, SeriesRegistry, route_hashes, route_of
+from consumers.span_columns import SpanColumns
+
+_K_WORKLOAD = np.uint64(0x2545F4914F6CDD1D)
+_K_EXE = np.uint64(0x27BB2EE687B0B0FD)
+_K_OPERATION = np.uint64(0x4F1BBCDCBFA53E0B)
+_K_HTTP = np.uint64(0x7A646E4D0B5AC3E1)
+_K_STATUS = np.uint64(0x5851F42D4C957F2D)
+_HASHED = ("exe", "func", "http_method", "k8s_namespace", "k8s_workload")
+UNKNOWN_CLASS = 9  # status code outside 100-599, or none, on an HTTP span
+
+
+def status_classes(status: np.ndarray, is_http: np.ndarray) -> np.ndarray:
+    """0 for a span without HTTP, 1-5 for 1xx-5xx, UNKNOWN_CLASS otherwise."""
+    hundreds = status // 100
+    known = (status >= 100) & (status <= 599)
+    return np.where(is_http, np.where(known, hundreds, UNKNOWN_CLASS), 0)
+
+
+def class_name(code: int) -> str | None:
+    if code == 0:
+        return None
+    return "unknown" if code == UNKNOWN_CLASS else f"{code}xx"
+
+
+def series_key_of(columns: SpanColumns, row: int) -> SeriesKey:
+    """The series of one span, from its strings (the readable definition)."""
+    workload = columns.text("k8s_workload", row)
+    if workload:
+        namespace = columns.text("k8s_namespace", row)
+        workload = f"{namespace}/{workload}" if namespace else workload
+    else:
+        exe = columns.text("exe", row) or ""
+        workload = os.path.basename(exe) or exe or "unknown"
+    method = columns.text("http_method", row)
+    if method is not None:
+        operation = f"{method} {route_of(columns.text('http_path', row) or '')}"
+        status = int(columns.ints["http_status"][row])
+        code = int(status_classes(np.array([status]), np.array([True]))[0])
+    else:
+        operation = columns.text("func", row) or ""
+        code = 0
+    return SeriesKey(workload, operation, class_name(code))
+
+
+class SeriesResolver:
+    """Maps spans to series ids of a SeriesRegistry."""
+
+    def __init__(self, registry: SeriesRegistry, cache_limit: int = 1 << 20) -> None:
+        self.registry = registry
+        self._cache: dict[int, int] = {}
+        self._cache_limit = cache_limit
+
+    def key_hashes(self, columns: SpanColumns, rows: np.ndarray) -> np.ndarray:
+        """One uint64 per row that is equal for spans of the same series."""
+        buf = columns.buf
+        exe, func, method, namespace, k8s_workload = (
+            hash_ranges(buf, columns.starts[f][rows], columns.lengths[f][rows]) for f in _HASHED
+        )
+        has_workload = columns.lengths["k8s_workload"][rows] > 0
+        workload = np.where(
+            has_workload, mix64(namespace ^ mix64(k8s_workload + _K_WORKLOAD)), exe + _K_EXE
+        )
+        is_http = columns.lengths["http_method"][rows] >= 0
+        operation = func
+        http = np.flatnonzero(is_http)
+        if http.size:
+            path_rows = rows[http]
+            routes = route_hashes(
+                buf, columns.starts["http_path"][path_rows],
+                np.maximum(columns.lengths["http_path"][path_rows], 0),
+            )
+            operation[http] = method[http] ^ mix64(routes + _K_HTTP)
+        classes = status_classes(columns.ints["http_status"][rows], is_http)
+        return mix64(
+            mix64(workload ^ _K_OPERATION) ^ operation ^ (classes.astype(np.uint64) * _K_STATUS)
+        )
+
+    def resolve(self, columns: SpanColumns, rows: np.ndarray) -> np.ndarray:
+        """The series id (int64) of each of `rows` (good rows of `columns`)."""
+        if rows.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        hashes = self.key_hashes(columns, rows)
+        distinct, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+        cache = self._cache
+        if len(cache) + distinct.size > self._cache_limit:
+            cache.clear()  # rebuilt from the registry's ids as spans come
+        ids = np.empty(distinct.size, dtype=np.int64)
+        # In order of first appearance: new series take the cap's free slots first come,
+        # first served.
+        for i in np.argsort(first, kind="stable").tolist():
+            h, row = int(distinct[i]), int(first[i])
+            found = cache.get(h)
+            if found is None:
+                found = self.registry.resolve(series_key_of(columns, int(rows[row])))
+                cache[h] = found
+            ids[i] = found
+        return ids[inverse]

@@ -1,0 +1,128 @@
+"""Latency storage: SQLite and a real PostgreSQL behind one interface, identical rows."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consumers.latency_sketch import LatencySketch
+from consumers.latency_store import (
+    LatencyRow,
+    LatencyStore,
+    Progress,
+    StorageConfigError,
+    StorageError,
+    open_store,
+)
+from consumers.route_template import SeriesKey
+from consumers.window_aggregator import ClosedWindow
+from producer.embedded_broker import free_port
+
+pytestmark = pytest.mark.integration
+# The PostgreSQL fixtures, until tests/conftest.py shares them with every module.
+
+S = 1_000_000_000
+T0 = 1_700_000_000 * S
+KEYS = [
+    SeriesKey("shop/api", "GET /api/user/{id}", "2xx"),
+    SeriesKey("shop/api", "GET /api/user/{id}", "5xx"),
+    SeriesKey("shop/api", "main.(*userService).handleGetUser", None),
+    SeriesKey("billing", "POST /invoice|x", "2xx"),
+]
+
+
+def make_rows(seed: int, windows: int = 3) -> list[LatencyRow]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for w in range(windows):
+        for key in KEYS:
+            sketch = LatencySketch()
+            sketch.add(np.round(rng.lognormal(15, 1.2, int(rng.integers(1, 5000)))).astype(int))
+            window = ClosedWindow(0, T0 + w * 10 * S, T0 + (w + 1) * 10 * S, sketch)
+            rows.append(LatencyRow.of(key, window))
+    return rows
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'latency.sqlite'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+def run(scenario: Callable[[LatencyStore], object], url: str) -> object:
+    async def main() -> object:
+        store = await open_store(url)
+        try:
+            result = scenario(store)
+            assert asyncio.iscoroutine(result)
+            return await result
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def test_write_read_upsert_and_progress(store_url: str) -> None:
+    first, second = make_rows(1), make_rows(2)
+
+    async def scenario(store: LatencyStore) -> None:
+        assert await store.progress("agg") is None
+        await store.write(first, consumer="agg", window_ns=10 * S, watermark_ns=T0 + 30 * S)
+        assert await store.rows(T0, T0 + 30 * S) == sorted(
+            first, key=lambda r: (r.series, r.window_start_ns)
+        )
+        # The same windows again (a replay): replaced, not added.
+        await store.write(second, consumer="agg", window_ns=10 * S, watermark_ns=T0 + 31 * S)
+        again = await store.rows(T0, T0 + 30 * S)
+        assert again == sorted(second, key=lambda r: (r.series, r.window_start_ns))
+        assert await store.progress("agg") == Progress(10 * S, T0 + 31 * S)
+        assert await store.progress("other") is None
+        assert sorted(await store.series()) == sorted(KEYS)
+        # [since, until) on the window start, and the filters.
+        middle = await store.rows(T0 + 10 * S, T0 + 20 * S)
+        assert {r.window_start_ns for r in middle} == {T0 + 10 * S}
+        assert len(middle) == len(KEYS)
+        only = await store.rows(T0, T0 + 30 * S, workload="billing", operation="POST /invoice|x")
+        assert [r.key for r in only] == [KEYS[3]] * 3
+        assert await store.rows(T0, T0 + 30 * S, workload="nobody") == []
+        await store.write([], consumer="agg", window_ns=10 * S, watermark_ns=T0 + 40 * S)
+        assert await store.progress("agg") == Progress(10 * S, T0 + 40 * S)
+        sketch = again[0].load_sketch()
+        assert sketch.count == again[0].count
+
+    run(scenario, store_url)
+
+
+def test_sqlite_and_postgresql_store_identical_rows(tmp_path: Path, postgres_url: str) -> None:
+    rows = make_rows(3, windows=5)
+    results = []
+    for url in (f"sqlite:///{tmp_path / 'a.sqlite'}", postgres_url):
+
+        async def scenario(store: LatencyStore) -> list[LatencyRow]:
+            await store.write(rows[:7], consumer="c", window_ns=10 * S, watermark_ns=1)
+            await store.write(rows, consumer="c", window_ns=10 * S, watermark_ns=2)
+            return await store.rows(0, 2**62)
+
+        results.append(run(scenario, url))
+    assert results[0] == results[1]
+    assert len(results[0]) == len(rows)  # type: ignore[arg-type]
+
+
+def test_bad_urls_say_what_to_use(tmp_path: Path) -> None:
+    with pytest.raises(StorageConfigError, match="sqlite:///path"):
+        asyncio.run(open_store("mysql://x/y"))
+    with pytest.raises(StorageConfigError, match="bad SQLite URL"):
+        asyncio.run(open_store("sqlite:/relative.db"))
+    with pytest.raises(StorageError, match="run `ebpf-apm aggregate`"):
+        asyncio.run(open_store(f"sqlite:///{tmp_path / 'missing.sqlite'}", create=False))
+    with pytest.raises(StorageError, match="directory exists"):
+        asyncio.run(open_store(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir.sqlite'}"))
+    nobody = f"postgresql://apm:secret@127.0.0.1:{free_port()}/x"
+    with pytest.raises(StorageError, match="cannot connect") as info:
+        asyncio.run(open_store(nobody))
+    assert "secret" not in str(info.value)
