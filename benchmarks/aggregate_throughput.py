@@ -186,7 +186,9 @@ async def through_kafka(messages: list[bytes], db: str) -> tuple[float, float, i
         topic = "apm.spans"
         await ensure_topics(broker.bootstrap_servers, {topic: 6})
         producer = AIOKafkaProducer(
-            bootstrap_servers=broker.bootstrap_servers, linger_ms=20, max_batch_size=1 << 20,
+            bootstrap_servers=broker.bootstrap_servers,
+            linger_ms=20,
+            max_batch_size=1 << 20,
             enable_idempotence=False,
         )
         await producer.start()
@@ -198,8 +200,11 @@ async def through_kafka(messages: list[bytes], db: str) -> tuple[float, float, i
         await producer.stop()
         bare = await consume_only(broker.bootstrap_servers, topic, len(messages))
         config = AggregateConfig(
-            bootstrap_servers=broker.bootstrap_servers, storage=f"sqlite:///{db}",
-            window_ns=WINDOW_NS, lateness_ns=WINDOW_NS // 2, idle_timeout_ns=10**12,
+            bootstrap_servers=broker.bootstrap_servers,
+            storage=f"sqlite:///{db}",
+            window_ns=WINDOW_NS,
+            lateness_ns=WINDOW_NS // 2,
+            idle_timeout_ns=10**12,
         )
         store = await open_store(config.storage)
         service = AggregateService(config, store)
@@ -248,7 +253,10 @@ def main() -> int:
     parser.add_argument("--fetch", type=int, default=20_000, help="spans per Kafka fetch")
     parser.add_argument("--runs", type=int, default=3, help="best of N for the full path")
     parser.add_argument(
-        "--kafka", type=int, default=200_000, metavar="N",
+        "--kafka",
+        type=int,
+        default=200_000,
+        metavar="N",
         help="also run the service through an embedded broker on N spans (0: skip)",
     )
     args = parser.parse_args()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from producer.bpf_loader import AgentProbes, ProbeOptions
-from producer.targets import FunctionNames, TargetProcess, resolve_target
+from producer.targets import FunctionNames, TargetProcess, attach_target, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 FUNCTION = "main.work"
@@ -150,9 +150,8 @@ def detach_new_uprobes(bpf: Any, before: set[bytes]) -> None:
     """Detach the uprobes attached since `before`, by BCC's event names.
 
     BCC's detach_uprobe(name, addr, pid) resolves /proc/PID/exe again to rebuild the event
-    name; once the target has exited that resolution gives another name and the detach
-    fails (AgentProbes.detach_process logs and ignores it). Detaching by the names recorded
-    at attach time works either way, so every round starts with no probes left behind.
+    name, which fails once the target has exited; detaching by the names recorded at attach
+    time works either way (AgentProbes.detach_process does the same).
     """
     for event in set(bpf.uprobe_fds) - before:
         bpf.detach_uprobe_event(event)
@@ -189,28 +188,13 @@ class ProjectProbes:
     def setup(self, pid: int) -> Teardown:
         target = plan(pid)
         before = self.probes.counters()
-        attached_before = set(self.probes._bpf.uprobe_fds)
-        self.probes.add_process(target.pid, target.layout)
-        for fn in target.functions:
-            self.probes.attach_function(
-                target.pid,
-                target.binary,
-                target.load_bias,
-                fn.plan.symbol.address,
-                fn.plan.entry_offset,
-                fn.plan.return_offsets,
-                fn.func_id,
-                fn.http,
-                target.layout.is_go,
-            )
+        attach_target(self.probes, target)
         drainer = Drainer(self.probes)
         drainer.start()
 
         def teardown() -> None:
             records = drainer.finish()
-            self.probes.detach_process(pid)  # the agent's path: map entries go
-            # ...but not the uprobes of an exited process (see detach_new_uprobes).
-            detach_new_uprobes(self.probes._bpf, attached_before)
+            self.probes.detach_process(pid)  # the agent's path: probes and map entries go
             self._check(before, self.probes.counters(), records)
 
         return teardown

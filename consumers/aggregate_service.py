@@ -184,7 +184,9 @@ class AggregateService:
             )
         self.registry.seed(await self.store.series())
         self.aggregator = WindowAggregator(
-            config.window_ns, config.lateness_ns, config.idle_timeout_ns,
+            config.window_ns,
+            config.lateness_ns,
+            config.idle_timeout_ns,
             relative_accuracy=DEFAULT_RELATIVE_ACCURACY,
             watermark_ns=progress.watermark_ns if progress else None,
             max_future_ns=config.max_future_ns,
@@ -200,14 +202,20 @@ class AggregateService:
                 {config.latency_topic: LATENCY_PARTITIONS, config.deadletter_topic: 1},
             )
             self.producer = AIOKafkaProducer(
-                bootstrap_servers=config.bootstrap_servers, client_id="ebpf-apm-aggregate",
-                acks="all", linger_ms=5, enable_idempotence=False,
+                bootstrap_servers=config.bootstrap_servers,
+                client_id="ebpf-apm-aggregate",
+                acks="all",
+                linger_ms=5,
+                enable_idempotence=False,
             )
             await self.producer.start()
             self.consumer = AIOKafkaConsumer(
-                bootstrap_servers=config.bootstrap_servers, group_id=config.group,
-                client_id="ebpf-apm-aggregate", enable_auto_commit=False,
-                auto_offset_reset="earliest", session_timeout_ms=config.session_timeout_ms,
+                bootstrap_servers=config.bootstrap_servers,
+                group_id=config.group,
+                client_id="ebpf-apm-aggregate",
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=config.session_timeout_ms,
                 heartbeat_interval_ms=max(100, config.session_timeout_ms // 5),
                 max_partition_fetch_bytes=1 << 20,
             )
@@ -220,8 +228,11 @@ class AggregateService:
             ) from exc
         log.info(
             "aggregating %s into %s and %s: windows of %s, lateness %s, group %s%s",
-            config.spans_topic, config.storage, config.latency_topic,
-            format_duration_ns(config.window_ns), format_duration_ns(config.lateness_ns),
+            config.spans_topic,
+            config.storage,
+            config.latency_topic,
+            format_duration_ns(config.window_ns),
+            format_duration_ns(config.lateness_ns),
             config.group,
             f", resuming after watermark {resumed_at_ns}" if resumed_at_ns is not None else "",
         )
@@ -288,12 +299,12 @@ class AggregateService:
         values: list[bytes | None] = []
         for part in parts:
             values.extend(map(_value, part))
-        offsets = np.concatenate([
-            np.fromiter(map(_offset, part), np.int64, len(part)) for part in parts
-        ])
-        partitions = np.concatenate([
-            np.full(len(part), part[0].partition, dtype=np.int64) for part in parts
-        ])
+        offsets = np.concatenate(
+            [np.fromiter(map(_offset, part), np.int64, len(part)) for part in parts]
+        )
+        partitions = np.concatenate(
+            [np.full(len(part), part[0].partition, dtype=np.int64) for part in parts]
+        )
         bad = self.add_spans(values, partitions, offsets, now_ns)
         generation = self.generation
         if bad:
@@ -306,7 +317,10 @@ class AggregateService:
                 self.next_offsets[tp.partition] = batches[tp][-1].offset + 1
 
     def add_spans(
-        self, values: list[bytes | None], partitions: np.ndarray, offsets: np.ndarray,
+        self,
+        values: list[bytes | None],
+        partitions: np.ndarray,
+        offsets: np.ndarray,
         now_ns: int,
     ) -> list[int]:
         """Decode apm.spans message values and add them to the windows; the indices of the
@@ -320,10 +334,15 @@ class AggregateService:
                 bad.extend((np.flatnonzero(columns.bad) + first).tolist())
             good = np.flatnonzero(~columns.bad)
             series = self.resolver.resolve(columns, good)
-            parts.append((
-                series, columns.ints["end_ns"][good], columns.ints["duration_ns"][good],
-                partitions[first + good], offsets[first + good],
-            ))
+            parts.append(
+                (
+                    series,
+                    columns.ints["end_ns"][good],
+                    columns.ints["duration_ns"][good],
+                    partitions[first + good],
+                    offsets[first + good],
+                )
+            )
         series, end_ns, durations, sources, positions = (
             np.concatenate(c) for c in zip(*parts, strict=True)
         )
@@ -341,14 +360,22 @@ class AggregateService:
             reasons.append(reason)
             source = f"{record.topic}/{record.partition}/{record.offset}"
             headers = [(REASON_HEADER, reason.encode()), (SOURCE_HEADER, source.encode())]
-            futures.append(await self.producer.send(
-                self.config.deadletter_topic, value=record.value, key=record.key, headers=headers
-            ))
+            futures.append(
+                await self.producer.send(
+                    self.config.deadletter_topic,
+                    value=record.value,
+                    key=record.key,
+                    headers=headers,
+                )
+            )
         await asyncio.gather(*futures)
         self.deadlettered += len(records)
         log.warning(
             "sent %d undecodable messages of %s to %s (first: %s)",
-            len(records), self.config.spans_topic, self.config.deadletter_topic, reasons[0],
+            len(records),
+            self.config.spans_topic,
+            self.config.deadletter_topic,
+            reasons[0],
         )
 
     async def emit(self, closed: list[ClosedWindow]) -> None:
@@ -374,9 +401,13 @@ class AggregateService:
         log.info(
             "wrote %d windows (%d series, up to %s); spans %d, late %d, from the future %d, "
             "dead-lettered %d, series refused by the cap %d",
-            len({r.window_start_ns for r in rows}), len(rows),
+            len({r.window_start_ns for r in rows}),
+            len(rows),
             time.strftime("%H:%M:%S", time.localtime(rows[-1].window_end_ns / 1e9)),
-            stats.spans, stats.late, stats.future, self.deadlettered,
+            stats.spans,
+            stats.late,
+            stats.future,
+            self.deadlettered,
             sum(self.registry.refused.values()),
         )
         if self.config.crash_after_writes and self.writes >= self.config.crash_after_writes:
@@ -394,7 +425,9 @@ class AggregateService:
         """Store rows and the watermark in one durable transaction."""
         assert self.aggregator is not None and self.aggregator.watermark_ns is not None
         await self.store.write(
-            rows, consumer=self.config.group, window_ns=self.config.window_ns,
+            rows,
+            consumer=self.config.group,
+            window_ns=self.config.window_ns,
             watermark_ns=self.aggregator.watermark_ns,
         )
 
@@ -445,21 +478,27 @@ async def serve(config: AggregateConfig, stop: asyncio.Event) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", default="10s", help="window length (default: 10s)")
     parser.add_argument(
-        "--lateness", default="5s",
+        "--lateness",
+        default="5s",
         help="how far behind the newest span a span may be and still count (default: 5s)",
     )
     parser.add_argument(
-        "--idle-timeout", default="2s",
+        "--idle-timeout",
+        default="2s",
         help="after this long without input the watermark follows the wall clock, so the "
         "last windows close (default: 2s)",
     )
     parser.add_argument(
-        "--storage", metavar="URL", default=None,
+        "--storage",
+        metavar="URL",
+        default=None,
         help=f"sqlite:///path or postgresql://user@host/db (default: ${STORAGE_ENV}, else "
         f"{DEFAULT_STORAGE})",
     )
     parser.add_argument(
-        "--bootstrap-servers", metavar="HOST:PORT", default=None,
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        default=None,
         help=f"Kafka (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
     )
     parser.add_argument("--group", default="ebpf-apm-aggregate", help="Kafka consumer group")
@@ -468,15 +507,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency-topic", default="apm.latency", help="closed windows (default: apm.latency)"
     )
     parser.add_argument(
-        "--deadletter-topic", default="apm.deadletter",
+        "--deadletter-topic",
+        default="apm.deadletter",
         help="undecodable input (default: apm.deadletter)",
     )
     parser.add_argument(
-        "--max-series-per-workload", type=int, default=500, metavar="N",
+        "--max-series-per-workload",
+        type=int,
+        default=500,
+        metavar="N",
         help="series beyond N in a workload go to its {overflow} series (default: 500)",
     )
     parser.add_argument(
-        "--session-timeout", default="10s",
+        "--session-timeout",
+        default="10s",
         help="Kafka group session timeout: how soon a crashed aggregator's partitions are "
         "handed to its restart (default: 10s)",
     )
@@ -509,17 +553,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ebpf-apm aggregate", description="apm.spans -> latency windows in storage."
-    )
-    add_arguments(parser)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # the same as `ebpf-apm aggregate`
+    from producer.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["aggregate", *sys.argv[1:]]))

@@ -44,8 +44,17 @@ DURATION_METRICS = ("min", "max", "mean", "p50", "p90", "p95", "p99", "p999")
 METRICS = ("count", *DURATION_METRICS, "error_rate")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "unknown")
 _KEYS = (
-    "name", "workload", "operation", "status_class", "metric", "above", "below", "for",
-    "resolve_after", "min_count", "error_classes",
+    "name",
+    "workload",
+    "operation",
+    "status_class",
+    "metric",
+    "above",
+    "below",
+    "for",
+    "resolve_after",
+    "min_count",
+    "error_classes",
 )
 
 
@@ -151,15 +160,18 @@ class _Reader:
             self.problem(node, f"{label} has no name")
         elif name:
             if name in names:
-                self.problem(values["name"], f"{label} is defined twice (first at line "
-                             f"{names[name]})")
+                self.problem(
+                    values["name"], f"{label} is defined twice (first at line {names[name]})"
+                )
             names[name] = values["name"].start_mark.line + 1
         metric = self.scalar(values["metric"], "metric") if "metric" in values else None
         if "metric" not in values:
             self.problem(node, f"{label} has no metric; one of: {', '.join(METRICS)}")
         elif metric is not None and metric not in METRICS:
-            self.problem(values["metric"], f"{label}: unknown metric {metric!r}; one of: "
-                         f"{', '.join(METRICS)}")
+            self.problem(
+                values["metric"],
+                f"{label}: unknown metric {metric!r}; one of: {', '.join(METRICS)}",
+            )
             metric = None
         bounds = [k for k in ("above", "below") if k in values]
         if len(bounds) != 1:
@@ -173,14 +185,22 @@ class _Reader:
             for k in ("workload", "operation")
             if k in values and (text := self.scalar(values[k], k)) is not None
         }
-        status = self.scalar(values["status_class"], "status_class") if (
-            "status_class" in values) else None
+        status = (
+            self.scalar(values["status_class"], "status_class")
+            if ("status_class" in values)
+            else None
+        )
         if status is not None and status not in STATUS_CLASSES:
-            self.problem(values["status_class"], f"{label}: status_class {status!r} is not "
-                         f"one of {', '.join(STATUS_CLASSES)}")
+            self.problem(
+                values["status_class"],
+                f"{label}: status_class {status!r} is not one of {', '.join(STATUS_CLASSES)}",
+            )
         if status is not None and metric == "error_rate":
-            self.problem(values["status_class"], f"{label}: an error_rate rule covers all "
-                         "status classes; use error_classes to say which count as errors")
+            self.problem(
+                values["status_class"],
+                f"{label}: an error_rate rule covers all "
+                "status classes; use error_classes to say which count as errors",
+            )
         classes: tuple[str, ...] = ("5xx",)
         if "error_classes" in values:
             classes = self.classes(values["error_classes"], label)
@@ -192,11 +212,17 @@ class _Reader:
         if len(self.problems) > before or name is None or metric is None or threshold is None:
             return None
         return Rule(
-            name=name, metric=metric, comparison=comparison, threshold=threshold,
-            workload=patterns.get("workload"), operation=patterns.get("operation"),
-            status_class=status, for_windows=counts.get("for") or 1,
+            name=name,
+            metric=metric,
+            comparison=comparison,
+            threshold=threshold,
+            workload=patterns.get("workload"),
+            operation=patterns.get("operation"),
+            status_class=status,
+            for_windows=counts.get("for") or 1,
             resolve_after=counts.get("resolve_after") or 1,
-            min_count=counts.get("min_count") or 1, error_classes=classes,
+            min_count=counts.get("min_count") or 1,
+            error_classes=classes,
         )
 
     def classes(self, node: yaml.Node, label: str) -> tuple[str, ...]:
@@ -206,8 +232,9 @@ class _Reader:
         for item in items:
             text = self.scalar(item, "an error class")
             if text is not None and text not in STATUS_CLASSES:
-                self.problem(item, f"{label}: error class {text!r} is not one of "
-                             f"{', '.join(STATUS_CLASSES)}")
+                self.problem(
+                    item, f"{label}: error class {text!r} is not one of {', '.join(STATUS_CLASSES)}"
+                )
             elif text is not None:
                 out.append(text)
         if not out and len(self.problems) == before:
@@ -280,26 +307,38 @@ class Transition:
 
     def message(self) -> str:
         rule = self.rule
-        unit_value, unit_threshold = _show(rule.metric, self.value), _show(
-            rule.metric, rule.threshold
+        unit_value, unit_threshold = (
+            _show(rule.metric, self.value),
+            _show(rule.metric, rule.threshold),
         )
         what = f"{rule.metric} of {self.subject.series}"
         windows = f"{self.windows} window{'s' if self.windows != 1 else ''}"
         if self.state == "firing":
-            return f"{rule.name} firing: {what} is {unit_value}, {rule.comparison} " \
-                   f"{unit_threshold} for {windows}"
-        return f"{rule.name} resolved: {what} is {unit_value}, not {rule.comparison} " \
-               f"{unit_threshold} for {windows}"
+            return (
+                f"{rule.name} firing: {what} is {unit_value}, {rule.comparison} "
+                f"{unit_threshold} for {windows}"
+            )
+        return (
+            f"{rule.name} resolved: {what} is {unit_value}, not {rule.comparison} "
+            f"{unit_threshold} for {windows}"
+        )
 
     def as_record(self) -> dict[str, Any]:
         """The apm.alerts record (schemas/alert.avsc)."""
         return {
-            "rule": self.rule.name, "state": self.state, "series": self.subject.series,
-            "workload": self.subject.workload, "operation": self.subject.operation,
-            "status_class": self.subject.status_class, "metric": self.rule.metric,
-            "comparison": self.rule.comparison, "threshold": float(self.rule.threshold),
-            "value": float(self.value), "windows": self.windows,
-            "window_start_ns": self.window_start_ns, "window_end_ns": self.window_end_ns,
+            "rule": self.rule.name,
+            "state": self.state,
+            "series": self.subject.series,
+            "workload": self.subject.workload,
+            "operation": self.subject.operation,
+            "status_class": self.subject.status_class,
+            "metric": self.rule.metric,
+            "comparison": self.rule.comparison,
+            "threshold": float(self.rule.threshold),
+            "value": float(self.value),
+            "windows": self.windows,
+            "window_start_ns": self.window_start_ns,
+            "window_end_ns": self.window_end_ns,
             "message": self.message(),
         }
 
@@ -364,13 +403,16 @@ class AlertEngine:
         self, rule: Rule, windows: Iterable[Mapping[str, Any]]
     ) -> list[tuple[SeriesKey, float, int, int]]:
         chosen = [
-            w for w in windows
-            if rule.selects(w["workload"], w["operation"]) and w["count"] > 0
+            w for w in windows if rule.selects(w["workload"], w["operation"]) and w["count"] > 0
         ]
         if rule.metric != "error_rate":
             return [
-                (SeriesKey(w["workload"], w["operation"], w["status_class"]),
-                 metric_value(rule.metric, w), w["window_start_ns"], w["window_end_ns"])
+                (
+                    SeriesKey(w["workload"], w["operation"], w["status_class"]),
+                    metric_value(rule.metric, w),
+                    w["window_start_ns"],
+                    w["window_end_ns"],
+                )
                 for w in chosen
                 if (rule.status_class is None or w["status_class"] == rule.status_class)
                 and w["count"] >= rule.min_count

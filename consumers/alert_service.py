@@ -78,13 +78,18 @@ class AlertService:
         try:
             await ensure_topics(config.bootstrap_servers, {config.alerts_topic: 1})
             self.producer = AIOKafkaProducer(
-                bootstrap_servers=config.bootstrap_servers, client_id="ebpf-apm-alert",
-                acks="all", enable_idempotence=False,
+                bootstrap_servers=config.bootstrap_servers,
+                client_id="ebpf-apm-alert",
+                acks="all",
+                enable_idempotence=False,
             )
             await self.producer.start()
             self.consumer = AIOKafkaConsumer(
-                config.latency_topic, bootstrap_servers=config.bootstrap_servers,
-                group_id=config.group, client_id="ebpf-apm-alert", enable_auto_commit=False,
+                config.latency_topic,
+                bootstrap_servers=config.bootstrap_servers,
+                group_id=config.group,
+                client_id="ebpf-apm-alert",
+                enable_auto_commit=False,
                 auto_offset_reset="earliest" if config.from_beginning else "latest",
             )
             await self.consumer.start()
@@ -95,7 +100,10 @@ class AlertService:
             ) from exc
         log.info(
             "evaluating %d rules from %s on %s, publishing to %s",
-            len(config.rules), config.rules_path, config.latency_topic, config.alerts_topic,
+            len(config.rules),
+            config.rules_path,
+            config.latency_topic,
+            config.alerts_topic,
         )
 
     async def close(self) -> None:
@@ -126,8 +134,11 @@ class AlertService:
                     except AvroDecodeError as exc:
                         self.skipped += 1
                         log.warning(
-                            "skipping %s partition %d offset %d: %s", record.topic,
-                            record.partition, record.offset, exc,
+                            "skipping %s partition %d offset %d: %s",
+                            record.topic,
+                            record.partition,
+                            record.offset,
+                            exc,
                         )
                         continue
                     self.engine.add(window)
@@ -188,22 +199,24 @@ async def serve(config: AlertConfig, stop: asyncio.Event) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", required=True, metavar="FILE", help="rules file (YAML)")
+    parser.add_argument("--check", action="store_true", help="only check the rules file, then exit")
     parser.add_argument(
-        "--check", action="store_true", help="only check the rules file, then exit"
-    )
-    parser.add_argument(
-        "--bootstrap-servers", metavar="HOST:PORT", default=None,
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        default=None,
         help=f"Kafka (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
     )
     parser.add_argument("--group", default="ebpf-apm-alert", help="Kafka consumer group")
     parser.add_argument("--latency-topic", default="apm.latency", help="input windows")
     parser.add_argument("--alerts-topic", default="apm.alerts", help="output transitions")
     parser.add_argument(
-        "--settle", default="1s",
+        "--settle",
+        default="1s",
         help="evaluate pending windows after this long without input (default: 1s)",
     )
     parser.add_argument(
-        "--from-beginning", action="store_true",
+        "--from-beginning",
+        action="store_true",
         help="a new group starts at the oldest window kept (default: at new windows)",
     )
 
@@ -215,8 +228,9 @@ def run(args: argparse.Namespace) -> int:
     except RulesError as exc:
         for problem in exc.problems:
             print(f"error: {problem}", file=sys.stderr)
-        print(f"error: fix {args.rules} and run again (see `ebpf-apm alert --help`)",
-              file=sys.stderr)
+        print(
+            f"error: fix {args.rules} and run again (see `ebpf-apm alert --help`)", file=sys.stderr
+        )
         return exc.exit_code
     if args.check:
         print(f"{args.rules}: {len(rules)} rules, all valid")
@@ -229,8 +243,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     config = AlertConfig(
-        bootstrap_servers=bootstrap, rules=rules, rules_path=args.rules, group=args.group,
-        latency_topic=args.latency_topic, alerts_topic=args.alerts_topic, settle_ns=settle_ns,
+        bootstrap_servers=bootstrap,
+        rules=rules,
+        rules_path=args.rules,
+        group=args.group,
+        latency_topic=args.latency_topic,
+        alerts_topic=args.alerts_topic,
+        settle_ns=settle_ns,
         from_beginning=args.from_beginning,
     )
 
@@ -249,17 +268,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ebpf-apm alert", description="Alert rules over closed latency windows."
-    )
-    add_arguments(parser)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # the same as `ebpf-apm alert`
+    from producer.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["alert", *sys.argv[1:]]))

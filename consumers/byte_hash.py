@@ -94,12 +94,14 @@ def _mixed(word: np.ndarray, k: np.ndarray) -> np.ndarray:
     return word
 
 
-_PAST = np.concatenate((
-    [np.uint64(0)],
-    np.bitwise_xor.accumulate(
-        _mixed(np.zeros(DENSE_WORDS, dtype=np.uint64), np.arange(DENSE_WORDS))
-    ),
-))  # _PAST[j]: XOR of the mixed zero words at positions 0..j-1
+_PAST = np.concatenate(
+    (
+        [np.uint64(0)],
+        np.bitwise_xor.accumulate(
+            _mixed(np.zeros(DENSE_WORDS, dtype=np.uint64), np.arange(DENSE_WORDS))
+        ),
+    )
+)  # _PAST[j]: XOR of the mixed zero words at positions 0..j-1
 
 
 def _dense(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray, width: int) -> np.ndarray:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -164,18 +163,7 @@ async def _serve(config: JoinConfig) -> int:
             loop.remove_signal_handler(sig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ebpf-apm join",
-        description="Join spans with the network I/O of their goroutine into apm.spans.",
-    )
-    add_arguments(parser)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # the same as `ebpf-apm join`
+    from producer.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["join", *sys.argv[1:]]))

@@ -365,9 +365,7 @@ class JoinService:
                 if done == len(part_values):
                     break
                 await self._send(batch, delivery)  # full: the rest goes into a new batch
-                batch, delivery = open_batches[number] = self._new_batch(
-                    topic, number, step, steps
-                )
+                batch, delivery = open_batches[number] = self._new_batch(topic, number, step, steps)
         for batch, delivery in open_batches.values():
             await self._send(batch, delivery)
 

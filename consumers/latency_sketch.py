@@ -33,7 +33,10 @@ DEFAULT_RELATIVE_ACCURACY = 0.005  # 0.5%: a reported quantile in whole ns stays
 MAGIC = b"LSK1"
 _HEADER = struct.Struct("<4sdqqqqqiIB")
 _WIDTHS: dict[int, np.dtype[Any]] = {
-    1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")
+    1: np.dtype("<u1"),
+    2: np.dtype("<u2"),
+    4: np.dtype("<u4"),
+    8: np.dtype("<u8"),
 }
 
 
@@ -58,7 +61,14 @@ class LatencySketch:
     """Quantiles of non-negative integer durations (ns) within a relative error."""
 
     __slots__ = (
-        "relative_accuracy", "counts", "offset", "zero_count", "count", "sum", "min", "max",
+        "relative_accuracy",
+        "counts",
+        "offset",
+        "zero_count",
+        "count",
+        "sum",
+        "min",
+        "max",
     )
 
     def __init__(self, relative_accuracy: float = DEFAULT_RELATIVE_ACCURACY) -> None:
@@ -216,8 +226,16 @@ class LatencySketch:
         width = next(w for w in (1, 2, 4, 8) if largest < 1 << (8 * w))
         try:
             header = _HEADER.pack(
-                MAGIC, self.relative_accuracy, self.count, self.sum, self.min, self.max,
-                self.zero_count, offset, counts.size, width,
+                MAGIC,
+                self.relative_accuracy,
+                self.count,
+                self.sum,
+                self.min,
+                self.max,
+                self.zero_count,
+                offset,
+                counts.size,
+                width,
             )
         except struct.error as exc:
             raise SketchError(f"sketch figures do not fit 64 bits ({self!r}): {exc}") from exc

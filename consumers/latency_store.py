@@ -71,8 +71,21 @@ class LatencyRow:
         s = window.sketch
         p50, p90, p95, p99, p999 = s.quantile_ns(QUANTILES)
         return cls(
-            key.series, window.start_ns, window.end_ns, key.workload, key.operation,
-            key.status_class, s.count, s.sum, s.min, s.max, p50, p90, p95, p99, p999,
+            key.series,
+            window.start_ns,
+            window.end_ns,
+            key.workload,
+            key.operation,
+            key.status_class,
+            s.count,
+            s.sum,
+            s.min,
+            s.max,
+            p50,
+            p90,
+            p95,
+            p99,
+            p999,
             s.to_bytes(),
         )
 
@@ -112,8 +125,7 @@ def _schema(blob: str) -> list[str]:
     sketch {blob} NOT NULL,
     PRIMARY KEY (series, window_start_ns)
 )""",
-        "CREATE INDEX IF NOT EXISTS latency_windows_by_start "
-        "ON latency_windows (window_start_ns)",
+        "CREATE INDEX IF NOT EXISTS latency_windows_by_start ON latency_windows (window_start_ns)",
         """CREATE TABLE IF NOT EXISTS aggregate_progress (
     consumer TEXT PRIMARY KEY,
     window_ns BIGINT NOT NULL,
@@ -223,9 +235,7 @@ class SqliteStore(LatencyStore):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(_upsert(["?"] * len(COLUMNS)), [r.values() for r in rows])
-                self._db.execute(
-                    _progress_upsert(["?"] * 3), (consumer, window_ns, watermark_ns)
-                )
+                self._db.execute(_progress_upsert(["?"] * 3), (consumer, window_ns, watermark_ns))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
@@ -374,8 +384,7 @@ def sqlite_path(url: str) -> str:
     prefix = "sqlite:///"
     if not url.startswith(prefix) or len(url) == len(prefix):
         raise StorageConfigError(
-            f"bad SQLite URL {url!r}: expected sqlite:///relative/path or "
-            "sqlite:////absolute/path"
+            f"bad SQLite URL {url!r}: expected sqlite:///relative/path or sqlite:////absolute/path"
         )
     return unquote(url[len(prefix) :])
 

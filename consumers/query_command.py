@@ -66,8 +66,15 @@ def summarise(rows: Sequence[LatencyRow], *, by_status: bool = False) -> list[Ra
             sketch.merge(LatencySketch.from_bytes(row.sketch))
         p50, p90, p95, p99, p999 = sketch.quantile_ns(QUANTILES)
         figures = {
-            "count": sketch.count, "sum": sketch.sum, "min": sketch.min, "max": sketch.max,
-            "p50": p50, "p90": p90, "p95": p95, "p99": p99, "p999": p999,
+            "count": sketch.count,
+            "sum": sketch.sum,
+            "min": sketch.min,
+            "max": sketch.max,
+            "p50": p50,
+            "p90": p90,
+            "p95": p95,
+            "p99": p99,
+            "p999": p999,
         }
         out.append(RangeFigures(workload, operation, status, len(members), figures))
     return out
@@ -99,20 +106,25 @@ def table(results: Sequence[RangeFigures], *, by_status: bool) -> str:
 
 
 async def query(
-    url: str, since_ns: int, until_ns: int, workload: NamePattern | None,
+    url: str,
+    since_ns: int,
+    until_ns: int,
+    workload: NamePattern | None,
     operation: NamePattern | None,
 ) -> list[LatencyRow]:
     store = await open_store(url, create=False)
     try:
         rows = await store.rows(
-            since_ns, until_ns,
+            since_ns,
+            until_ns,
             workload=workload.exact if workload else None,
             operation=operation.exact if operation else None,
         )
     finally:
         await store.close()
     return [
-        r for r in rows
+        r
+        for r in rows
         if (workload is None or workload.matches(r.workload))
         and (operation is None or operation.matches(r.operation))
     ]
@@ -120,13 +132,16 @@ async def query(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--storage", metavar="URL", default=None,
+        "--storage",
+        metavar="URL",
+        default=None,
         help=f"where the aggregator writes (default: ${STORAGE_ENV}, else {DEFAULT_STORAGE})",
     )
     parser.add_argument("--workload", metavar="W", help="only this workload (* wildcards)")
     parser.add_argument("--operation", metavar="OP", help="only this operation (* wildcards)")
     parser.add_argument(
-        "--since", default="15m",
+        "--since",
+        default="15m",
         help="start: a duration ago (15m, 2h), an ISO time or epoch seconds (default: 15m)",
     )
     parser.add_argument("--until", default="now", help="end, excluded (default: now)")
@@ -134,7 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--by-status", action="store_true", help="one line per HTTP status class too"
     )
     parser.add_argument(
-        "--json", action="store_true",
+        "--json",
+        action="store_true",
         help="a JSON list of objects: workload, operation, count, sum, min, max, p50, p90, "
         "p95, p99, p999 (ns), windows",
     )
@@ -183,13 +199,7 @@ def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ebpf-apm query", description="Latency percentiles of a time range, from storage."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # the same as `ebpf-apm query`
+    from producer.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["query", *sys.argv[1:]]))

@@ -107,9 +107,9 @@ def route_hashes(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np
     seg_end = (cuts + 1) >> 1
     seg_start = (np.concatenate(([-1], cuts[:-1])) >> 1) + 1
     seg_len = seg_end - seg_start
-    seg_count = np.bincount(
-        np.searchsorted(path_ends, slashes, side="right"), minlength=lengths.size
-    ) + 1
+    seg_count = (
+        np.bincount(np.searchsorted(path_ends, slashes, side="right"), minlength=lengths.size) + 1
+    )
     # Which segments are ids.
     classes = np.concatenate(([0], np.cumsum(np.take(_CLASS, data))))
     counts = classes[seg_end] - classes[seg_start]
@@ -120,9 +120,9 @@ def route_hashes(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np
     if uuid.size:
         text = data[seg_start[uuid, None] + np.arange(UUID_LENGTH)]
         hexes = np.take(_NOT_HEX, text) == 0
-        is_id[uuid] = (hexes == _UUID_HEX).all(axis=1) & (
-            text[:, ~_UUID_HEX] == ord("-")
-        ).all(axis=1)
+        is_id[uuid] = (hexes == _UUID_HEX).all(axis=1) & (text[:, ~_UUID_HEX] == ord("-")).all(
+            axis=1
+        )
     # The other segments' contents.
     power, inverse = _powers_of_p(total + 1)
     weighted = np.concatenate(([np.uint64(0)], np.cumsum(np.take(_R, data) * power[:total])))
@@ -133,8 +133,7 @@ def route_hashes(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np
         seg_hash[long] = hash_ranges(buf, positions[seg_start[long]], seg_len[long])
     seg_hash[is_id] = _ID_HASH
     # A route: its segments, each keyed by its place in the path.
-    index_in_path = np.arange(seg_len.size) - np.repeat(np.cumsum(seg_count) - seg_count,
-                                                        seg_count)
+    index_in_path = np.arange(seg_len.size) - np.repeat(np.cumsum(seg_count) - seg_count, seg_count)
     placed = (seg_hash ^ np.take(_SEGMENT_KEYS, index_in_path & 255)) * _MUL
     placed ^= placed >> np.uint64(31)
     return mix64(xor_by_range(placed, seg_count) ^ seg_count.astype(np.uint64))
@@ -216,7 +215,9 @@ class SeriesRegistry:
                     "workload %r has reached %d series; new operations go to its %s series "
                     "(raise --max-series-per-workload if they are real routes, or check the "
                     "route templating of paths such as %r)",
-                    key.workload, self.max_series_per_workload, OVERFLOW_OPERATION,
+                    key.workload,
+                    self.max_series_per_workload,
+                    OVERFLOW_OPERATION,
                     key.operation,
                 )
             self.refused[key.workload] += 1

@@ -91,7 +91,8 @@ class SeriesResolver:
         if http.size:
             path_rows = rows[http]
             routes = route_hashes(
-                buf, columns.starts["http_path"][path_rows],
+                buf,
+                columns.starts["http_path"][path_rows],
                 np.maximum(columns.lengths["http_path"][path_rows], 0),
             )
             operation[http] = method[http] ^ mix64(routes + _K_HTTP)

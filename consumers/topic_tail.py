@@ -99,10 +99,14 @@ TOPICS: dict[str, TopicFormat] = {
     "apm.kprobe.events": TopicFormat(_kprobe_events),
     "apm.spans": TopicFormat(_joined_spans, span_line),
     "apm.latency": TopicFormat(  # the sketch shown as hex
-        lambda value: iter([{
-            k: v.hex() if isinstance(v, bytes) else v
-            for k, v in codec("latency.avsc").decode(value).items()
-        }])
+        lambda value: iter(
+            [
+                {
+                    k: v.hex() if isinstance(v, bytes) else v
+                    for k, v in codec("latency.avsc").decode(value).items()
+                }
+            ]
+        )
     ),
     "apm.alerts": TopicFormat(lambda value: iter([codec("alert.avsc").decode(value)])),
 }
@@ -144,9 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="exit once no message arrived for S seconds (default: run until Ctrl-C)",
     )
-    parser.add_argument(
-        "--json", action="store_true", help="print one JSON object per event"
-    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object per event")
     parser.add_argument(
         "--bootstrap-servers",
         metavar="HOST:PORT",
@@ -316,9 +318,7 @@ def run(args: argparse.Namespace) -> int:
     """0 after --max events, after --timeout idle seconds or on Ctrl-C; 1 Kafka; 2 usage."""
     fmt = TOPICS.get(args.topic)
     if fmt is None:
-        _error(
-            f"no decoder for topic {args.topic!r}; known topics: {', '.join(sorted(TOPICS))}"
-        )
+        _error(f"no decoder for topic {args.topic!r}; known topics: {', '.join(sorted(TOPICS))}")
         return 2
     bootstrap = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
     try:
@@ -336,13 +336,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="ebpf-apm tail", description="Print the events flowing on a Kafka topic."
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+if __name__ == "__main__":  # the same as `ebpf-apm tail`
+    from producer.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["tail", *sys.argv[1:]]))

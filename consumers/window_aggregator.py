@@ -85,8 +85,14 @@ class _OpenWindow:
         if needed <= self.count.size:
             return
         size = max(needed, 2 * self.count.size, 8)
-        for name, fill in (("series", 0), ("count", 0), ("total", 0), ("zeros", 0),
-                           ("min", _NO_POSITION), ("max", -1)):
+        for name, fill in (
+            ("series", 0),
+            ("count", 0),
+            ("total", 0),
+            ("zeros", 0),
+            ("min", _NO_POSITION),
+            ("max", -1),
+        ):
             old = getattr(self, name)
             grown = np.full(size, fill, dtype=np.int64)
             grown[: old.size] = old
@@ -130,9 +136,13 @@ class _OpenWindow:
         out = []
         for row in np.argsort(self.series[: self.rows], kind="stable").tolist():
             sketch = LatencySketch.from_counts(
-                accuracy, self.buckets[row], self.lo,
-                zero_count=int(self.zeros[row]), count=int(self.count[row]),
-                total=int(self.total[row]), minimum=int(self.min[row]),
+                accuracy,
+                self.buckets[row],
+                self.lo,
+                zero_count=int(self.zeros[row]),
+                count=int(self.count[row]),
+                total=int(self.total[row]),
+                minimum=int(self.min[row]),
                 maximum=int(self.max[row]),
             )
             out.append(ClosedWindow(int(self.series[row]), start_ns, end_ns, sketch))

@@ -24,7 +24,7 @@ from pathlib import Path
 from producer.bpf_loader import AgentProbes
 from producer.kafka_publisher import KafkaPublisher, PublisherStats, ensure_topics
 from producer.span_batcher import NetBatcher, OutgoingBatch, ProcessInfo, SpanBatcher
-from producer.targets import TargetProcess
+from producer.targets import TargetProcess, attach_target
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +96,7 @@ class AgentPipeline:
     def attach(self, target: TargetProcess, k8s: dict[str, str | None] | None = None) -> None:
         """Attach one resolved target (called before `run`, or as processes appear)."""
         self._retired.discard(target.pid)
-        self.probes.add_process(target.pid, target.layout)
-        for fn in target.functions:
-            self.probes.attach_function(
-                target.pid,
-                target.binary,
-                target.load_bias,
-                fn.plan.symbol.address,
-                fn.plan.entry_offset,
-                fn.plan.return_offsets,
-                fn.func_id,
-                fn.http,
-                target.layout.is_go,
-            )
+        attach_target(self.probes, target)
         self.targets[target.pid] = target
         self.process_info[target.pid] = ProcessInfo(exe=target.exe, k8s=k8s)
         if self._running:

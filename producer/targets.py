@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from producer.bpf_loader import ProcessLayout
+from producer.bpf_loader import AgentProbes, ProcessLayout
 from producer.elf_symbols import SymbolTable
 from producer.errors import TargetError, UnsupportedBinary
 from producer.go_binary import go_layout, is_go_binary
@@ -178,6 +178,23 @@ def resolve_target(
     except FileNotFoundError as exc:
         raise TargetError(f"process {pid} exited while its binary was read") from exc
     return bind_process(pid, plan)
+
+
+def attach_target(probes: AgentProbes, target: TargetProcess) -> None:
+    """Load one process's layout and attach every planned function's probes."""
+    probes.add_process(target.pid, target.layout)
+    for fn in target.functions:
+        probes.attach_function(
+            target.pid,
+            target.binary,
+            target.load_bias,
+            fn.plan.symbol.address,
+            fn.plan.entry_offset,
+            fn.plan.return_offsets,
+            fn.func_id,
+            fn.http,
+            target.layout.is_go,
+        )
 
 
 def pids_of_executable(path: str) -> list[int]:

@@ -61,25 +61,30 @@ class SpanBatch:
         return len(self.columns["tid"])
 
 
-def encode_span_batch(batch: SpanBatch) -> bytes:
-    """Serialize a batch; columns are converted to the contract's dtypes."""
-    n = len(batch)
+def _header(
+    kind: str,
+    node: str,
+    pid: int,
+    exe: str,
+    columns: dict[str, np.ndarray],
+    spec: dict[str, np.dtype[Any]],
+) -> dict[str, Any]:
+    """The map every batch shares, with its columns converted to the contract's dtypes."""
+    n = len(columns["tid"])
     cols: dict[str, bytes] = {}
-    for name, dtype in SPAN_COLUMNS.items():
-        column = batch.columns[name]
+    for name, dtype in spec.items():
+        column = columns[name]
         if len(column) != n:
             raise ValueError(f"column {name!r} has {len(column)} values, expected {n}")
         cols[name] = np.ascontiguousarray(column, dtype=dtype).tobytes()
-    message: dict[str, Any] = {
-        "v": FORMAT_VERSION,
-        "kind": KIND_SPAN,
-        "node": batch.node,
-        "pid": batch.pid,
-        "exe": batch.exe,
-        "n": n,
-        "funcs": batch.funcs,
-        "cols": cols,
-    }
+    return {"v": FORMAT_VERSION, "kind": kind, "node": node, "pid": pid, "exe": exe, "n": n,
+            "cols": cols}  # fmt: skip
+
+
+def encode_span_batch(batch: SpanBatch) -> bytes:
+    """Serialize a batch; columns are converted to the contract's dtypes."""
+    message = _header(KIND_SPAN, batch.node, batch.pid, batch.exe, batch.columns, SPAN_COLUMNS)
+    message["funcs"] = batch.funcs
     if batch.http is not None and len(batch.http.rows):
         message["http"] = {
             "row": np.ascontiguousarray(batch.http.rows, dtype=HTTP_ROW).tobytes(),
@@ -226,22 +231,7 @@ class NetBatch:
 
 
 def encode_net_batch(batch: NetBatch) -> bytes:
-    n = len(batch)
-    cols: dict[str, bytes] = {}
-    for name, dtype in NET_COLUMNS.items():
-        column = batch.columns[name]
-        if len(column) != n:
-            raise ValueError(f"column {name!r} has {len(column)} values, expected {n}")
-        cols[name] = np.ascontiguousarray(column, dtype=dtype).tobytes()
-    message: dict[str, Any] = {
-        "v": FORMAT_VERSION,
-        "kind": KIND_NET,
-        "node": batch.node,
-        "pid": batch.pid,
-        "exe": batch.exe,
-        "n": n,
-        "cols": cols,
-    }
+    message = _header(KIND_NET, batch.node, batch.pid, batch.exe, batch.columns, NET_COLUMNS)
     if batch.k8s is not None:
         message["k8s"] = batch.k8s
     return msgpack.packb(message, use_bin_type=True)

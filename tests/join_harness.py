@@ -62,13 +62,16 @@ async def read_all(bootstrap: str, topic: str, until: int, timeout_s: float) -> 
 
 
 def start_join(bootstrap: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    """`ebpf-apm join` in a child process (its run() via `python -c`), logging to `log`."""
-    code = "import sys; from consumers.join_command import main; sys.exit(main())"
+    """`ebpf-apm join` in a child process, logging to `log`."""
     flags = ["--bootstrap-servers", bootstrap, "--session-timeout-ms", "6000", *LIVE, *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-c", code, *flags], cwd=REPO, env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "producer.cli", "join", *flags],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=out,
         )
 
 

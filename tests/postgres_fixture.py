@@ -91,9 +91,20 @@ class PostgresServer:
             os.chown(self._dir, account.pw_uid, account.pw_gid)
         data = self._dir / "data"
         initdb = subprocess.run(
-            [str(PG_BIN / "initdb"), "-D", str(data), "-U", self.superuser, "--auth=trust",
-             "--no-locale", "--encoding=UTF8", "--no-sync"],
-            capture_output=True, cwd=self._dir, **self._run_as(),  # type: ignore[call-overload]
+            [
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                self.superuser,
+                "--auth=trust",
+                "--no-locale",
+                "--encoding=UTF8",
+                "--no-sync",
+            ],
+            capture_output=True,
+            cwd=self._dir,
+            **self._run_as(),  # type: ignore[call-overload]
         )
         if initdb.returncode != 0:
             self.stop()
@@ -102,12 +113,33 @@ class PostgresServer:
         if self._user:
             os.chown(self._dir / "server.log", pwd.getpwnam(self._user).pw_uid, -1)
         self._process = subprocess.Popen(
-            [str(PG_BIN / "postgres"), "-D", str(data), "-p", str(self.port),
-             "-k", str(self._dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-             "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-             "-c", "max_connections=50", "-c", "shared_buffers=32MB"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self._dir,
-            start_new_session=True, preexec_fn=_die_with_parent(),
+            [
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(data),
+                "-p",
+                str(self.port),
+                "-k",
+                str(self._dir),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+                "-c",
+                "max_connections=50",
+                "-c",
+                "shared_buffers=32MB",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self._dir,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
             **self._run_as(),  # type: ignore[call-overload]
         )
         log.close()

@@ -59,21 +59,33 @@ def make_spans(t0: int, windows: range, per_window: int, seed: int) -> list[dict
             pid = 100 + rng.randrange(6)
             http = rng.random() < 0.5
             k8s = pid % 2 == 0
-            spans.append({
-                "span_id": f"{rng.getrandbits(128):032x}", "node": f"node-{pid % 3}",
-                "pid": pid, "exe": f"/srv/bin/app{pid % 3}", "tid": pid, "goid": i,
-                "func": "net/http.serverHandler.ServeHTTP" if http
-                else rng.choice(["main.load", "main.save", "main.(*db).Query"]),
-                "start_ns": end - duration, "end_ns": end, "duration_ns": duration,
-                "http_method": rng.choice(["GET", "POST"]) if http else None,
-                "http_path": rng.choice(ROUTES).format(rng.randrange(10**6)) if http else None,
-                "http_status": rng.choice([200, 200, 200, 404, 503, 0]) if http else None,
-                "k8s_namespace": "prod" if k8s else None,
-                "k8s_pod": f"api-{pid}" if k8s else None,
-                "k8s_container": "api" if k8s else None,
-                "k8s_workload": "api" if k8s else None,
-                "bytes_sent": 0, "bytes_received": 0, "net_sends": 0, "net_recvs": 0,
-            })
+            spans.append(
+                {
+                    "span_id": f"{rng.getrandbits(128):032x}",
+                    "node": f"node-{pid % 3}",
+                    "pid": pid,
+                    "exe": f"/srv/bin/app{pid % 3}",
+                    "tid": pid,
+                    "goid": i,
+                    "func": "net/http.serverHandler.ServeHTTP"
+                    if http
+                    else rng.choice(["main.load", "main.save", "main.(*db).Query"]),
+                    "start_ns": end - duration,
+                    "end_ns": end,
+                    "duration_ns": duration,
+                    "http_method": rng.choice(["GET", "POST"]) if http else None,
+                    "http_path": rng.choice(ROUTES).format(rng.randrange(10**6)) if http else None,
+                    "http_status": rng.choice([200, 200, 200, 404, 503, 0]) if http else None,
+                    "k8s_namespace": "prod" if k8s else None,
+                    "k8s_pod": f"api-{pid}" if k8s else None,
+                    "k8s_container": "api" if k8s else None,
+                    "k8s_workload": "api" if k8s else None,
+                    "bytes_sent": 0,
+                    "bytes_received": 0,
+                    "net_sends": 0,
+                    "net_recvs": 0,
+                }
+            )
     return spans
 
 
@@ -119,27 +131,56 @@ def messages(spans: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
 class Aggregator:
     """`python -m consumers.aggregate_service` with its own topics, group and storage."""
 
-    def __init__(self, tmp: Path, bootstrap: str, topics: dict[str, str], storage: str,
-                 group: str, *extra: str) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        bootstrap: str,
+        topics: dict[str, str],
+        storage: str,
+        group: str,
+        *extra: str,
+    ) -> None:
         self.storage = storage
         self.log = tmp / f"aggregate-{group}-{time.monotonic_ns()}.log"
         command = [
-            sys.executable, "-m", "consumers.aggregate_service",
-            "--bootstrap-servers", bootstrap, "--storage", storage, "--group", group,
-            "--spans-topic", topics["spans"], "--latency-topic", topics["latency"],
-            "--deadletter-topic", topics["deadletter"], "--window", "1s", "--lateness", "2s",
-            "--idle-timeout", "3s", "--session-timeout", "2s", *extra,
+            sys.executable,
+            "-m",
+            "consumers.aggregate_service",
+            "--bootstrap-servers",
+            bootstrap,
+            "--storage",
+            storage,
+            "--group",
+            group,
+            "--spans-topic",
+            topics["spans"],
+            "--latency-topic",
+            topics["latency"],
+            "--deadletter-topic",
+            topics["deadletter"],
+            "--window",
+            "1s",
+            "--lateness",
+            "2s",
+            "--idle-timeout",
+            "3s",
+            "--session-timeout",
+            "2s",
+            *extra,
         ]
         with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT
-            )
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
-    def wait_for(self, condition: Callable[[list[LatencyRow]], bool], timeout_s: float = 60,
-                 *, alive: bool = True) -> list[LatencyRow]:
+    def wait_for(
+        self,
+        condition: Callable[[list[LatencyRow]], bool],
+        timeout_s: float = 60,
+        *,
+        alive: bool = True,
+    ) -> list[LatencyRow]:
         deadline = time.monotonic() + timeout_s
         while True:
             rows = stored_rows(self.storage) if storage_exists(self.storage) else []
@@ -207,16 +248,27 @@ def test_spans_become_stored_and_published_windows(
     # partition, so which series come first is known: f0..f29 get series, f30..f39 go to
     # the overflow series.
     capped = [
-        dict(spans[0], exe="/bin/capped", k8s_workload=None, http_method=None,
-             http_path=None, http_status=None, func=f"f{i}", end_ns=t0 + 2 * S + i,
-             pid=999, node="n9", duration_ns=1000 + i)
+        dict(
+            spans[0],
+            exe="/bin/capped",
+            k8s_workload=None,
+            http_method=None,
+            http_path=None,
+            http_status=None,
+            func=f"f{i}",
+            end_ns=t0 + 2 * S + i,
+            pid=999,
+            node="n9",
+            duration_ns=1000 + i,
+        )
         for i in range(40)
     ]
     garbage = [(b"n1/1", b"not avro"), (b"n1/2", SPAN.header + b"\x01")]
     asyncio.run(produce(bootstrap, topics["spans"], messages(spans) + garbage + messages(capped)))
     db = f"sqlite:///{tmp_path / 'latency.sqlite'}"
-    aggregator = Aggregator(tmp_path, bootstrap, topics, db, "g1",
-                            "--max-series-per-workload", "30")
+    aggregator = Aggregator(
+        tmp_path, bootstrap, topics, db, "g1", "--max-series-per-workload", "30"
+    )
     expected = truth(spans)
     rows = aggregator.wait_for(lambda rows: windows_of(rows) >= {t0 + w * S for w in range(6)})
     assert aggregator.stop() == 0, aggregator.output()
@@ -225,7 +277,10 @@ def test_spans_become_stored_and_published_windows(
     for (series, start), durations in expected.items():
         row = by_key[(series, start)]
         assert (row.count, row.sum, row.min, row.max) == (
-            durations.size, int(durations.sum()), int(durations[0]), int(durations[-1])
+            durations.size,
+            int(durations.sum()),
+            int(durations[0]),
+            int(durations[-1]),
         )
         assert row.window_end_ns == start + S
         for q, estimate in zip(QS, (row.p50, row.p90, row.p95, row.p99, row.p999), strict=True):
@@ -261,8 +316,9 @@ def test_a_crash_and_restart_store_the_rows_of_an_uninterrupted_run(
     """SQLite for the run that crashes, PostgreSQL for the reference, or the other way."""
     bootstrap, topics = kafka_broker.bootstrap_servers, new_topics()
     sqlite = f"sqlite:///{tmp_path / 'latency.sqlite'}"
-    crashing, reference = (sqlite, postgres_url) if crash.startswith("sigkill-mid") else (
-        postgres_url, sqlite)
+    crashing, reference = (
+        (sqlite, postgres_url) if crash.startswith("sigkill-mid") else (postgres_url, sqlite)
+    )
     t0 = epoch_second_now() - 120 * S
     first, second = make_spans(t0, range(10), 400, 7), make_spans(t0, range(10, 20), 400, 8)
     asyncio.run(produce(bootstrap, topics["spans"], messages(first)))
@@ -272,8 +328,9 @@ def test_a_crash_and_restart_store_the_rows_of_an_uninterrupted_run(
         run.wait_for(lambda rows: len(rows) > 0)  # written windows, open ones behind them
         run.kill()
     else:
-        run = Aggregator(tmp_path, bootstrap, topics, crashing, "crashing",
-                         "--crash-after-writes", "1")
+        run = Aggregator(
+            tmp_path, bootstrap, topics, crashing, "crashing", "--crash-after-writes", "1"
+        )
         run.wait_for(lambda rows: len(rows) > 0, alive=False)
         run.process.wait(30)
         assert run.process.returncode == -signal.SIGKILL, run.output()
@@ -321,26 +378,50 @@ def test_query_merges_stored_windows(tmp_path: Path, capsys: pytest.CaptureFixtu
     parser = argparse.ArgumentParser()
     query_command.add_arguments(parser)
     since, until = str((t0 + 5 * S) / S), str((t0 + 25 * S) / S)
-    args = parser.parse_args(["--storage", db, "--since", since, "--until", until, "--json",
-                              "--workload", "prod/*", "--operation", "GET /api/user/{id}"])
+    args = parser.parse_args(
+        [
+            "--storage",
+            db,
+            "--since",
+            since,
+            "--until",
+            until,
+            "--json",
+            "--workload",
+            "prod/*",
+            "--operation",
+            "GET /api/user/{id}",
+        ]
+    )
     assert query_command.run(args) == 0
     import json
 
     (result,) = json.loads(capsys.readouterr().out)
-    chosen = np.sort(np.concatenate([
-        np.array([s["duration_ns"]]) for s in spans
-        if key_of(s).workload == "prod/api" and key_of(s).operation == "GET /api/user/{id}"
-        and t0 + 5 * S <= s["end_ns"] // S * S < t0 + 25 * S
-    ]))
+    chosen = np.sort(
+        np.concatenate(
+            [
+                np.array([s["duration_ns"]])
+                for s in spans
+                if key_of(s).workload == "prod/api"
+                and key_of(s).operation == "GET /api/user/{id}"
+                and t0 + 5 * S <= s["end_ns"] // S * S < t0 + 25 * S
+            ]
+        )
+    )
     assert result["workload"] == "prod/api" and result["count"] == chosen.size
     assert (result["sum"], result["min"], result["max"]) == (
-        int(chosen.sum()), int(chosen[0]), int(chosen[-1]))
+        int(chosen.sum()),
+        int(chosen[0]),
+        int(chosen[-1]),
+    )
     for q, name in zip(QS, ("p50", "p90", "p95", "p99", "p999"), strict=True):
         exact = int(chosen[math.floor(q * (chosen.size - 1))])
         assert abs(result[name] - exact) <= 0.01 * exact
     # Table output, and the errors.
-    assert query_command.run(parser.parse_args(["--storage", db, "--since", since,
-                                                "--until", until])) == 0
+    assert (
+        query_command.run(parser.parse_args(["--storage", db, "--since", since, "--until", until]))
+        == 0
+    )
     table = capsys.readouterr().out
     assert "GET /api/user/{id}" in table and "p99 ms" in table
     assert query_command.run(parser.parse_args(["--storage", db, "--since", "yesterday"])) == 2
@@ -364,7 +445,8 @@ def test_bad_settings_exit_2_with_what_to_do(
         await store.close()
 
     asyncio.run(seed())
-    args = parser.parse_args(["--storage", db, "--window", "10s",
-                              "--bootstrap-servers", "127.0.0.1:1"])
+    args = parser.parse_args(
+        ["--storage", db, "--window", "10s", "--bootstrap-servers", "127.0.0.1:1"]
+    )
     assert aggregate_service.run(args) == 2
     assert "use the same --window" in capsys.readouterr().err

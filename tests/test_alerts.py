@@ -48,15 +48,33 @@ rules:
 """
 
 
-def window(start: int, status: str | None, count: int, p99_ms: float,
-           operation: str = "GET /api/user/{id}", workload: str = "prod/api") -> dict[str, Any]:
+def window(
+    start: int,
+    status: str | None,
+    count: int,
+    p99_ms: float,
+    operation: str = "GET /api/user/{id}",
+    workload: str = "prod/api",
+) -> dict[str, Any]:
     p99 = int(p99_ms * MS)
     key = SeriesKey(workload, operation, status)
     return {
-        "series": key.series, "workload": workload, "operation": operation,
-        "status_class": status, "window_start_ns": start, "window_end_ns": start + 10 * S,
-        "count": count, "sum": count * p99 // 2, "min": 1, "max": p99 + 1, "p50": p99 // 2,
-        "p90": p99 // 2, "p95": p99, "p99": p99, "p999": p99, "sketch": b"",
+        "series": key.series,
+        "workload": workload,
+        "operation": operation,
+        "status_class": status,
+        "window_start_ns": start,
+        "window_end_ns": start + 10 * S,
+        "count": count,
+        "sum": count * p99 // 2,
+        "min": 1,
+        "max": p99 + 1,
+        "p50": p99 // 2,
+        "p90": p99 // 2,
+        "p95": p99,
+        "p99": p99,
+        "p999": p99,
+        "sketch": b"",
     }
 
 
@@ -78,8 +96,7 @@ def scripted_windows() -> list[dict[str, Any]]:
 
 def summary(transitions: list[Transition]) -> list[tuple[str, str, str, int, int]]:
     return [
-        (t.rule.name, t.state, t.subject.series, (t.window_start_ns - T0) // (10 * S),
-         t.windows)
+        (t.rule.name, t.state, t.subject.series, (t.window_start_ns - T0) // (10 * S), t.windows)
         for t in transitions
     ]
 
@@ -136,39 +153,76 @@ def test_below_min_count_and_mean() -> None:
 @pytest.mark.parametrize(
     ("text", "problems"),
     [
-        ("rules:\n  - name: a\n    metric: p99\n    above: 250\n",
-         ["rules.yaml:4: rule 'a': bad threshold '250': p99 is a duration: give a unit, "
-          "e.g. 250ms"]),
-        ("rules:\n  - name: a\n    metric: p99\n    abov: 1s\n",
-         ["rules.yaml:4: rule 'a': unknown key 'abov'; known: name, workload, operation, "
-          "status_class, metric, above, below, for, resolve_after, min_count, error_classes",
-          "rules.yaml:2: rule 'a' needs exactly one of above: or below:"]),
-        ("rules:\n  - name: a\n    metric: p98\n    above: 1s\n",
-         ["rules.yaml:3: rule 'a': unknown metric 'p98'; one of: count, min, max, mean, p50, "
-          "p90, p95, p99, p999, error_rate"]),
-        ("rules:\n  - name: a\n    metric: p99\n    above: 1s\n    for: 0\n",
-         ["rules.yaml:5: rule 'a': for must be a whole number of at least 1, got '0'"]),
-        ("rules:\n  - name: a\n    metric: error_rate\n    above: 120%\n",
-         ["rules.yaml:4: rule 'a': bad threshold '120%': an error rate is between 0 and 1 "
-          "(or 0% and 100%)"]),
-        ("rules:\n  - name: a\n    metric: p99\n    above: 1s\n"
-         "  - name: a\n    metric: p50\n    below: 1s\n",
-         ["rules.yaml:5: rule 'a' is defined twice (first at line 2)"]),
-        ("rules:\n  - name: a\n    metric: p99\n    above: 1s\n    above: 2s\n",
-         ["rules.yaml:5: rule 'a': 'above' is given twice"]),
-        ("rules:\n  - name: a\n    metric: p99\n   above: 1s\n",
-         ["rules.yaml:4: not valid YAML: expected <block end>, but found "
-          "'<block mapping start>'"]),
-        ("rules:\n  - name: [a, b]\n    metric: p99\n    above: 1s\n",
-         ["rules.yaml:2: name must be a single value, not a list or mapping"]),
-        ("rule:\n  - name: a\n", ["rules.yaml:1: unknown key 'rule'; only `rules:` is read",
-                                  "rules.yaml:1: no `rules:` list"]),
+        (
+            "rules:\n  - name: a\n    metric: p99\n    above: 250\n",
+            [
+                "rules.yaml:4: rule 'a': bad threshold '250': p99 is a duration: give a unit, "
+                "e.g. 250ms"
+            ],
+        ),
+        (
+            "rules:\n  - name: a\n    metric: p99\n    abov: 1s\n",
+            [
+                "rules.yaml:4: rule 'a': unknown key 'abov'; known: name, workload, operation, "
+                "status_class, metric, above, below, for, resolve_after, min_count, error_classes",
+                "rules.yaml:2: rule 'a' needs exactly one of above: or below:",
+            ],
+        ),
+        (
+            "rules:\n  - name: a\n    metric: p98\n    above: 1s\n",
+            [
+                "rules.yaml:3: rule 'a': unknown metric 'p98'; one of: count, min, max, mean, p50, "
+                "p90, p95, p99, p999, error_rate"
+            ],
+        ),
+        (
+            "rules:\n  - name: a\n    metric: p99\n    above: 1s\n    for: 0\n",
+            ["rules.yaml:5: rule 'a': for must be a whole number of at least 1, got '0'"],
+        ),
+        (
+            "rules:\n  - name: a\n    metric: error_rate\n    above: 120%\n",
+            [
+                "rules.yaml:4: rule 'a': bad threshold '120%': an error rate is between 0 and 1 "
+                "(or 0% and 100%)"
+            ],
+        ),
+        (
+            "rules:\n  - name: a\n    metric: p99\n    above: 1s\n"
+            "  - name: a\n    metric: p50\n    below: 1s\n",
+            ["rules.yaml:5: rule 'a' is defined twice (first at line 2)"],
+        ),
+        (
+            "rules:\n  - name: a\n    metric: p99\n    above: 1s\n    above: 2s\n",
+            ["rules.yaml:5: rule 'a': 'above' is given twice"],
+        ),
+        (
+            "rules:\n  - name: a\n    metric: p99\n   above: 1s\n",
+            [
+                "rules.yaml:4: not valid YAML: expected <block end>, but found "
+                "'<block mapping start>'"
+            ],
+        ),
+        (
+            "rules:\n  - name: [a, b]\n    metric: p99\n    above: 1s\n",
+            ["rules.yaml:2: name must be a single value, not a list or mapping"],
+        ),
+        (
+            "rule:\n  - name: a\n",
+            [
+                "rules.yaml:1: unknown key 'rule'; only `rules:` is read",
+                "rules.yaml:1: no `rules:` list",
+            ],
+        ),
         ("", ["rules.yaml:1: the file is empty; it needs `rules:` and a list"]),
         ("rules: []\n", ["rules.yaml:1: `rules:` must be a non-empty list (items start with -)"]),
-        ("rules:\n  - metric: p99\n    above: 1s\n    error_classes: [6xx]\n",
-         ["rules.yaml:2: rule #1 has no name",
-          "rules.yaml:4: rule #1: error class '6xx' is not one of 1xx, 2xx, 3xx, 4xx, 5xx, "
-          "unknown"]),
+        (
+            "rules:\n  - metric: p99\n    above: 1s\n    error_classes: [6xx]\n",
+            [
+                "rules.yaml:2: rule #1 has no name",
+                "rules.yaml:4: rule #1: error class '6xx' is not one of 1xx, 2xx, 3xx, 4xx, 5xx, "
+                "unknown",
+            ],
+        ),
     ],
 )
 def test_bad_rules_files_name_the_line(text: str, problems: list[str]) -> None:
@@ -221,10 +275,27 @@ def test_the_service_publishes_each_transition_once(
     log = tmp_path / "alert.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "consumers.alert_service", "--rules", str(rules),
-             "--bootstrap-servers", bootstrap, "--latency-topic", latency, "--alerts-topic",
-             alerts, "--group", "alerts-test", "--from-beginning", "--settle", "500ms"],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "consumers.alert_service",
+                "--rules",
+                str(rules),
+                "--bootstrap-servers",
+                bootstrap,
+                "--latency-topic",
+                latency,
+                "--alerts-topic",
+                alerts,
+                "--group",
+                "alerts-test",
+                "--from-beginning",
+                "--settle",
+                "500ms",
+            ],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
     try:
         time.sleep(1.0)
@@ -240,8 +311,7 @@ def test_the_service_publishes_each_transition_once(
     assert code == 0, output
     decoded = [ALERT.decode(r.value or b"") for r in published]
     got = sorted(
-        (d["rule"], d["state"], d["series"], (d["window_start_ns"] - T0) // (10 * S),
-         d["windows"])
+        (d["rule"], d["state"], d["series"], (d["window_start_ns"] - T0) // (10 * S), d["windows"])
         for d in decoded
     )
     assert got == sorted(EXPECTED), output

@@ -64,8 +64,10 @@ def test_every_request_gets_the_bytes_its_server_wrote_though_a_join_is_killed(
                     return assigned(log)[-1] if assigned(log) else []
 
                 wait_for(
-                    lambda: sorted(latest(logs[0]) + latest(logs[1])) == list(range(PARTITIONS))
-                    and all(map(latest, logs)),
+                    lambda: (
+                        sorted(latest(logs[0]) + latest(logs[1])) == list(range(PARTITIONS))
+                        and all(map(latest, logs))
+                    ),
                     60,
                     "both joins to share the partitions",
                 )

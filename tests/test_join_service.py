@@ -369,8 +369,9 @@ class LiveTraffic:
                 spans, events = http_traffic(self.rng, now - 100 * MS, 4, 2, gap_ns=20 * MS)
                 self.traffic.spans[proc] += spans
                 self.traffic.events[proc] += events
-                net, span = encode_net_batch(net_batch(*proc, events)), encode_span_batch(
-                    span_batch(*proc, spans)
+                net, span = (
+                    encode_net_batch(net_batch(*proc, events)),
+                    encode_span_batch(span_batch(*proc, spans)),
                 )
                 await self.producer.send(NET_TOPIC, net, key=key(proc))
                 await self.producer.send(SPAN_TOPIC, span, key=key(proc))

@@ -20,7 +20,7 @@ from agent_harness import CHUNKED_END, Connection, go_server, run_client
 
 from producer.bpf_loader import AgentProbes, ProbeOptions
 from producer.event_layout import NET_RECV, NET_SEND
-from producer.targets import FunctionNames, resolve_target
+from producer.targets import FunctionNames, attach_target, resolve_target
 
 pytestmark = pytest.mark.bpf
 
@@ -34,12 +34,7 @@ def trace(binary: Path, host: str, clients: int, per_client: int):
         target = resolve_target(server.pid, [HANDLE_CHUNKS], names)
         probes = AgentProbes(ProbeOptions(net_hooks="auto"))
         try:
-            probes.add_process(server.pid, target.layout)
-            for fn in target.functions:
-                probes.attach_function(
-                    server.pid, target.binary, target.load_bias, fn.plan.symbol.address,
-                    fn.plan.entry_offset, fn.plan.return_offsets, fn.func_id, fn.http, True,
-                )  # fmt: skip
+            attach_target(probes, target)
             conns = [Connection() for _ in range(clients)]
             threads = [
                 threading.Thread(
@@ -120,12 +115,7 @@ def test_calls_that_never_return_are_swept(go_targets: dict) -> None:
         target = resolve_target(server.pid, ["main.(*server).handlePanic"], FunctionNames())
         probes = AgentProbes(ProbeOptions(net_hooks="off"))
         try:
-            probes.add_process(server.pid, target.layout)
-            for fn in target.functions:
-                probes.attach_function(
-                    server.pid, target.binary, target.load_bias, fn.plan.symbol.address,
-                    fn.plan.entry_offset, fn.plan.return_offsets, fn.func_id, fn.http, True,
-                )  # fmt: skip
+            attach_target(probes, target)
             for _ in range(7):
                 with pytest.raises(Exception):  # noqa: B017 - the server drops the connection
                     server.get("/panic")
@@ -146,12 +136,7 @@ def test_probes_of_an_exited_process_are_removed(go_targets: dict) -> None:
         for _ in range(3):
             with go_server(go_targets[("1.19", False)]) as server:
                 target = resolve_target(server.pid, [], FunctionNames())
-                probes.add_process(server.pid, target.layout)
-                for fn in target.functions:
-                    probes.attach_function(
-                        server.pid, target.binary, target.load_bias, fn.plan.symbol.address,
-                        fn.plan.entry_offset, fn.plan.return_offsets, fn.func_id, fn.http, True,
-                    )  # fmt: skip
+                attach_target(probes, target)
                 assert probes.attached_uprobes > 0
                 pid = server.pid
             probes.detach_process(pid)  # after the server has exited

@@ -51,7 +51,7 @@ def test_route_of(path: str, route: str) -> None:
 def random_segment(rng: random.Random) -> str:
     kind = rng.randrange(10)
     if kind == 0:
-        return str(rng.randrange(10**rng.randrange(1, 12)))
+        return str(rng.randrange(10 ** rng.randrange(1, 12)))
     if kind == 1:
         text = str(uuid.UUID(int=rng.getrandbits(128)))
         return text.upper() if rng.random() < 0.3 else text
@@ -127,11 +127,27 @@ def test_cap_sends_new_series_to_one_overflow_series_and_counts_them(
 
 def span(**fields: object) -> dict[str, object]:
     base: dict[str, object] = {
-        "span_id": "0" * 32, "node": "n1", "pid": 10, "exe": "/srv/bin/shop", "tid": 10,
-        "goid": 1, "func": "main.handle", "start_ns": 0, "end_ns": 1, "duration_ns": 1,
-        "http_method": None, "http_path": None, "http_status": None, "k8s_namespace": None,
-        "k8s_pod": None, "k8s_container": None, "k8s_workload": None, "bytes_sent": 0,
-        "bytes_received": 0, "net_sends": 0, "net_recvs": 0,
+        "span_id": "0" * 32,
+        "node": "n1",
+        "pid": 10,
+        "exe": "/srv/bin/shop",
+        "tid": 10,
+        "goid": 1,
+        "func": "main.handle",
+        "start_ns": 0,
+        "end_ns": 1,
+        "duration_ns": 1,
+        "http_method": None,
+        "http_path": None,
+        "http_status": None,
+        "k8s_namespace": None,
+        "k8s_pod": None,
+        "k8s_container": None,
+        "k8s_workload": None,
+        "bytes_sent": 0,
+        "bytes_received": 0,
+        "net_sends": 0,
+        "net_recvs": 0,
     }
     base.update(fields)
     return base
@@ -150,8 +166,12 @@ def test_resolver_builds_series_from_span_fields() -> None:
         span(**http, http_path="/api/user/3", http_status=503),
         span(**http, http_path="/api/user/3", http_status=0),
         span(**http, http_path="/api/user/3", http_status=None),
-        span(func="net/http.serverHandler.ServeHTTP", http_method="POST",
-             http_path="/api/user/4", http_status=201),
+        span(
+            func="net/http.serverHandler.ServeHTTP",
+            http_method="POST",
+            http_path="/api/user/4",
+            http_status=201,
+        ),
     ]
     values = [codec("span.avsc").encode(s) for s in spans]
     columns = decode_spans(values)

@@ -41,16 +41,27 @@ def random_span(rng: random.Random) -> dict[str, Any]:
         return None if rng.random() < 0.4 else value
 
     return {
-        "span_id": f"{rng.getrandbits(128):032x}", "node": random_text(rng),
-        "pid": random_long(rng, INT32), "exe": random_text(rng),
-        "tid": random_long(rng, INT32), "goid": maybe(random_long(rng)),
-        "func": random_text(rng), "start_ns": random_long(rng), "end_ns": random_long(rng),
-        "duration_ns": random_long(rng), "http_method": maybe(random_text(rng)),
-        "http_path": maybe(random_text(rng)), "http_status": maybe(random_long(rng, INT32)),
-        "k8s_namespace": maybe(random_text(rng)), "k8s_pod": maybe(random_text(rng)),
-        "k8s_container": maybe(random_text(rng)), "k8s_workload": maybe(random_text(rng)),
-        "bytes_sent": random_long(rng), "bytes_received": random_long(rng),
-        "net_sends": random_long(rng, INT32), "net_recvs": random_long(rng, INT32),
+        "span_id": f"{rng.getrandbits(128):032x}",
+        "node": random_text(rng),
+        "pid": random_long(rng, INT32),
+        "exe": random_text(rng),
+        "tid": random_long(rng, INT32),
+        "goid": maybe(random_long(rng)),
+        "func": random_text(rng),
+        "start_ns": random_long(rng),
+        "end_ns": random_long(rng),
+        "duration_ns": random_long(rng),
+        "http_method": maybe(random_text(rng)),
+        "http_path": maybe(random_text(rng)),
+        "http_status": maybe(random_long(rng, INT32)),
+        "k8s_namespace": maybe(random_text(rng)),
+        "k8s_pod": maybe(random_text(rng)),
+        "k8s_container": maybe(random_text(rng)),
+        "k8s_workload": maybe(random_text(rng)),
+        "bytes_sent": random_long(rng),
+        "bytes_received": random_long(rng),
+        "net_sends": random_long(rng, INT32),
+        "net_recvs": random_long(rng, INT32),
     }
 
 
@@ -121,8 +132,10 @@ def _goid_branch_offset(span: dict[str, Any]) -> int:
 def test_garbage_never_raises() -> None:
     rng = np.random.default_rng(3)
     header = SPAN.header
-    values = [header + rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8).tobytes()
-              for _ in range(2000)]
+    values = [
+        header + rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8).tobytes()
+        for _ in range(2000)
+    ]
     columns = decode_spans(values)
     for row in np.flatnonzero(~columns.bad).tolist():  # rare accidental valid records
         assert_row_matches(columns, row, SPAN.decode(values[row]))

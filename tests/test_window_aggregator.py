@@ -19,8 +19,15 @@ def arrays(*columns: list[int]) -> list[np.ndarray]:
 
 def figures(windows: list[ClosedWindow]) -> list[tuple[int, int, int, int, int, int, int]]:
     return [
-        (w.start_ns, w.series_id, w.sketch.count, w.sketch.sum, w.sketch.min, w.sketch.max,
-         w.sketch.quantile_ns([0.5])[0])
+        (
+            w.start_ns,
+            w.series_id,
+            w.sketch.count,
+            w.sketch.sum,
+            w.sketch.min,
+            w.sketch.max,
+            w.sketch.quantile_ns([0.5])[0],
+        )
         for w in windows
     ]
 
@@ -116,7 +123,10 @@ def test_same_windows_whatever_the_batching_and_order() -> None:
         exact = np.sort(durations[chosen])
         sketch = LatencySketch.from_bytes(blob)
         assert (sketch.count, sketch.sum, sketch.min, sketch.max) == (
-            exact.size, int(exact.sum()), int(exact.min()), int(exact.max())
+            exact.size,
+            int(exact.sum()),
+            int(exact.min()),
+            int(exact.max()),
         )
         for q, estimate in zip((0.5, 0.99), sketch.quantile_ns((0.5, 0.99)), strict=True):
             truth = int(exact[math.floor(q * (exact.size - 1))])
@@ -129,13 +139,31 @@ def test_safe_positions_are_the_oldest_offsets_open_windows_hold() -> None:
         [0, 0, 1, 0], [T0 + 1, T0 + 12 * S, T0 + 2, T0 + 13 * S], [1, 1, 1, 1]
     )
     sources, positions = arrays([0, 0, 1, 1], [100, 101, 7, 8])
-    agg.add(series[:1], ends[:1], durations[:1], arrival_ns=0, sources=sources[:1],
-            positions=positions[:1])
-    agg.add(series[2:3], ends[2:3], durations[2:3], arrival_ns=0, sources=sources[2:3],
-            positions=positions[2:3])
+    agg.add(
+        series[:1],
+        ends[:1],
+        durations[:1],
+        arrival_ns=0,
+        sources=sources[:1],
+        positions=positions[:1],
+    )
+    agg.add(
+        series[2:3],
+        ends[2:3],
+        durations[2:3],
+        arrival_ns=0,
+        sources=sources[2:3],
+        positions=positions[2:3],
+    )
     assert agg.safe_positions() == {0: 100, 1: 7}
-    agg.add(series[1::2], ends[1::2], durations[1::2], arrival_ns=0, sources=sources[1::2],
-            positions=positions[1::2])  # watermark T0 + 13 s: the first window closes
+    agg.add(
+        series[1::2],
+        ends[1::2],
+        durations[1::2],
+        arrival_ns=0,
+        sources=sources[1::2],
+        positions=positions[1::2],
+    )  # watermark T0 + 13 s: the first window closes
     assert {w.start_ns for w in agg.close_ready()} == {T0}
     assert agg.safe_positions() == {0: 101, 1: 8}
     agg.forget()
