@@ -320,3 +320,13 @@ def test_the_service_publishes_each_transition_once(
     assert "slow-user-lookups firing" in output
     (shown,) = topic_tail.TOPICS["apm.alerts"].decode(published[0].value or b"")
     assert shown == decoded[0]  # `ebpf-apm tail apm.alerts`
+
+
+def test_the_shipped_configmap_alert_rules_parse() -> None:
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    docs = yaml.safe_load_all((root / "deploy/base/config.yaml").read_text())
+    data = next(d["data"] for d in docs if d and "alert-rules.yaml" in d.get("data", {}))
+    rules = parse_rules(data["alert-rules.yaml"], "deploy/base/config.yaml")
+    assert [r.name for r in rules] == ["checkout-p99-slow", "checkout-errors"]
