@@ -49,6 +49,8 @@ struct http_span_event {
     __u8 _pad[3];
     char method[HTTP_METHOD_MAX];
     char path[HTTP_PATH_MAX];
+    __u64 flushed_ns;    /* HTTP/1: when net/http had written the response (after the span's
+                          * end); 0 when unknown */
 };
 
 /* One socket send or receive of a traced process; hdr.ts_ns is when it completed. */

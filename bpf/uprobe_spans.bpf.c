@@ -50,6 +50,10 @@
 #define SITE_ENTRY 1
 #define SITE_RETURN 2
 #define SITE_FLAG_HTTP 1
+#define SITE_FLAG_HTTP_FINISH 2   /* a RET of net/http.(*response).finishRequest */
+
+#define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
+#define CALL_HANDLER_RETURNED 2   /* ServeHTTP returned; the span ends at finishRequest */
 
 struct site_key {
     u32 tgid;
@@ -71,6 +75,7 @@ struct process_layout {
     s32 url_path;
     s32 response_status;
     u32 is_go;
+    u32 http_finish;     /* finishRequest is probed: HTTP/1 spans end when it returns */
 };
 
 struct call_key {
@@ -84,7 +89,8 @@ struct call_start {
     u64 request;         /* *net/http.Request, HTTP only */
     u64 response;        /* *net/http.response, HTTP only */
     u32 tid;
-    u32 _pad;
+    u32 flags;           /* CALL_* */
+    u64 handler_end_ns;  /* HTTP/1: when ServeHTTP returned (the span's end) */
 };
 
 /* Non-Go calls on one thread, innermost last: uretprobes fire in LIFO order. */
@@ -227,6 +233,12 @@ static __always_inline void fill_http(struct http_span_event *e, struct process_
         u32 n = read_go_string(url + layout->url_path, e->path, HTTP_PATH_MAX);
         e->path_len = n > 65535 ? 65535 : n;
     }
+    if (start->flags & CALL_HANDLER_RETURNED) {
+        e->flushed_ns = e->span.hdr.ts_ns;          /* now: finishRequest has returned */
+        e->span.hdr.ts_ns = start->handler_end_ns;  /* the span ends where ServeHTTP did */
+    } else {
+        e->flushed_ns = 0;
+    }
     if (layout->response_status >= 0 && start->response != 0) {
         s64 status = 0;
         if (bpf_probe_read_user(&status, sizeof(status),
@@ -309,13 +321,24 @@ int span_entry(struct pt_regs *ctx)
          * interface rw in RBX (type) and RCX (data: *response), req in RDI. */
         start.response = ctx->cx;
         start.request = ctx->di;
+        /* net/http writes a buffered response after ServeHTTP returns, in
+         * (*response).finishRequest on the same goroutine: an HTTP/1 span is emitted when
+         * that returns, with its flush time, so the join can give it the whole response.
+         * HTTP/1 iff rw is a *response whose conn (its first field) serves this server
+         * (conn's first field): HTTP/2's writer is another type. */
+        u64 conn = 0, server = 0;
+        if (layout->http_finish &&
+            bpf_probe_read_user(&conn, sizeof(conn), (void *)ctx->cx) == 0 && conn != 0 &&
+            bpf_probe_read_user(&server, sizeof(server), (void *)conn) == 0 &&
+            server == ctx->ax)
+            start.flags = CALL_FINISH_EXPECTED;
     }
     if (calls_in_flight.update(&key, &start) != 0)
         count(COUNTER_TABLE_FULL);
     return 0;
 }
 
-/* A RET instruction of a probed Go function. */
+/* A RET instruction of a probed Go function (or of finishRequest, for HTTP spans). */
 int span_return(struct pt_regs *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -330,8 +353,17 @@ int span_return(struct pt_regs *ctx)
         return 0;
     struct call_start *start = calls_in_flight.lookup(&key);
     if (!start) {
-        count(COUNTER_NO_ENTRY);
+        if (!(site->flags & SITE_FLAG_HTTP_FINISH))
+            count(COUNTER_NO_ENTRY);
         return 0;
+    }
+    if (site->flags & SITE_FLAG_HTTP_FINISH) {
+        if (!(start->flags & CALL_HANDLER_RETURNED))
+            return 0; /* finishRequest of a request whose ServeHTTP we did not see end */
+    } else if ((site->flags & SITE_FLAG_HTTP) && (start->flags & CALL_FINISH_EXPECTED)) {
+        start->handler_end_ns = bpf_ktime_get_boot_ns();
+        start->flags |= CALL_HANDLER_RETURNED;
+        return 0; /* emitted when finishRequest has written the response */
     }
     if (site->flags & SITE_FLAG_HTTP)
         emit_http(ctx, tgid, site->func_id, key.id, start, layout);

@@ -12,6 +12,10 @@ belonged to may be out already), a late span is still emitted, with the events s
 Network events are kept for `max_span_ns` behind the watermark; a longer span gets only the
 I/O of its last `max_span_ns` and is counted as truncated.
 
+An HTTP/1 span's I/O runs to its `flushed_ns`: net/http writes the buffered response (often
+all of it) in finishRequest, just after ServeHTTP returns, on the same goroutine; the agent
+reports when that was done. Such a span waits for the watermark to pass that time.
+
 Pure: wall-clock times are arguments (`now_ns`), the clock is never read here.
 """
 
@@ -110,9 +114,20 @@ class JoinedSpans:
 class _WaitingSpans:
     batch: SpanBatch
     rows: np.ndarray
-    end_ns: np.ndarray  # end_ns of `rows`
+    end_ns: np.ndarray  # where the I/O of `rows` ends: end_ns, or an HTTP span's flushed_ns
     proc: int
     token: object
+
+
+def io_end_ns(batch: SpanBatch) -> np.ndarray:
+    """Per span, where its I/O ends: its end, or its response flush for HTTP/1 spans."""
+    end = batch.columns["end_ns"]
+    http = batch.http
+    if http is None or http.flushed_ns is None or not len(http.rows):
+        return end
+    out = end.copy()
+    out[http.rows] = np.maximum(end[http.rows], http.flushed_ns)
+    return out
 
 
 class PartitionJoiner:
@@ -142,6 +157,7 @@ class PartitionJoiner:
         if not n:
             return
         self.counters.spans_in += n
+        end = io_end_ns(batch)
         if self._bound is not None:
             self.counters.spans_late += int(np.count_nonzero(end < self._bound))
         rows = np.arange(n)

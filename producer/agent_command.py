@@ -271,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
                     fn.plan.symbol.name,
                     fn.plan.symbol.address,
                     len(fn.plan.return_offsets),
-                    " [HTTP]" if fn.http else "",
+                    " [HTTP span end: response flushed]" if fn.http_finish
+                    else " [HTTP]" if fn.http else "",
                 )
         log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
         log.info(

@@ -34,6 +34,7 @@ TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 SITE_ENTRY = 1
 SITE_RETURN = 2
 SITE_FLAG_HTTP = 1
+SITE_FLAG_HTTP_FINISH = 2
 COUNTER_NAMES = (
     "ring_full",
     "table_full",
@@ -89,6 +90,7 @@ class ProcessLayout:
     request_url: int = -1
     url_path: int = -1
     response_status: int = -1
+    http_finish: bool = False  # net/http.(*response).finishRequest is probed too
 
 
 class _LayoutStruct(ctypes.Structure):
@@ -99,6 +101,7 @@ class _LayoutStruct(ctypes.Structure):
         ("url_path", ctypes.c_int32),
         ("response_status", ctypes.c_int32),
         ("is_go", ctypes.c_uint32),
+        ("http_finish", ctypes.c_uint32),
     ]
 
 
@@ -218,6 +221,7 @@ class AgentProbes:
             layout.url_path,
             layout.response_status,
             1 if layout.is_go else 0,
+            1 if layout.http_finish else 0,
         )
         self._processes.setdefault(pid, _AttachedProcess())
 
@@ -232,20 +236,25 @@ class AgentProbes:
         func_id: int,
         http: bool,
         is_go: bool,
+        http_finish: bool = False,
     ) -> None:
         """Attach one function: `address` is its ELF address, `load_bias` what the process
-        added to ELF addresses when it mapped the binary (0 unless PIE)."""
+        added to ELF addresses when it mapped the binary (0 unless PIE). `http_finish`:
+        only its returns, which end the HTTP span of `func_id` (finishRequest)."""
         proc = self._processes[pid]
         flags = SITE_FLAG_HTTP if http else 0
+        if http_finish:
+            flags |= SITE_FLAG_HTTP_FINISH
         path = binary.encode()
         known = set(self._bpf.uprobe_fds)
         try:
-            self._add_site(
-                proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags
-            )
-            self._bpf.attach_uprobe(
-                name=path, addr=address + entry_offset, fn_name=b"span_entry", pid=pid
-            )
+            if not http_finish:
+                self._add_site(
+                    proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags
+                )
+                self._bpf.attach_uprobe(
+                    name=path, addr=address + entry_offset, fn_name=b"span_entry", pid=pid
+                )
             if is_go:
                 for offset in return_offsets:
                     self._add_site(

@@ -45,6 +45,7 @@ HTTP_SPAN_EVENT = np.dtype(
         ("_pad2", "u1", (3,)),
         ("method", f"S{HTTP_METHOD_MAX}"),
         ("path", f"S{HTTP_PATH_MAX}"),
+        ("flushed_ns", "<u8"),
     ],
     align=True,
 )
@@ -91,6 +92,7 @@ C_FIELDS: dict[str, dict[str, str]] = {
         "method_len": "method_len",
         "method": "method",
         "path": "path",
+        "flushed_ns": "flushed_ns",
     },
     "net_event": {
         "hdr.ts_ns": "ts_ns",

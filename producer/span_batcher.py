@@ -198,6 +198,9 @@ class SpanBatcher(ProcessBatcher):
                 method=methods,
                 path=paths,
                 status=np.array([_http_status(int(s)) for s in http["status"]], dtype=np.uint16),
+                flushed_ns=np.where(
+                    http["flushed_ns"] > 0, http["flushed_ns"].astype(np.int64) + offset, 0
+                ),
             )
         info = self.process_info.get(pid, ProcessInfo(exe=""))
         batch = SpanBatch(

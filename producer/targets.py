@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from producer.bpf_loader import AgentProbes, ProcessLayout
@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 
 # Every request a Go net/http server serves passes through this method.
 HTTP_SERVER_SYMBOL = "net/http.serverHandler.ServeHTTP"
+# ...and an HTTP/1 response is flushed by this one after ServeHTTP returns, on the same
+# goroutine: HTTP spans end when it returns, so they hold the whole response.
+HTTP_FINISH_SYMBOL = "net/http.(*response).finishRequest"
 
 
 class FunctionNames:
@@ -43,6 +46,7 @@ class FunctionTarget:
     func_id: int
     plan: ProbePlan
     http: bool
+    http_finish: bool = False  # only its returns, ending the HTTP span `func_id`
 
 
 @dataclass
@@ -150,6 +154,12 @@ def plan_binary(
         FunctionTarget(names.id_of(name), plan_function(binary, table, name, go), is_http)
         for name, is_http in wanted
     )
+    if http and serves_http and HTTP_FINISH_SYMBOL in table:
+        finish = plan_function(binary, table, HTTP_FINISH_SYMBOL, go)
+        if finish.return_offsets:
+            http_id = names.id_of(HTTP_SERVER_SYMBOL)
+            functions += (FunctionTarget(http_id, finish, True, http_finish=True),)
+            layout = replace(layout, http_finish=True)
     return BinaryPlan(exe=exe, layout=layout, go_version=version, functions=functions)
 
 
@@ -194,6 +204,7 @@ def attach_target(probes: AgentProbes, target: TargetProcess) -> None:
             fn.func_id,
             fn.http,
             target.layout.is_go,
+            fn.http_finish,
         )
 
 

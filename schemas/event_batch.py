@@ -30,6 +30,7 @@ SPAN_COLUMNS: dict[str, np.dtype[Any]] = {
 }
 HTTP_ROW = np.dtype("<u4")
 HTTP_STATUS = np.dtype("<u2")
+HTTP_FLUSHED = np.dtype("<i8")
 
 
 class BatchDecodeError(ValueError):
@@ -44,6 +45,9 @@ class HttpColumns:
     method: list[str]
     path: list[str]
     status: np.ndarray
+    # When net/http had written the response (Unix epoch ns, after the span's end; HTTP/1),
+    # 0 when unknown. The join counts the span's sends up to here.
+    flushed_ns: np.ndarray | None = None
 
 
 @dataclass
@@ -92,6 +96,9 @@ def encode_span_batch(batch: SpanBatch) -> bytes:
             "path": batch.http.path,
             "status": np.ascontiguousarray(batch.http.status, dtype=HTTP_STATUS).tobytes(),
         }
+        if batch.http.flushed_ns is not None:
+            flushed = np.ascontiguousarray(batch.http.flushed_ns, dtype=HTTP_FLUSHED)
+            message["http"]["flushed_ns"] = flushed.tobytes()
     if batch.k8s is not None:
         message["k8s"] = batch.k8s
     return msgpack.packb(message, use_bin_type=True)
@@ -145,6 +152,11 @@ def decode_span_batch(value: bytes) -> SpanBatch:
                 method=list(h["method"]),
                 path=list(h["path"]),
                 status=_column(h["status"], HTTP_STATUS, m, "http.status"),
+                flushed_ns=(
+                    _column(h["flushed_ns"], HTTP_FLUSHED, m, "http.flushed_ns")
+                    if "flushed_ns" in h
+                    else None
+                ),
             )
             if len(http.method) != m or len(http.path) != m or (m and int(rows.max()) >= n):
                 raise BatchDecodeError("http columns do not match the batch's spans")
@@ -192,6 +204,8 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             event["http_method"] = batch.http.method[j]
             event["http_path"] = batch.http.path[j]
             event["http_status"] = int(batch.http.status[j])
+            flushed = 0 if batch.http.flushed_ns is None else int(batch.http.flushed_ns[j])
+            event["http_flushed_ns"] = flushed or None
         for name in K8S_FIELDS:
             event[name] = k8s.get(name)
         yield event

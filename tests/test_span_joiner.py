@@ -73,6 +73,31 @@ def test_nested_spans_on_one_goroutine_both_count_its_io() -> None:
     assert got == {("b", 0): (1028, 300, 4, 1), ("b", 1): (1023, 0, 3, 0)}
 
 
+def test_an_http_span_owns_its_response_flush_after_servehttp_returns() -> None:
+    """net/http writes the buffered response in finishRequest, after ServeHTTP returned; the
+    agent reports when (flushed_ns). The HTTP span gets those sends, its handler does not,
+    and the next request on the keep-alive goroutine is not touched."""
+    spans = [
+        Span(HTTP_FUNC, T0 + 100, T0 + 1000, tid=7, goid=40, http=("GET", "/a", 200)),
+        Span("main.handler", T0 + 200, T0 + 900, tid=7, goid=40),
+        Span(HTTP_FUNC, T0 + 2000, T0 + 3000, tid=7, goid=40, http=("GET", "/b", 200)),
+    ]
+    events = [
+        Net(T0 + 500, 10, send=True, tid=7, goid=40),  # handler wrote and flushed: all
+        Net(T0 + 1010, 4096, send=True, tid=7, goid=40),  # finishRequest's flush: HTTP only
+        Net(T0 + 1500, 80, send=False, tid=7, goid=40),  # next request read: no span
+        Net(T0 + 3005, 64, send=True, tid=7, goid=40),  # /b's flush
+    ]
+    batch = span_batch("n", 1, spans)
+    assert batch.http is not None
+    batch.http.flushed_ns = np.array([T0 + 1020, T0 + 3010], dtype=np.int64)
+    joiner = PartitionJoiner(SETTINGS, now_ns=0)
+    joiner.add_net(net_batch("n", 1, events), now_ns=0)
+    joiner.add_spans(batch, "b", now_ns=0)
+    got = totals(drain(joiner, 0))
+    assert got == {("b", 0): (4106, 0, 2, 0), ("b", 1): (10, 0, 1, 0), ("b", 2): (64, 0, 1, 0)}
+
+
 def test_keep_alive_goroutine_reuse_attributes_io_per_request_and_reads_between_match_nothing():
     # One connection goroutine serves three requests; each request is read before ServeHTTP
     # starts, so those reads belong to no span.
