@@ -34,7 +34,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import IllegalStateError, KafkaError
@@ -54,6 +53,7 @@ from consumers.latency_store import (
 )
 from consumers.route_template import SeriesRegistry
 from consumers.series_resolver import SeriesResolver
+from consumers.service_loop import run_until_stopped
 from consumers.span_columns import decode_spans, explain_bad_span
 from consumers.time_spec import format_duration_ns, parse_duration_ns
 from consumers.window_aggregator import ClosedWindow, WindowAggregator
@@ -535,22 +535,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    try:
-        uvloop.run(main())
-    except AggregateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except StorageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_until_stopped(lambda stop: serve(config, stop), (AggregateError, StorageError))
 
 
 if __name__ == "__main__":  # the same as `ebpf-apm aggregate`

@@ -20,16 +20,15 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
-import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
 from consumers.alert_rules import AlertEngine, Rule, RulesError, Transition, load_rules
+from consumers.service_loop import run_until_stopped
 from consumers.time_spec import parse_duration_ns
 from producer.kafka_publisher import (
     describe_error,
@@ -253,19 +252,7 @@ def run(args: argparse.Namespace) -> int:
         from_beginning=args.from_beginning,
     )
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    try:
-        uvloop.run(main())
-    except AlertServiceError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_until_stopped(lambda stop: serve(config, stop), (AlertServiceError,))
 
 
 if __name__ == "__main__":  # the same as `ebpf-apm alert`
