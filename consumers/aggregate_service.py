@@ -58,6 +58,8 @@ from consumers.span_columns import decode_spans, explain_bad_span
 from consumers.time_spec import format_duration_ns, parse_duration_ns
 from consumers.window_aggregator import ClosedWindow, WindowAggregator
 from producer.kafka_publisher import (
+    add_bootstrap_argument,
+    bootstrap_servers,
     describe_error,
     ensure_topics,
     parse_bootstrap_servers,
@@ -67,8 +69,6 @@ from schemas.avro_codec import codec
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 DECODE_CHUNK = 8192  # messages per columnar decode: numpy temporaries stay in cache
 LATENCY_PARTITIONS = 6
 
@@ -101,7 +101,7 @@ class AggregateConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AggregateConfig:
-        bootstrap = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
+        bootstrap = bootstrap_servers(args.bootstrap_servers)
         try:
             parse_bootstrap_servers(bootstrap)
             durations = {
@@ -495,12 +495,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sqlite:///path or postgresql://user@host/db (default: ${STORAGE_ENV}, else "
         f"{DEFAULT_STORAGE})",
     )
-    parser.add_argument(
-        "--bootstrap-servers",
-        metavar="HOST:PORT",
-        default=None,
-        help=f"Kafka (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
-    )
+    add_bootstrap_argument(parser)
     parser.add_argument("--group", default="ebpf-apm-aggregate", help="Kafka consumer group")
     parser.add_argument("--spans-topic", default="apm.spans", help="input (default: apm.spans)")
     parser.add_argument(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from consumers.alert_rules import AlertEngine, Rule, RulesError, Transition, loa
 from consumers.service_loop import run_until_stopped
 from consumers.time_spec import parse_duration_ns
 from producer.kafka_publisher import (
+    add_bootstrap_argument,
+    bootstrap_servers,
     describe_error,
     ensure_topics,
     parse_bootstrap_servers,
@@ -39,9 +40,6 @@ from producer.kafka_publisher import (
 from schemas.avro_codec import AvroDecodeError, codec
 
 log = logging.getLogger(__name__)
-
-BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 
 
 class AlertServiceError(Exception):
@@ -199,12 +197,7 @@ async def serve(config: AlertConfig, stop: asyncio.Event) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", required=True, metavar="FILE", help="rules file (YAML)")
     parser.add_argument("--check", action="store_true", help="only check the rules file, then exit")
-    parser.add_argument(
-        "--bootstrap-servers",
-        metavar="HOST:PORT",
-        default=None,
-        help=f"Kafka (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
-    )
+    add_bootstrap_argument(parser)
     parser.add_argument("--group", default="ebpf-apm-alert", help="Kafka consumer group")
     parser.add_argument("--latency-topic", default="apm.latency", help="input windows")
     parser.add_argument("--alerts-topic", default="apm.alerts", help="output transitions")
@@ -234,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.rules}: {len(rules)} rules, all valid")
         return 0
-    bootstrap = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
+    bootstrap = bootstrap_servers(args.bootstrap_servers)
     try:
         parse_bootstrap_servers(bootstrap)
         settle_ns = parse_duration_ns(args.settle)

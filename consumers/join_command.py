@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 
@@ -25,10 +24,12 @@ from consumers.join_service import (
 )
 from consumers.kafka_io import JoinKafkaError, KafkaSettings
 from consumers.span_joiner import MS, JoinSettings
-from producer.kafka_publisher import PublisherError, parse_bootstrap_servers
-
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
+from producer.kafka_publisher import (
+    PublisherError,
+    add_bootstrap_argument,
+    bootstrap_servers,
+    parse_bootstrap_servers,
+)
 
 
 class JoinConfigError(ValueError):
@@ -39,7 +40,7 @@ class JoinConfigError(ValueError):
 
 def config_from_args(args: argparse.Namespace) -> JoinConfig:
     """The service's configuration; JoinConfigError names every bad value."""
-    bootstrap = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
+    bootstrap = bootstrap_servers(args.bootstrap_servers)
     try:
         parse_bootstrap_servers(bootstrap)
     except PublisherError as exc:
@@ -81,12 +82,7 @@ def config_from_args(args: argparse.Namespace) -> JoinConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bootstrap-servers",
-        metavar="HOST:PORT",
-        default=None,
-        help=f"Kafka brokers (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
-    )
+    add_bootstrap_argument(parser)
     parser.add_argument(
         "--group", default="ebpf-apm-join", help="consumer group (default: ebpf-apm-join)"
     )

@@ -24,12 +24,14 @@ import uvloop
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
-from producer.kafka_publisher import describe_error, parse_bootstrap_servers
+from producer.kafka_publisher import (
+    add_bootstrap_argument,
+    bootstrap_servers,
+    describe_error,
+    parse_bootstrap_servers,
+)
 from schemas.avro_codec import codec
 from schemas.event_batch import decode_net_batch, decode_span_batch, iter_events, iter_net_events
-
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 
 Event = dict[str, Any]
 # value -> events. Raise ValueError (e.g. BatchDecodeError) for a value it cannot read.
@@ -149,12 +151,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="exit once no message arrived for S seconds (default: run until Ctrl-C)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object per event")
-    parser.add_argument(
-        "--bootstrap-servers",
-        metavar="HOST:PORT",
-        default=None,
-        help=f"Kafka to read from (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
-    )
+    add_bootstrap_argument(parser)
 
 
 @contextlib.contextmanager
@@ -320,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     if fmt is None:
         _error(f"no decoder for topic {args.topic!r}; known topics: {', '.join(sorted(TOPICS))}")
         return 2
-    bootstrap = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
+    bootstrap = bootstrap_servers(args.bootstrap_servers)
     try:
         parse_bootstrap_servers(bootstrap)
     except ValueError as exc:

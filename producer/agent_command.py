@@ -9,19 +9,25 @@ import os
 import socket
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from producer.bpf_loader import NET_HOOKS, AgentProbes, ProbeOptions, require_privileges
-from producer.discovered_targets import KubernetesSettings, rules_file_of, serve_agent
+from producer.discovered_targets import KubernetesSettings, serve_agent
 from producer.errors import AgentError, TargetError
-from producer.kafka_publisher import KafkaPublisher, PublisherConfig
+from producer.kafka_publisher import (
+    KafkaPublisher,
+    PublisherConfig,
+    add_bootstrap_argument,
+    bootstrap_servers,
+)
 from producer.pipeline import AgentPipeline, PipelineSettings, Stream
 from producer.span_batcher import NetBatcher, SpanBatcher
+from producer.target_rules import TargetRulesFile
 from producer.targets import FunctionNames, TargetProcess, pids_of_executable, resolve_target
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
 COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
 NET_HOOK_NAMES = {
     "kprobes": "kprobes on tcp_sendmsg/tcp_recvmsg",
@@ -75,8 +81,7 @@ class AgentConfig:
             exes=tuple(args.exe or ()),
             funcs=tuple(args.func or ()),
             http=not args.no_http,
-            bootstrap_servers=args.bootstrap_servers
-            or os.environ.get("KAFKA_BOOTSTRAP_SERVERS", DEFAULT_BOOTSTRAP),
+            bootstrap_servers=bootstrap_servers(args.bootstrap_servers),
             node_name=node_name,
             span_topic=args.span_topic,
             net_topic=args.net_topic,
@@ -139,11 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not trace Go net/http servers' requests automatically",
     )
-    parser.add_argument(
-        "--bootstrap-servers",
-        metavar="HOST:PORT",
-        help=f"Kafka brokers (default $KAFKA_BOOTSTRAP_SERVERS or {DEFAULT_BOOTSTRAP})",
-    )
+    add_bootstrap_argument(parser)
     parser.add_argument(
         "--node-name", help="name of this node in events (default $NODE_NAME or the host name)"
     )
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         config = AgentConfig.from_args(args)
         require_privileges()
         names = FunctionNames()
-        rules_file = rules_file_of(config.config) if config.config else None
+        rules_file = TargetRulesFile(Path(config.config)) if config.config else None
         rules = rules_file.load() if rules_file else None
         targets = _resolve_targets(config, names) if config.pids or config.exes else []
         options = ProbeOptions(
@@ -271,8 +272,11 @@ def run(args: argparse.Namespace) -> int:
                     fn.plan.symbol.name,
                     fn.plan.symbol.address,
                     len(fn.plan.return_offsets),
-                    " [HTTP span end: response flushed]" if fn.http_finish
-                    else " [HTTP]" if fn.http else "",
+                    " [HTTP span end: response flushed]"
+                    if fn.http_finish
+                    else " [HTTP]"
+                    if fn.http
+                    else "",
                 )
         log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
         log.info(

@@ -14,7 +14,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from producer.errors import AgentError
 from producer.k8s_metadata import PodMetadata
@@ -150,7 +149,3 @@ async def _serve_rules(
         reloading.cancel()
         await discovery.stop()
         await tracker.stop()
-
-
-def rules_file_of(path: str) -> TargetRulesFile:
-    return TargetRulesFile(Path(path))

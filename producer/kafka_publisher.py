@@ -15,12 +15,14 @@ This is the only producer-side module that imports aiokafka.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import functools
 import heapq
 import itertools
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -144,6 +146,25 @@ class _Message:
     value: bytes = field(compare=False)
     events: int = field(compare=False)
     size: int = field(compare=False)
+
+
+BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
+DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
+
+
+def add_bootstrap_argument(parser: argparse.ArgumentParser) -> None:
+    """`--bootstrap-servers`, the same for every command that talks to Kafka."""
+    parser.add_argument(
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        default=None,
+        help=f"Kafka brokers (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
+    )
+
+
+def bootstrap_servers(flag: str | None) -> str:
+    """The flag's value, else $KAFKA_BOOTSTRAP_SERVERS, else the local default."""
+    return flag or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
 
 
 def parse_bootstrap_servers(servers: str) -> list[tuple[str, int]]:
