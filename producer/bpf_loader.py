@@ -120,13 +120,13 @@ class PerfBufferReader:
         self.record = record
         self._chunks: list[bytes] = []
         self._bpf = bpf
-        self._lost = 0
 
         def on_record(_cpu: int, data: int, size: int) -> None:
             self._chunks.append(ctypes.string_at(data, record.itemsize))
 
-        def on_lost(count: int) -> None:
-            self._lost += count
+        def on_lost(_count: int) -> None:
+            """The program counts these itself (a failed perf_submit is `ring_full`); without
+            a callback BCC would print every loss to stdout."""
 
         bpf[table.encode()].open_perf_buffer(on_record, page_cnt=pages, lost_cb=on_lost)
 
@@ -136,10 +136,6 @@ class PerfBufferReader:
         if not chunks:
             return np.empty(0, dtype=self.record)
         return np.frombuffer(b"".join(chunks), dtype=self.record)
-
-    @property
-    def lost(self) -> int:
-        return self._lost
 
     def close(self) -> None:
         pass
@@ -317,8 +313,7 @@ class AgentProbes:
         return len(stale)
 
     def counters(self) -> dict[str, int]:
-        # Perf buffers too: a full buffer fails perf_submit, which the program counts itself;
-        # the readers' lost callbacks report the same records again (PerfBufferReader.lost).
+        # Perf buffers too: a full buffer fails perf_submit, which the program counts itself.
         table = self._bpf[b"counters"]
         return {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
 

@@ -87,8 +87,6 @@ class AgentPipeline:
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._pidfds: dict[int, int] = {}
-        self.exit_reason = ""
-        self.abandoned_calls = 0
         self._running = False
         self._retired: set[int] = set()  # detached; names kept until their last batch is cut
         self._health_at = 0.0
@@ -170,7 +168,6 @@ class AgentPipeline:
     def stop(self, reason: str) -> None:
         if not self._stop.is_set():
             log.info("stopping (%s): draining and flushing", reason)
-            self.exit_reason = reason
             self._stop.set()
 
     async def _drain_once(self) -> None:
@@ -261,7 +258,6 @@ class AgentPipeline:
             await asyncio.sleep(self.settings.stats_interval_s)
             abandoned = self.probes.sweep_abandoned_calls(int(self.settings.max_call_s * 1e9))
             if abandoned:
-                self.abandoned_calls += abandoned
                 log.info(
                     "forgot %d call(s) in flight for over %.0f s (a panic or Goexit skipped "
                     "their return)",

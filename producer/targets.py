@@ -163,9 +163,9 @@ def plan_binary(
     return BinaryPlan(exe=exe, layout=layout, go_version=version, functions=functions)
 
 
-def bind_process(pid: int, plan: BinaryPlan) -> TargetProcess:
-    """The plan of a binary, for one process running it."""
-    exe = _check_process(pid)
+def bind_process(pid: int, plan: BinaryPlan, exe: str | None = None) -> TargetProcess:
+    """The plan of a binary, for one process running it (`exe`: its path, when known)."""
+    exe = exe or _check_process(pid)
     binary = f"/proc/{pid}/exe"
     return TargetProcess(
         pid=pid,
@@ -187,7 +187,7 @@ def resolve_target(
         plan = plan_binary(f"/proc/{pid}/exe", symbols, names, http, exe=f"pid {pid} ({exe})")
     except FileNotFoundError as exc:
         raise TargetError(f"process {pid} exited while its binary was read") from exc
-    return bind_process(pid, plan)
+    return bind_process(pid, plan, exe)
 
 
 def attach_target(probes: AgentProbes, target: TargetProcess) -> None:
