@@ -7,7 +7,9 @@ topic/partition/offset). The join carries on with the next message.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from consumers.span_joiner import check_net_batch, check_span_batch
 from schemas.event_batch import (
@@ -17,6 +19,8 @@ from schemas.event_batch import (
     decode_net_batch,
     decode_span_batch,
 )
+
+T = TypeVar("T")
 
 REASON_HEADER = "reason"
 SOURCE_HEADER = "source"
@@ -40,35 +44,47 @@ def _rejected(
     return DeadLetter(key, value, why, f"{topic}/{partition}/{offset}")
 
 
+def _read_message(
+    label: str,
+    decode: Callable[[bytes], T],
+    topic: str,
+    partition: int,
+    offset: int,
+    key: bytes | None,
+    value: bytes | None,
+) -> T | DeadLetter:
+    if value is None:
+        return _rejected(topic, partition, offset, key, value, "empty message (no value)")
+    try:
+        return decode(value)
+    except BatchDecodeError as exc:
+        return _rejected(topic, partition, offset, key, value, f"{label}: {exc}")
+    except Exception as exc:  # a hostile message must not stop the join: reject it too
+        why = f"{label}: {type(exc).__name__}: {exc}"
+        return _rejected(topic, partition, offset, key, value, why)
+
+
+def _checked_span_batch(value: bytes) -> SpanBatch:
+    batch = decode_span_batch(value)
+    check_span_batch(batch)
+    return batch
+
+
+def _checked_net_batch(value: bytes) -> NetBatch:
+    batch = decode_net_batch(value)
+    check_net_batch(batch)
+    return batch
+
+
 def read_span_message(
     topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
 ) -> SpanBatch | DeadLetter:
     """The checked span batch of a message, or the dead letter that replaces it."""
-    if value is None:
-        return _rejected(topic, partition, offset, key, value, "empty message (no value)")
-    try:
-        batch = decode_span_batch(value)
-        check_span_batch(batch)
-    except BatchDecodeError as exc:
-        return _rejected(topic, partition, offset, key, value, f"span batch: {exc}")
-    except Exception as exc:  # a hostile message must not stop the join: reject it too
-        why = f"span batch: {type(exc).__name__}: {exc}"
-        return _rejected(topic, partition, offset, key, value, why)
-    return batch
+    return _read_message("span batch", _checked_span_batch, topic, partition, offset, key, value)
 
 
 def read_net_message(
     topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None
 ) -> NetBatch | DeadLetter:
     """The checked net batch of a message, or the dead letter that replaces it."""
-    if value is None:
-        return _rejected(topic, partition, offset, key, value, "empty message (no value)")
-    try:
-        batch = decode_net_batch(value)
-        check_net_batch(batch)
-    except BatchDecodeError as exc:
-        return _rejected(topic, partition, offset, key, value, f"net batch: {exc}")
-    except Exception as exc:  # a hostile message must not stop the join: reject it too
-        why = f"net batch: {type(exc).__name__}: {exc}"
-        return _rejected(topic, partition, offset, key, value, why)
-    return batch
+    return _read_message("net batch", _checked_net_batch, topic, partition, offset, key, value)

@@ -15,7 +15,6 @@ from typing import Any
 
 import fastavro
 import fastavro.schema
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 REPO = Path(__file__).resolve().parent.parent
 SPAN_SCHEMA_FILE = REPO / "schemas" / "span.avsc"
@@ -37,28 +36,6 @@ def outside_decoder() -> Any:
         return record
 
     return decode
-
-
-async def read_all(bootstrap: str, topic: str, until: int, timeout_s: float) -> list[Any]:
-    """Every record of `topic` from the beginning, once at least `until` are there."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
-    await consumer.start()
-    try:
-        numbers = sorted(consumer.partitions_for_topic(topic) or [])
-        partitions = [TopicPartition(topic, p) for p in numbers]
-        assert partitions, f"{topic} does not exist"
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while len(records) < until and time.monotonic() < deadline:
-            for batch in (await consumer.getmany(timeout_ms=200)).values():
-                records.extend(batch)
-        for batch in (await consumer.getmany(timeout_ms=300)).values():
-            records.extend(batch)
-        return records
-    finally:
-        await consumer.stop()
 
 
 def start_join(bootstrap: str, log: Path, *extra: str) -> subprocess.Popen[bytes]:

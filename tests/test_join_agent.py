@@ -21,7 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from agent_harness import CHUNKED_END, Agent, Connection, go_server, run_client
 from aiokafka.partitioner import murmur2
-from join_harness import acknowledged, assigned, outside_decoder, read_all, start_join, wait_for
+from join_harness import acknowledged, assigned, outside_decoder, start_join, wait_for
+from kafka_fixtures import read_topic
 
 from producer.embedded_broker import EmbeddedBroker
 
@@ -152,4 +153,4 @@ def test_every_request_gets_the_bytes_its_server_wrote_though_a_join_is_killed(
 
 
 def read_all_sync(bootstrap: str, until: int) -> list[Any]:
-    return asyncio.run(read_all(bootstrap, "apm.spans", until, 3))
+    return asyncio.run(read_topic(bootstrap, "apm.spans", until, 3))

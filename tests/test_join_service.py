@@ -23,10 +23,10 @@ from join_harness import (
     acknowledged,
     assigned,
     outside_decoder,
-    read_all,
     start_join,
     wait_for,
 )
+from kafka_fixtures import read_topic
 
 from consumers import join_command, join_service, topic_tail
 from consumers.offset_ledger import EmitSteps, TopicPartitionLedger
@@ -234,8 +234,8 @@ def join_run() -> Iterator[JoinRun]:
                 commits = await committed(bootstrap, "ebpf-apm-join", inputs)
             service.request_stop()
             exit_code = await task
-            spans = await read_all(bootstrap, OUT_TOPIC, expected, 20)
-            dead = await read_all(bootstrap, DEAD_TOPIC, len(garbage), 10)
+            spans = await read_topic(bootstrap, OUT_TOPIC, expected, 20)
+            dead = await read_topic(bootstrap, DEAD_TOPIC, len(garbage), 10)
             return JoinRun(bootstrap, traffic, garbage, exit_code, spans, dead, commits, ends)
 
         yield asyncio.run(scenario())
@@ -418,7 +418,7 @@ def test_killing_one_of_two_instances_loses_no_span(tmp_path: Path) -> None:
             expected = traffic.expected()
 
             def all_out() -> bool:
-                records = asyncio.run(read_all(bootstrap, OUT_TOPIC, len(expected), 2))
+                records = asyncio.run(read_topic(bootstrap, OUT_TOPIC, len(expected), 2))
                 by_id.clear()
                 for record in records:
                     span = decode(record.value)

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_harness import Agent, Request, go_server, send_concurrently
-from join_harness import outside_decoder, read_all, start_join, wait_for
+from join_harness import outside_decoder, start_join, wait_for
+from kafka_fixtures import read_topic
 
 from consumers.latency_store import LatencyRow, StorageError, open_store
 from producer.embedded_broker import EmbeddedBroker
@@ -148,7 +149,7 @@ def test_stored_percentiles_match_the_spans_of_each_window(
                     send_concurrently(
                         server, requests[burst * PER_BURST : (burst + 1) * PER_BURST], CLIENTS
                     )
-                records = asyncio.run(read_all(bootstrap, "apm.spans", expected_spans, 40))
+                records = asyncio.run(read_topic(bootstrap, "apm.spans", expected_spans, 40))
                 assert len(records) == expected_spans, f"join:\n{join_log.read_text()}"
 
                 def all_stored() -> bool:
