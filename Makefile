@@ -12,7 +12,8 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy producer consumers schemas
+	$(VENV)/bin/mypy ebpf_apm
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint
 	$(VENV)/bin/pytest

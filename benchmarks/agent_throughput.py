@@ -39,12 +39,14 @@ from typing import Any
 import msgpack
 import uvloop
 
-from producer.bpf_loader import AgentProbes, ProbeOptions
-from producer.embedded_broker import EmbeddedBroker
-from producer.event_layout import SPAN_EVENT
-from producer.kafka_publisher import KafkaPublisher, PublisherConfig, ensure_topics
-from producer.pipeline import PipelineSettings, boot_to_epoch_offset_ns
-from producer.span_batcher import OutgoingBatch, SpanBatcher
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.event_layout import SPAN_EVENT
+from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
+from ebpf_apm.producer.pipeline import PipelineSettings, boot_to_epoch_offset_ns
+from ebpf_apm.producer.span_batcher import OutgoingBatch, SpanBatcher
 
 GENERATOR = Path(__file__).resolve().parent / "getppid_load.py"
 NODE = "bench-node"
@@ -192,7 +194,7 @@ class LoadGenerator:
 def publisher_config(bootstrap: str, topic: str) -> PublisherConfig:
     # Exactly the agent's settings (acks=all, lz4, 64 MiB buffer) except the client id.
     return PublisherConfig(
-        bootstrap_servers=bootstrap,
+        connection=KafkaConnection(bootstrap),
         topic=topic,
         acks="all",
         compression="lz4",
@@ -202,7 +204,7 @@ def publisher_config(bootstrap: str, topic: str) -> PublisherConfig:
 
 async def fresh_topic(bootstrap: str) -> str:
     topic = f"bench.throughput.{uuid.uuid4().hex[:8]}"
-    await ensure_topics(bootstrap, {topic: PARTITIONS})
+    await ensure_topics(KafkaConnection(bootstrap), {topic: PARTITIONS})
     return topic
 
 
@@ -290,8 +292,12 @@ def readers(fds: list[int], wake: asyncio.Event) -> Iterator[None]:
 async def run_project(args: argparse.Namespace, bootstrap: str) -> PathResult:
     options = ProbeOptions(synthetic_burst=args.burst, span_ring_pages=args.ring_pages)
     probes = AgentProbes(options)
-    batcher = SpanBatcher(node=NODE, function_names=FUNCTION_NAMES, process_info={})
-    batcher.boot_to_epoch_ns = boot_to_epoch_offset_ns()
+    batcher = SpanBatcher(
+        node=NODE,
+        function_names=FUNCTION_NAMES,
+        process_info={},
+        boot_to_epoch_ns=boot_to_epoch_offset_ns(),
+    )
 
     async def drain_loop(publisher: KafkaPublisher, stop: asyncio.Event) -> int:
         """AgentPipeline.run's loop for the span stream (producer/pipeline.py): drain on a
@@ -317,7 +323,7 @@ async def drain_once(probes: AgentProbes, batcher: SpanBatcher, publisher: Kafka
     now = time.monotonic_ns()
     spans = probes.span_reader.drain()
     http = probes.http_reader.drain()
-    await publish(publisher, batcher.add(spans, http, now) + batcher.due(now))
+    await publish(publisher, batcher.add([spans, http], now) + batcher.due(now))
     return len(spans) + len(http)
 
 

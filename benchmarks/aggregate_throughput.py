@@ -30,14 +30,16 @@ import numpy as np
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from consumers.aggregate_service import DECODE_CHUNK, AggregateConfig, AggregateService
-from consumers.latency_store import open_store
-from consumers.route_template import SeriesRegistry
-from consumers.series_resolver import SeriesResolver
-from consumers.span_columns import decode_spans
-from producer.embedded_broker import EmbeddedBroker
-from producer.kafka_publisher import ensure_topics
-from schemas.avro_codec import codec
+from ebpf_apm.consumers.aggregate_service import DECODE_CHUNK, AggregateConfig, AggregateService
+from ebpf_apm.consumers.latency_store import open_store
+from ebpf_apm.consumers.route_template import SeriesRegistry
+from ebpf_apm.consumers.series_resolver import SeriesResolver
+from ebpf_apm.consumers.span_columns import decode_spans
+from ebpf_apm.kafka import topics
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+from ebpf_apm.schemas.avro_codec import codec
 
 ROUTES = [
     ("GET", "/api/user/{}"),
@@ -126,16 +128,14 @@ def rate(count: int, seconds: float) -> str:
 async def full_path(messages: list[bytes], fetch: int, db: str) -> tuple[float, int, int]:
     """Decode -> aggregate -> store, fetch by fetch as the service does; (s, rows, writes)."""
     config = AggregateConfig(
-        bootstrap_servers="unused:9092",
+        connection=KafkaConnection("unused:9092"),
         storage=f"sqlite:///{db}",
         window_ns=WINDOW_NS,
         lateness_ns=WINDOW_NS // 2,
         idle_timeout_ns=1_000_000_000,
     )
     store = await open_store(config.storage)
-    service = AggregateService(config, store)
-    await service.resume()
-    assert service.aggregator is not None
+    service = await AggregateService.resume(config, store)
     partitions = np.zeros(fetch, dtype=np.int64)
     rows = writes = 0
     start = time.perf_counter()
@@ -183,8 +183,8 @@ async def through_kafka(messages: list[bytes], db: str) -> tuple[float, float, i
     spans, seconds from the service's first fetch until every span is aggregated and every
     window stored, rows)."""
     with EmbeddedBroker() as broker:
-        topic = "apm.spans"
-        await ensure_topics(broker.bootstrap_servers, {topic: 6})
+        topic = topics.SPANS  # the service's default input topic
+        await ensure_topics(KafkaConnection(broker.bootstrap_servers), {topic: 6})
         producer = AIOKafkaProducer(
             bootstrap_servers=broker.bootstrap_servers,
             linger_ms=20,
@@ -200,16 +200,15 @@ async def through_kafka(messages: list[bytes], db: str) -> tuple[float, float, i
         await producer.stop()
         bare = await consume_only(broker.bootstrap_servers, topic, len(messages))
         config = AggregateConfig(
-            bootstrap_servers=broker.bootstrap_servers,
+            connection=KafkaConnection(broker.bootstrap_servers),
             storage=f"sqlite:///{db}",
             window_ns=WINDOW_NS,
             lateness_ns=WINDOW_NS // 2,
             idle_timeout_ns=10**12,
         )
         store = await open_store(config.storage)
-        service = AggregateService(config, store)
+        service = await AggregateService.resume(config, store)
         await service.start()
-        assert service.aggregator is not None and service.consumer is not None
         stop = asyncio.Event()
         started: list[float] = []
         real_ingest = service.ingest
@@ -220,7 +219,7 @@ async def through_kafka(messages: list[bytes], db: str) -> tuple[float, float, i
             await real_ingest(batches, now_ns)
 
         service.ingest = ingest  # type: ignore[method-assign]
-        task = asyncio.create_task(service.run(stop))
+        task = asyncio.create_task(service.loop(stop))
         while service.aggregator.stats.spans < len(messages):
             await asyncio.sleep(0.001)
         # The input ends: instead of waiting for the idle timeout, end the windows now (the

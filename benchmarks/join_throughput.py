@@ -36,16 +36,16 @@ import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from consumers import join_command, join_service  # noqa: E402
-from consumers.deadletter import DeadLetter, read_net_message, read_span_message  # noqa: E402
-from consumers.span_avro import encode_spans  # noqa: E402
-from consumers.span_joiner import JoinSettings, PartitionJoiner  # noqa: E402
-from producer.embedded_broker import EmbeddedBroker  # noqa: E402
-from producer.kafka_publisher import ensure_topics  # noqa: E402
-from schemas.event_batch import (  # noqa: E402
+from ebpf_apm.consumers import join_command, join_service
+from ebpf_apm.consumers.join_input import read_net_message, read_span_message
+from ebpf_apm.consumers.span_avro import encode_spans
+from ebpf_apm.consumers.span_joiner import JoinSettings, PartitionJoiner
+from ebpf_apm.kafka import topics
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.deadletter import DeadLetter
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+from ebpf_apm.schemas.event_batch import (
     HttpColumns,
     NetBatch,
     SpanBatch,
@@ -53,13 +53,14 @@ from schemas.event_batch import (  # noqa: E402
     encode_span_batch,
 )
 
+REPO = Path(__file__).resolve().parent.parent
 MS = 1_000_000
 S = 1000 * MS
 PARTITIONS = 4
 PROCESSES = 8
 SLICE_NS = 200 * MS
 TARGET_PER_PROCESS = 300_000
-SPAN_TOPIC, NET_TOPIC = "apm.uprobe.events", "apm.kprobe.events"
+SPAN_TOPIC, NET_TOPIC = topics.SPAN_EVENTS, topics.NET_EVENTS
 FUNCS = ["main.(*api).handleItem", "net/http.serverHandler.ServeHTTP"]
 
 
@@ -219,7 +220,6 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
         )
         self.report: dict = {}
 
@@ -247,7 +247,11 @@ def kafka_throughput(messages: list[Message], workers: int, spans: int) -> list[
     group and the whole input waiting, and the publisher does not compete for the cores."""
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        asyncio.run(ensure_topics(bootstrap, {SPAN_TOPIC: PARTITIONS, NET_TOPIC: PARTITIONS}))
+        asyncio.run(
+            ensure_topics(
+                KafkaConnection(bootstrap), {SPAN_TOPIC: PARTITIONS, NET_TOPIC: PARTITIONS}
+            )
+        )
         procs = [Worker(bootstrap) for _ in range(workers)]
         try:
             deadline = time.monotonic() + 120
@@ -289,8 +293,9 @@ def worker(bootstrap: str) -> int:
 
     async def serve() -> int:
         service = join_service.JoinService(config)
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, service.request_stop)
-        task = asyncio.create_task(service.run())
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        task = asyncio.create_task(service.run(stop))
         cpu_at_first_input = None
         while not task.done():
             counters = service.input_counters()

@@ -5,7 +5,7 @@ of the rounds is reported:
 
   (a) no probes;
   (b) an empty BPF program (`return 0`) attached at exactly the project's probe points
-      (entry offset and every RET of main.work, from producer.targets.resolve_target),
+      (entry offset and every RET of main.work, from ebpf_apm.producer.targets.resolve_target),
       pid-filtered: the kernel's own uprobe cost, which no BPF program can avoid;
   (c) the project's span program attached through the agent's path (AgentProbes.add_process
       + attach_function, as AgentPipeline.attach does) while a thread drains the ring
@@ -30,8 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from producer.bpf_loader import AgentProbes, ProbeOptions
-from producer.targets import FunctionNames, TargetProcess, attach_target, resolve_target
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.targets import FunctionNames, TargetProcess, attach_target, resolve_target
 
 REPO = Path(__file__).resolve().parent.parent
 FUNCTION = "main.work"

@@ -1,7 +1,7 @@
 /* Event records that leave the kernel through the ring buffers.
  *
  * Declared once, here: the BPF programs include this header and the agent's decoder
- * (producer/event_layout.py) mirrors it; tests/test_event_layout.py compiles this header
+ * (producer/event_layout.py) mirrors it; tests/test_kernel_layout.py compiles this header
  * and fails if the two disagree. Every record starts with the same header so a reader can
  * check kind and size before it trusts the rest.
  */

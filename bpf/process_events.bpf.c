@@ -22,12 +22,8 @@
 #define WAKEUP_EVERY 32
 #endif
 
-#define COUNTER_RING_FULL 0
-#define COUNTER_EMITTED 1
-#define COUNTER_SLOTS 2
-
 BPF_RINGBUF_OUTPUT(process_events, PROCESS_RING_PAGES);
-BPF_PERCPU_ARRAY(process_counters, u64, COUNTER_SLOTS);
+BPF_PERCPU_ARRAY(process_counters, u64, PROCESS_COUNTER_SLOTS);
 BPF_PERCPU_ARRAY(process_unwoken, u64, 1);
 
 static __always_inline void count(u32 slot)
@@ -54,7 +50,7 @@ static __always_inline int emit(u16 kind, u32 tgid, u32 tid)
 {
     struct process_event *e = process_events.ringbuf_reserve(sizeof(struct process_event));
     if (!e) {
-        count(COUNTER_RING_FULL);
+        count(PROCESS_COUNTER_RING_FULL);
         return 0;
     }
     e->hdr.kind = kind;
@@ -65,7 +61,7 @@ static __always_inline int emit(u16 kind, u32 tgid, u32 tid)
     e->_pad = 0;
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     process_events.ringbuf_submit(e, wakeup_flag());
-    count(COUNTER_EMITTED);
+    count(PROCESS_COUNTER_EMITTED);
     return 0;
 }
 

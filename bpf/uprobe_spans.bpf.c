@@ -10,6 +10,8 @@
  * a goroutine that blocks may resume on another thread. Non-Go calls are keyed by thread.
  *
  * Compiled together with net_events.bpf.c into one BPF object (producer/bpf_loader.py).
+ * The maps' key and value structs and the counter and site constants are in probe_maps.h,
+ * which the agent mirrors (producer/map_layout.py) and a compiled test checks.
  * Options come in as -D defines from producer/bpf_loader.py:
  *   SPAN_RING_PAGES, HTTP_RING_PAGES  ring buffer sizes in pages (powers of two)
  *   WAKEUP_EVERY                      records per CPU between forced wakeups of the reader
@@ -20,6 +22,7 @@
  */
 #include <uapi/linux/ptrace.h>
 #include "events.h"
+#include "probe_maps.h"
 
 #ifndef SPAN_RING_PAGES
 #define SPAN_RING_PAGES 1024
@@ -35,75 +38,6 @@
 #endif
 #define MAX_PROBE_SITES 16384
 #define MAX_PROCESSES 4096
-#define MAX_THREAD_DEPTH 8
-
-/* Counter slots; producer/bpf_loader.py names them. */
-#define COUNTER_RING_FULL 0       /* record lost: ring buffer had no room */
-#define COUNTER_TABLE_FULL 1      /* call not timed: in-flight table full */
-#define COUNTER_NO_ENTRY 2        /* return seen without its entry (attached mid-call) */
-#define COUNTER_READ_FAILED 3     /* user memory read failed (goid, request fields) */
-#define COUNTER_EMITTED 4         /* span records written */
-#define COUNTER_NET_EMITTED 5     /* network records written */
-#define COUNTER_NET_RING_FULL 6   /* network record lost: ring buffer had no room */
-#define COUNTER_SLOTS 7
-
-#define SITE_ENTRY 1
-#define SITE_RETURN 2
-#define SITE_FLAG_HTTP 1
-#define SITE_FLAG_HTTP_FINISH 2   /* a RET of net/http.(*response).finishRequest */
-
-#define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
-#define CALL_HANDLER_RETURNED 2   /* ServeHTTP returned; the span ends at finishRequest */
-
-struct site_key {
-    u32 tgid;
-    u32 _pad;
-    u64 ip;
-};
-
-struct site {
-    u32 func_id;
-    u16 role;
-    u16 flags;
-};
-
-/* Field offsets of the Go runtime and net/http for one process (-1: unknown). */
-struct process_layout {
-    s32 goid;
-    s32 request_method;
-    s32 request_url;
-    s32 url_path;
-    s32 response_status;
-    u32 is_go;
-    u32 http_finish;     /* finishRequest is probed: HTTP/1 spans end when it returns */
-};
-
-struct call_key {
-    u32 tgid;
-    u32 func_id;
-    s64 id;              /* goroutine id for Go, thread id otherwise */
-};
-
-struct call_start {
-    u64 start_ns;
-    u64 request;         /* *net/http.Request, HTTP only */
-    u64 response;        /* *net/http.response, HTTP only */
-    u32 tid;
-    u32 flags;           /* CALL_* */
-    u64 handler_end_ns;  /* HTTP/1: when ServeHTTP returned (the span's end) */
-};
-
-/* Non-Go calls on one thread, innermost last: uretprobes fire in LIFO order. */
-struct thread_calls {
-    u32 depth;
-    u32 func_id[MAX_THREAD_DEPTH];
-    u64 start_ns[MAX_THREAD_DEPTH];
-};
-
-struct thread_key {
-    u32 tgid;
-    u32 tid;
-};
 
 BPF_HASH(probe_sites, struct site_key, struct site, MAX_PROBE_SITES);
 BPF_HASH(process_layouts, u32, struct process_layout, MAX_PROCESSES);

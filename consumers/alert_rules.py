@@ -36,9 +36,10 @@ from typing import Any
 
 import yaml
 
-from consumers.name_pattern import NamePattern
-from consumers.route_template import SeriesKey
-from consumers.time_spec import parse_duration_ns
+from ebpf_apm.consumers.errors import ConsumerConfigError
+from ebpf_apm.consumers.name_pattern import NamePattern
+from ebpf_apm.consumers.route_template import SeriesKey
+from ebpf_apm.consumers.time_spec import parse_duration_ns
 
 DURATION_METRICS = ("min", "max", "mean", "p50", "p90", "p95", "p99", "p999")
 METRICS = ("count", *DURATION_METRICS, "error_rate")
@@ -58,13 +59,13 @@ _KEYS = (
 )
 
 
-class RulesError(ValueError):
-    """A rules file that cannot be used; the message lists each problem with its line."""
+class RulesError(ConsumerConfigError):
+    """A rules file that cannot be used; the message lists each problem with its line, and
+    ends with what to do (exit status 2)."""
 
-    exit_code = 2
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("\n".join(problems))
+    def __init__(self, problems: list[str], path: str | None = None) -> None:
+        advice = f"fix {path} and run again (see `ebpf-apm alert --help`)" if path else None
+        super().__init__("\n".join(problems + ([advice] if advice else [])))
         self.problems = problems
 
 
@@ -284,8 +285,11 @@ def load_rules(path: str) -> list[Rule]:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
     except (OSError, UnicodeDecodeError) as exc:
-        raise RulesError([f"{path}: cannot read the rules file: {exc}"]) from None
-    return parse_rules(text, path)
+        raise RulesError([f"{path}: cannot read the rules file: {exc}"], path) from None
+    try:
+        return parse_rules(text, path)
+    except RulesError as exc:
+        raise RulesError(exc.problems, path) from None
 
 
 # -- evaluation ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`ebpf-apm join`: flags and environment -> one validated JoinConfig -> JoinService.
 
-Exit codes: 0 after SIGTERM/SIGINT with everything emitted acknowledged and committed; 2 for
-bad flags or input topics that are not co-partitioned; 1 when Kafka is unreachable or
+Exit statuses: 0 after SIGTERM/SIGINT with everything emitted acknowledged and committed; 2
+for bad flags or input topics that are not co-partitioned; 1 when Kafka is unreachable or
 refuses output.
 """
 
@@ -9,42 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import sys
 
-import uvloop
-
-from consumers.join_service import (
-    DEADLETTER_TOPIC,
-    NET_TOPIC,
-    OUTPUT_TOPIC,
-    SPAN_TOPIC,
-    JoinConfig,
-    JoinService,
-)
-from consumers.kafka_io import JoinKafkaError, KafkaSettings
-from consumers.span_joiner import MS, JoinSettings
-from producer.kafka_publisher import (
-    PublisherError,
-    add_bootstrap_argument,
-    bootstrap_servers,
-    parse_bootstrap_servers,
-)
-
-
-class JoinConfigError(ValueError):
-    """A flag or environment value is invalid (exit code 2)."""
-
-    exit_code = 2
+from ebpf_apm import runner
+from ebpf_apm.consumers.errors import ConsumerConfigError
+from ebpf_apm.consumers.join_service import JoinConfig, JoinService
+from ebpf_apm.consumers.span_joiner import MS, JoinSettings
+from ebpf_apm.kafka import topics
+from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
 
 
 def config_from_args(args: argparse.Namespace) -> JoinConfig:
-    """The service's configuration; JoinConfigError names every bad value."""
-    bootstrap = bootstrap_servers(args.bootstrap_servers)
-    try:
-        parse_bootstrap_servers(bootstrap)
-    except PublisherError as exc:
-        raise JoinConfigError(str(exc)) from exc
+    """The service's configuration; ConsumerConfigError names every bad value."""
+    connection = connection_from_args(args)
     problems = []
     for flag, value, low in (
         ("--allowed-lateness-ms", args.allowed_lateness_ms, 0),
@@ -60,29 +36,23 @@ def config_from_args(args: argparse.Namespace) -> JoinConfig:
     if not args.group:
         problems.append("--group must not be empty")
     if problems:
-        raise JoinConfigError("; ".join(problems))
+        raise ConsumerConfigError("; ".join(problems))
     return JoinConfig(
-        kafka=KafkaSettings(
-            bootstrap_servers=bootstrap,
-            group_id=args.group,
-            span_topic=SPAN_TOPIC,
-            net_topic=NET_TOPIC,
-            output_topic=OUTPUT_TOPIC,
-            deadletter_topic=DEADLETTER_TOPIC,
-            default_partitions=args.partitions,
-            session_timeout_ms=args.session_timeout_ms,
-        ),
+        connection=connection,
         join=JoinSettings(
             allowed_lateness_ns=args.allowed_lateness_ms * MS,
             idle_advance_ns=args.idle_advance_ms * MS,
             max_span_ns=args.max_span_ms * MS,
         ),
+        group=args.group,
+        partitions=args.partitions,
+        session_timeout_ms=args.session_timeout_ms,
         stats_interval_s=args.stats_interval_s,
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_bootstrap_argument(parser)
+    add_connection_arguments(parser)
     parser.add_argument(
         "--group", default="ebpf-apm-join", help="consumer group (default: ebpf-apm-join)"
     )
@@ -121,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--partitions",
         type=int,
-        default=6,
-        help="partitions for input topics the join has to create (default: 6, as the agent)",
+        default=topics.EVENT_PARTITIONS,
+        help="partitions for input topics the join has to create (default: "
+        f"{topics.EVENT_PARTITIONS}, as the agent)",
     )
     parser.add_argument(
         "--stats-interval-s",
@@ -134,32 +105,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """0 after SIGTERM/SIGINT with everything acknowledged and committed; 2 bad flags or
-    topics that are not co-partitioned; 1 Kafka unreachable or output not acknowledged."""
-    try:
-        config = config_from_args(args)
-    except JoinConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return uvloop.run(_serve(config))
+    config = config_from_args(args)
 
+    async def serve(stop: asyncio.Event) -> int:
+        return await JoinService(config).run(stop)
 
-async def _serve(config: JoinConfig) -> int:
-    service = JoinService(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.request_stop)
-    try:
-        return await service.run()
-    except (JoinKafkaError, PublisherError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-
-
-if __name__ == "__main__":  # the same as `ebpf-apm join`
-    from producer.cli import main
-
-    sys.exit(main(["join", *sys.argv[1:]]))
+    return runner.run(serve)

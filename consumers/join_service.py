@@ -1,8 +1,8 @@
 """The join consumer's stages, wired in one place (`ebpf-apm join`: join_command.py).
 
-    apm.uprobe.events ─┐                 ┌─ PartitionJoiner ─ encode_spans ─> apm.spans
-                       ├─ InputConsumer ─┤   (one per partition number: watermark, store)
-    apm.kprobe.events ─┘   (one group)   └─ unreadable ──────────────────> apm.deadletter
+    apm.uprobe.events ─┐              ┌─ PartitionJoiner ─ encode_spans ─> apm.spans
+                       ├─ GroupInput ─┤   (one per partition number: watermark, store)
+    apm.kprobe.events ─┘ (one group)  └─ unreadable (join_input) ──────> apm.deadletter
     acknowledgements ─> offset ledgers ─> commit (only what every output it fed is acked)
 
 One loop: poll both topics, read each message into its partition's joiner (or a dead
@@ -22,36 +22,44 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from consumers.deadletter import DeadLetter, read_net_message, read_span_message
-from consumers.kafka_io import (
-    InputConsumer,
+from ebpf_apm.consumers.errors import ConsumerError, ConsumerKafkaError, TopicLayoutError
+from ebpf_apm.consumers.join_input import read_net_message, read_span_message
+from ebpf_apm.consumers.kafka_io import (
+    AckedOutput,
+    GroupInput,
     InputRecord,
-    JoinKafkaError,
-    KafkaSettings,
     OutputBatch,
-    OutputProducer,
     TopicPart,
-    prepare_topics,
 )
-from consumers.offset_ledger import EmitStep, EmitSteps, InputMessage, TopicPartitionLedger
-from consumers.span_avro import encode_spans
-from consumers.span_joiner import JoinCounters, JoinedSpans, JoinSettings, PartitionJoiner
-from producer.kafka_publisher import describe_error
+from ebpf_apm.consumers.offset_ledger import EmitStep, EmitSteps, InputMessage, TopicPartitionLedger
+from ebpf_apm.consumers.span_avro import encode_spans
+from ebpf_apm.consumers.span_joiner import JoinCounters, JoinedSpans, JoinSettings, PartitionJoiner
+from ebpf_apm.kafka import topics
+from ebpf_apm.kafka.admin import ensure_topics, existing_partition_counts
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.deadletter import DeadLetter
+from ebpf_apm.kafka.errors import describe_error
 
 log = logging.getLogger(__name__)
 
-SPAN_TOPIC = "apm.uprobe.events"
-NET_TOPIC = "apm.kprobe.events"
-OUTPUT_TOPIC = "apm.spans"
-DEADLETTER_TOPIC = "apm.deadletter"
+SPAN_TOPIC = topics.SPAN_EVENTS
+NET_TOPIC = topics.NET_EVENTS
+OUTPUT_TOPIC = topics.SPANS
+CLIENT_ID = "ebpf-apm-join"
+# zstd: aiokafka compresses lz4 at level 9, 115 MB/s here; zstd's level 3 runs at 350 MB/s
+# and packs span records 4.6:1 (lz4 3.3:1). Output compression is most of the producer's CPU.
+OUTPUT_COMPRESSION = "zstd"
 
 
 @dataclass(frozen=True)
 class JoinConfig:
     """The service's settings (consumers/join_command.py reads them from flags)."""
 
-    kafka: KafkaSettings
+    connection: KafkaConnection
     join: JoinSettings
+    group: str = "ebpf-apm-join"
+    partitions: int = topics.EVENT_PARTITIONS  # for input topics that do not exist yet
+    session_timeout_ms: int = 10_000
     poll_ms: int = 100
     commit_interval_s: float = 1.0
     stats_interval_s: float = 10.0
@@ -122,20 +130,28 @@ class JoinService:
     def __init__(self, config: JoinConfig, clock: Callable[[], int] = time.time_ns) -> None:
         self.config = config
         self._clock = clock
-        self._producer = OutputProducer(config.kafka)
-        self._consumer = InputConsumer(config.kafka, self._on_revoked, self._on_assigned)
+        self._output = AckedOutput(
+            config.connection, client_id=CLIENT_ID, compression=OUTPUT_COMPRESSION
+        )
+        self._input = GroupInput(
+            config.connection,
+            group=config.group,
+            topics=(SPAN_TOPIC, NET_TOPIC),
+            client_id=CLIENT_ID,
+            on_revoked=self._on_revoked,
+            on_assigned=self._on_assigned,
+            co_partitioned=True,
+            session_timeout_ms=config.session_timeout_ms,
+        )
         self._partitions: dict[int, _Partition] = {}
         self._lock = asyncio.Lock()
         # Counts revocations: records polled before one may belong to another member now.
         self._generation = 0
-        self._stop = asyncio.Event()
-        # Why the service stopped on its own, and the exit code that goes with it.
-        self._failure: tuple[str, int] | None = None
+        self._stop = asyncio.Event()  # set by run()'s caller, or by a failure
+        # Why the service stopped on its own: raised when it has shut down cleanly.
+        self._failure: ConsumerError | None = None
         self._dead: list[tuple[DeadLetter, InputMessage]] = []
         self.totals = JoinTotals()
-
-    def request_stop(self) -> None:
-        self._stop.set()
 
     @property
     def partitions(self) -> list[int]:
@@ -148,46 +164,49 @@ class JoinService:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        """Join until request_stop() or a delivery failure; 0 when everything emitted was
-        acknowledged and committed, 1 otherwise."""
-        kafka = self.config.kafka
-        partitions = await prepare_topics(kafka)
-        await self._producer.start()
+    async def run(self, stop: asyncio.Event) -> int:
+        """Join until `stop` is set; 0 when everything emitted was acknowledged and
+        committed, 1 otherwise. A failure (Kafka refused output, topics not co-partitioned)
+        is raised once the service has shut down, with what to do about it."""
+        config = self.config
+        partitions = await prepare_topics(config)
+        await self._output.start(keyed_topics=(OUTPUT_TOPIC, topics.DEADLETTER))
         try:
-            await self._consumer.start()
+            await self._input.start()
         except BaseException:
-            await self._producer.stop(0)
+            await self._output.stop(0)
             raise
         log.info(
             "joining %s and %s (%d partitions each) into %s on %s as group %r",
-            kafka.span_topic,
-            kafka.net_topic,
+            SPAN_TOPIC,
+            NET_TOPIC,
             partitions,
-            kafka.output_topic,
-            kafka.bootstrap_servers,
-            kafka.group_id,
+            OUTPUT_TOPIC,
+            config.connection,
+            config.group,
         )
         started = time.monotonic()
+        stopping = asyncio.create_task(stop.wait())
+        stopping.add_done_callback(lambda _: self._stop.set())
         try:
             await self._loop(started)
         finally:
+            stopping.cancel()
             clean = await self._shutdown(started)
-        if self._failure:
-            log.error("%s", self._failure[0])
-            return self._failure[1]
+        if self._failure is not None:
+            raise self._failure
         return 0 if clean else 1
 
-    def _fail(self, why: str, exit_code: int = 1) -> None:
+    def _fail(self, failure: ConsumerError) -> None:
         if self._failure is None:
-            self._failure = (why, exit_code)
+            self._failure = failure
         self._stop.set()
 
     async def _loop(self, started: float) -> None:
-        kafka = self.config.kafka
         last_commit = last_stats = time.monotonic()
         while not self._stop.is_set():
-            records = await self._consumer.poll(self.config.poll_ms)
+            polled = await self._input.poll(self.config.poll_ms)
+            records = [record for part in polled.values() for record in part]
             # aiokafka returns no records while a rebalance is under way, but one may start
             # while this loop waits for the lock below.
             generation = self._generation
@@ -201,8 +220,8 @@ class JoinService:
                 now = self._clock()
                 for part in list(self._partitions.values()):
                     caught_up = (
-                        await self._consumer.caught_up(kafka.span_topic, part.number),
-                        await self._consumer.caught_up(kafka.net_topic, part.number),
+                        await self._input.caught_up(SPAN_TOPIC, part.number),
+                        await self._input.caught_up(NET_TOPIC, part.number),
                     )
                     await self._emit(part, part.joiner.advance(now, caught_up))
                 if time.monotonic() - last_commit >= self.config.commit_interval_s:
@@ -216,7 +235,7 @@ class JoinService:
     async def _shutdown(self, started: float) -> bool:
         """Wait for acknowledgements, commit, leave the group; True if all was delivered."""
         async with self._lock:
-            delivered = await self._producer.stop(self.config.close_timeout_s)
+            delivered = await self._output.stop(self.config.close_timeout_s)
             parts = list(self._partitions.values())
             # Even after a failure: the ledgers only count acknowledged outputs as done.
             await self._commit(parts)
@@ -228,7 +247,7 @@ class JoinService:
                 )
             for part in parts:
                 self._forget(part)
-        await self._consumer.stop()
+        await self._input.stop()
         if not delivered:
             log.error(
                 "some spans were not acknowledged by Kafka within %g s; their input was not "
@@ -240,16 +259,17 @@ class JoinService:
     # -- rebalancing ------------------------------------------------------------------------
 
     async def _on_assigned(self, assigned: list[TopicPart]) -> None:
-        kafka = self.config.kafka
-        span_parts = {p for t, p in assigned if t == kafka.span_topic}
-        net_parts = {p for t, p in assigned if t == kafka.net_topic}
+        span_parts = {p for t, p in assigned if t == SPAN_TOPIC}
+        net_parts = {p for t, p in assigned if t == NET_TOPIC}
         if span_parts != net_parts:
             self._fail(
-                f"the group assigned partitions {sorted(span_parts)} of {kafka.span_topic} but "
-                f"{sorted(net_parts)} of {kafka.net_topic}: the topics are not co-partitioned or "
-                f"another member of group {kafka.group_id!r} uses a different assignor; give "
-                "both topics the same partition count and run only `ebpf-apm join` in the group",
-                exit_code=2,
+                TopicLayoutError(
+                    f"the group assigned partitions {sorted(span_parts)} of {SPAN_TOPIC} but "
+                    f"{sorted(net_parts)} of {NET_TOPIC}: the topics are not co-partitioned or "
+                    f"another member of group {self.config.group!r} uses a different assignor; "
+                    "give both topics the same partition count and run only `ebpf-apm join` "
+                    "in the group"
+                )
             )
         now = self._clock()
         async with self._lock:
@@ -275,8 +295,8 @@ class JoinService:
             if not parts:
                 return
             # Acknowledgements first, so that the commit covers every span already out.
-            timeout_s = min(5.0, self.config.kafka.session_timeout_ms / 2000)
-            await self._producer.flush(timeout_s)
+            timeout_s = min(5.0, self.config.session_timeout_ms / 2000)
+            await self._output.flush(timeout_s)
             await self._commit(parts)
             for part in parts:
                 self._forget(part)
@@ -290,13 +310,12 @@ class JoinService:
     # -- input ------------------------------------------------------------------------------
 
     def _read(self, records: list[InputRecord], now_ns: int) -> None:
-        kafka = self.config.kafka
-        assigned = self._consumer.assignment()
+        assigned = self._input.assignment()
         for r in records:
             if (r.topic, r.partition) not in assigned:
                 continue  # not ours any more: the new owner reads it
             part = self._partition(r.partition, now_ns)
-            if r.topic == kafka.span_topic:
+            if r.topic == SPAN_TOPIC:
                 spans = read_span_message(r.topic, r.partition, r.offset, r.key, r.value)
                 if isinstance(spans, DeadLetter):
                     self._dead.append((spans, part.spans.track(r.offset, outstanding=1)))
@@ -313,21 +332,13 @@ class JoinService:
 
     async def _send_dead_letters(self) -> None:
         for letter, message in self._dead:
-            log.warning(
-                "message %s goes to %s: %s",
-                letter.source,
-                self.config.kafka.deadletter_topic,
-                letter.reason,
-            )
             self.totals.dead_letters += 1
             delivery = _Delivery(None, None)
             delivery.sources[message] = 1
             try:
-                future = await self._producer.send_one(
-                    self.config.kafka.deadletter_topic, letter.key, letter.value, letter.headers
-                )
-            except JoinKafkaError as exc:
-                self._fail(str(exc))
+                future = await self._output.dead_letter(letter)
+            except ConsumerKafkaError as exc:
+                self._fail(exc)
                 break
             future.add_done_callback(functools.partial(self._delivered, delivery))
         self._dead = []
@@ -343,12 +354,12 @@ class JoinService:
             part.steps.close(step)
 
     async def _publish(self, joined: list[JoinedSpans], step: EmitStep, steps: EmitSteps) -> None:
-        topic = self.config.kafka.output_topic
+        topic = OUTPUT_TOPIC
         encoded = encode_spans(joined)
         open_batches: dict[int, tuple[OutputBatch, _Delivery]] = {}
         for spans, values in zip(joined, encoded.parts, strict=True):
             key = f"{spans.batch.node}/{spans.batch.pid}".encode()
-            number = self._producer.partition_of(topic, key)
+            number = self._output.partition_of(topic, key)
             source = spans.token
             assert isinstance(source, InputMessage)
             current = open_batches.get(number)
@@ -372,15 +383,15 @@ class JoinService:
     def _new_batch(
         self, topic: str, number: int, step: EmitStep, steps: EmitSteps
     ) -> tuple[OutputBatch, _Delivery]:
-        return self._producer.new_batch(topic, number), _Delivery(step, steps)
+        return self._output.new_batch(topic, number), _Delivery(step, steps)
 
     async def _send(self, batch: OutputBatch, delivery: _Delivery) -> None:
         if not batch.count:
             return
         try:
-            future = await self._producer.send(batch)
-        except JoinKafkaError as exc:
-            self._fail(str(exc))
+            future = await self._output.send(batch)
+        except ConsumerKafkaError as exc:
+            self._fail(exc)
             return
         if delivery.step is not None:
             delivery.step.outstanding += 1
@@ -391,8 +402,11 @@ class JoinService:
         if future.cancelled() or error is not None:
             why = describe_error(error) if error is not None else "cancelled"
             self._fail(
-                f"Kafka did not acknowledge output ({why}); the join stopped without committing "
-                "past it: check the broker and restart the join, it re-reads that input"
+                ConsumerKafkaError(
+                    f"Kafka did not acknowledge output ({why}); the join stopped without "
+                    "committing past it: check the broker and restart the join, it re-reads "
+                    "that input"
+                )
             )
             return
         for message, count in delivery.sources.items():
@@ -405,15 +419,45 @@ class JoinService:
     # -- commits ----------------------------------------------------------------------------
 
     async def _commit(self, parts: list[_Partition]) -> None:
-        kafka = self.config.kafka
         offsets: dict[TopicPart, int] = {}
         for part in parts:
             span_offset = part.spans.committable(None)
             net_offset = part.net.committable(part.steps.safe_kept_from_ns)
-            for topic, offset in ((kafka.span_topic, span_offset), (kafka.net_topic, net_offset)):
+            for topic, offset in ((SPAN_TOPIC, span_offset), (NET_TOPIC, net_offset)):
                 if offset is not None and offset != part.committed.get(topic):
                     offsets[(topic, part.number)] = offset
-        if offsets and await self._consumer.commit(offsets):
+        if offsets and await self._input.commit(offsets):
             for (topic, number), offset in offsets.items():
                 if number in self._partitions:
                     self._partitions[number].committed[topic] = offset
+
+
+# -- topics -----------------------------------------------------------------------------------
+
+
+def _layout_error(counts: dict[str, int]) -> TopicLayoutError:
+    return TopicLayoutError(
+        f"{SPAN_TOPIC} has {counts[SPAN_TOPIC]} partitions and {NET_TOPIC} has "
+        f"{counts[NET_TOPIC]}: the join needs them co-partitioned (same key, same partition "
+        "count); add partitions to the smaller one (kafka-topics.sh --alter --partitions N) or "
+        "recreate both, then restart the join"
+    )
+
+
+async def prepare_topics(config: JoinConfig) -> int:
+    """Check (and create what is missing of) the join's topics; the input partition count.
+
+    A missing input topic is created with the other's partition count, so that the agent,
+    which leaves existing topics alone, finds them co-partitioned.
+    """
+    existing = await existing_partition_counts(config.connection)
+    known = {t: existing[t] for t in (SPAN_TOPIC, NET_TOPIC) if t in existing}
+    if len(set(known.values())) > 1:
+        raise _layout_error(known)
+    count = next(iter(known.values()), config.partitions)
+    wanted = {t: count for t in (SPAN_TOPIC, NET_TOPIC, OUTPUT_TOPIC)}
+    wanted[topics.DEADLETTER] = count
+    counts = await ensure_topics(config.connection, wanted)
+    if counts[SPAN_TOPIC] != counts[NET_TOPIC]:
+        raise _layout_error(counts)
+    return counts[SPAN_TOPIC]

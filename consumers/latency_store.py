@@ -24,25 +24,22 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from consumers.latency_sketch import LatencySketch
-from consumers.route_template import SeriesKey
-from consumers.window_aggregator import ClosedWindow
+from ebpf_apm.consumers.errors import ConsumerConfigError, ConsumerError
+from ebpf_apm.consumers.latency_sketch import LatencySketch
+from ebpf_apm.consumers.route_template import SeriesKey
+from ebpf_apm.consumers.window_aggregator import ClosedWindow
 
 DEFAULT_STORAGE = "sqlite:///ebpf-apm.sqlite"
 STORAGE_ENV = "EBPF_APM_STORAGE"
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
 
 
-class StorageError(Exception):
-    """Storage failed at run time (exit code 1): unreachable, refused a write, corrupt."""
-
-    exit_code = 1
+class StorageError(ConsumerError):
+    """Storage failed at run time (exit status 1): unreachable, refused a write, corrupt."""
 
 
-class StorageConfigError(StorageError, ValueError):
-    """A storage URL that names no supported backend (exit code 2)."""
-
-    exit_code = 2
+class StorageConfigError(StorageError, ConsumerConfigError):
+    """A storage URL that names no supported backend (exit status 2)."""
 
 
 @dataclass(frozen=True)

@@ -18,18 +18,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from consumers.latency_sketch import LatencySketch, SketchError
-from consumers.latency_store import (
+from ebpf_apm.consumers.errors import ConsumerConfigError, ConsumerError
+from ebpf_apm.consumers.latency_sketch import LatencySketch, SketchError
+from ebpf_apm.consumers.latency_store import (
     DEFAULT_STORAGE,
     QUANTILES,
     STORAGE_ENV,
     LatencyRow,
-    StorageError,
     open_store,
     storage_url,
 )
-from consumers.name_pattern import NamePattern
-from consumers.time_spec import parse_time_ns
+from ebpf_apm.consumers.name_pattern import NamePattern
+from ebpf_apm.consumers.time_spec import parse_time_ns
 
 FIGURES = ("count", "sum", "min", "max", "p50", "p90", "p95", "p99", "p999")
 
@@ -156,10 +156,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     """0 (also when nothing matched), 2 bad arguments, 1 storage failure."""
     now_ns = time.time_ns()
@@ -167,23 +163,19 @@ def run(args: argparse.Namespace) -> int:
         since_ns = parse_time_ns(args.since, now_ns)
         until_ns = parse_time_ns(args.until, now_ns)
     except ValueError as exc:
-        _error(str(exc))
-        return 2
+        raise ConsumerConfigError(str(exc)) from exc
     if since_ns >= until_ns:
-        _error(f"--since {args.since} is not before --until {args.until}")
-        return 2
+        raise ConsumerConfigError(f"--since {args.since} is not before --until {args.until}")
     url = storage_url(args.storage)
     workload = NamePattern(args.workload) if args.workload else None
     operation = NamePattern(args.operation) if args.operation else None
     try:
         rows = asyncio.run(query(url, since_ns, until_ns, workload, operation))
         results = summarise(rows, by_status=args.by_status)
-    except StorageError as exc:
-        _error(str(exc))
-        return exc.exit_code
     except SketchError as exc:
-        _error(f"a stored window's sketch is unreadable: {exc}; was it written by ebpf-apm?")
-        return 1
+        raise ConsumerError(
+            f"a stored window's sketch is unreadable: {exc}; was it written by ebpf-apm?"
+        ) from exc
     if args.json:
         print(json.dumps([r.as_json(args.by_status) for r in results], indent=None))
         return 0
@@ -197,9 +189,3 @@ def run(args: argparse.Namespace) -> int:
 
 def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
-
-
-if __name__ == "__main__":  # the same as `ebpf-apm query`
-    from producer.cli import main
-
-    sys.exit(main(["query", *sys.argv[1:]]))

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from consumers.byte_hash import hash_ranges, mix64, xor_by_range
+from ebpf_apm.consumers.byte_hash import hash_ranges, mix64, xor_by_range
 
 log = logging.getLogger(__name__)
 

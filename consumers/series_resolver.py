@@ -21,9 +21,9 @@ import os
 
 import numpy as np
 
-from consumers.byte_hash import hash_ranges, mix64
-from consumers.route_template import SeriesKey, SeriesRegistry, route_hashes, route_of
-from consumers.span_columns import SpanColumns
+from ebpf_apm.consumers.byte_hash import hash_ranges, mix64
+from ebpf_apm.consumers.route_template import SeriesKey, SeriesRegistry, route_hashes, route_of
+from ebpf_apm.consumers.span_columns import SpanColumns
 
 _K_WORKLOAD = np.uint64(0x2545F4914F6CDD1D)
 _K_EXE = np.uint64(0x27BB2EE687B0B0FD)

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from consumers.net_event_store import IoSums
-from consumers.span_joiner import JoinedSpans
-from schemas.avro_codec import codec
-from schemas.event_batch import K8S_FIELDS
+from ebpf_apm.consumers.net_event_store import IoSums
+from ebpf_apm.consumers.span_joiner import JoinedSpans
+from ebpf_apm.schemas.avro_codec import codec
+from ebpf_apm.schemas.event_batch import K8S_FIELDS
 
 SPAN_CODEC = codec("span.avsc")
 FIELD_ORDER = (

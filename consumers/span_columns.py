@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from schemas.avro_codec import HEADER_SIZE, AvroDecodeError, codec
+from ebpf_apm.schemas.avro_codec import HEADER_SIZE, AvroDecodeError, codec
 
 # Zero bytes after the last message. A read position is brought back into its message at
 # each string field; in between, each number field may read up to 20 bytes past it.

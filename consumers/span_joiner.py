@@ -25,9 +25,9 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from consumers.event_clock import NET, SPANS, EventClock
-from consumers.net_event_store import MAX_GOID, IoSums, NetEventStore, thread_codes
-from schemas.event_batch import DIRECTION_RECV, BatchDecodeError, NetBatch, SpanBatch
+from ebpf_apm.consumers.event_clock import NET, SPANS, EventClock
+from ebpf_apm.consumers.net_event_store import MAX_GOID, IoSums, NetEventStore, thread_codes
+from ebpf_apm.schemas.event_batch import DIRECTION_RECV, BatchDecodeError, NetBatch, SpanBatch
 
 MS = 1_000_000
 # Timestamps are Unix epoch ns; anything outside this is a broken clock or a broken batch.

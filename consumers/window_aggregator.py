@@ -27,7 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY, LatencySketch, bucket_indices
+from ebpf_apm.consumers.latency_sketch import (
+    DEFAULT_RELATIVE_ACCURACY,
+    LatencySketch,
+    bucket_indices,
+)
 
 _NO_POSITION = np.iinfo(np.int64).max
 

@@ -32,18 +32,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from demo_service import CLIENTS, HANDLER, build_service, send_traffic
+from latency_board import LatencyBoard
+from pipeline_processes import Child, Children, describe_exit, short
+from terminal_screen import Screen
+
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from demo_service import CLIENTS, HANDLER, build_service, send_traffic  # noqa: E402
-from latency_board import LatencyBoard  # noqa: E402
-from pipeline_processes import Child, Children, describe_exit, short  # noqa: E402
-from terminal_screen import Screen  # noqa: E402
-
-from producer.embedded_broker import EmbeddedBroker  # noqa: E402
-from producer.kafka_publisher import ensure_topics  # noqa: E402
-
-EBPF_APM = [sys.executable, "-m", "producer.cli"]
+EBPF_APM = [sys.executable, "-m", "ebpf_apm.cli"]
 LOG_DIR = ROOT / "build" / "demo"
 DATABASE = ROOT / "build" / "demo.sqlite"
 STORAGE = f"sqlite:///{DATABASE}"
@@ -83,7 +83,9 @@ class Demo:
     def start(self, binary: Path, bootstrap: str) -> tuple[str, int]:
         """Everything in the order data flows; the service's address."""
         topics = {t: 6 for t in ("apm.uprobe.events", "apm.kprobe.events", "apm.spans")}
-        asyncio.run(ensure_topics(bootstrap, {**topics, "apm.latency": 6}))  # tails need them
+        asyncio.run(
+            ensure_topics(KafkaConnection(bootstrap), {**topics, "apm.latency": 6})
+        )  # tails need them
         kafka = ["--bootstrap-servers", bootstrap]
         service = self.children.start("service", [str(binary)], cwd=ROOT, stdout=subprocess.PIPE)
         assert service.process.stdout is not None

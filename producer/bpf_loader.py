@@ -17,13 +17,22 @@ from typing import Any
 
 import numpy as np
 
-from producer.errors import KernelSupportError, PrivilegeError, TargetError
-from producer.event_layout import HTTP_SPAN_EVENT, NET_EVENT, SPAN_EVENT
-from producer.ringbuf_reader import RingBufReader
+from ebpf_apm import bpf as bpf_sources
+from ebpf_apm.producer.errors import KernelSupportError, PrivilegeError, TargetError
+from ebpf_apm.producer.event_layout import HTTP_SPAN_EVENT, NET_EVENT, SPAN_EVENT
+from ebpf_apm.producer.map_layout import (
+    COUNTERS,
+    PROCESS_LAYOUT,
+    SITE_ENTRY,
+    SITE_FLAG_HTTP,
+    SITE_FLAG_HTTP_FINISH,
+    SITE_RETURN,
+)
+from ebpf_apm.producer.ringbuf_reader import RingBufReader
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_DIR = bpf_sources.source_dir()
 # Probe families, compiled as one BPF object so they share the per-process table and the
 # counters. BCC only turns functions of its main source into programs, so the files are
 # joined into one text rather than #included.
@@ -31,19 +40,6 @@ SPAN_SOURCE = BPF_DIR / "uprobe_spans.bpf.c"
 NET_SOURCE = BPF_DIR / "net_events.bpf.c"
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
-SITE_ENTRY = 1
-SITE_RETURN = 2
-SITE_FLAG_HTTP = 1
-SITE_FLAG_HTTP_FINISH = 2
-COUNTER_NAMES = (
-    "ring_full",
-    "table_full",
-    "return_without_entry",
-    "read_failed",
-    "emitted",
-    "net_emitted",
-    "net_ring_full",
-)
 NET_HOOKS = ("auto", "kprobes", "tracepoints", "off")
 
 
@@ -91,18 +87,6 @@ class ProcessLayout:
     url_path: int = -1
     response_status: int = -1
     http_finish: bool = False  # net/http.(*response).finishRequest is probed too
-
-
-class _LayoutStruct(ctypes.Structure):
-    _fields_ = [
-        ("goid", ctypes.c_int32),
-        ("request_method", ctypes.c_int32),
-        ("request_url", ctypes.c_int32),
-        ("url_path", ctypes.c_int32),
-        ("response_status", ctypes.c_int32),
-        ("is_go", ctypes.c_uint32),
-        ("http_finish", ctypes.c_uint32),
-    ]
 
 
 @dataclass
@@ -210,15 +194,10 @@ class AgentProbes:
         return self.options.net_hooks != "off"
 
     def add_process(self, pid: int, layout: ProcessLayout) -> None:
-        self._layouts[ctypes.c_uint32(pid)] = _LayoutStruct(
-            layout.goid,
-            layout.request_method,
-            layout.request_url,
-            layout.url_path,
-            layout.response_status,
-            1 if layout.is_go else 0,
-            1 if layout.http_finish else 0,
-        )
+        value = np.zeros(1, dtype=PROCESS_LAYOUT)
+        for name in PROCESS_LAYOUT.names or ():
+            value[name] = getattr(layout, name)
+        self._layouts[ctypes.c_uint32(pid)] = self._layouts.Leaf.from_buffer_copy(value.tobytes())
         self._processes.setdefault(pid, _AttachedProcess())
 
     def attach_function(
@@ -315,7 +294,7 @@ class AgentProbes:
     def counters(self) -> dict[str, int]:
         # Perf buffers too: a full buffer fails perf_submit, which the program counts itself.
         table = self._bpf[b"counters"]
-        return {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
+        return {name: int(table.sum(slot).value) for name, slot in COUNTERS.items()}
 
     @property
     def attached_uprobes(self) -> int:

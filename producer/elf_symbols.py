@@ -7,7 +7,7 @@ needs the function table ``.gopclntab`` (for stack traces and GC), so it survive
 stripping; this module parses it (Go 1.18+ formats) so stripped Go services can be traced.
 C binaries without ``.symtab`` fall back to their exported ``.dynsym`` functions.
 
-Run ``python -m producer.elf_symbols BINARY [SUBSTRING]`` to list a binary's functions.
+Run ``python -m ebpf_apm.producer.elf_symbols BINARY [SUBSTRING]`` to list a binary's functions.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import numpy as np
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from producer.errors import SymbolNotFound, TargetError, UnsupportedBinary
+from ebpf_apm.producer.errors import SymbolNotFound, TargetError, UnsupportedBinary
 
 __all__ = [
     "ElfImage",
@@ -514,9 +514,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m producer.elf_symbols BINARY [SUBSTRING]``."""
+    """``python -m ebpf_apm.producer.elf_symbols BINARY [SUBSTRING]``."""
     parser = argparse.ArgumentParser(
-        prog="python -m producer.elf_symbols", description="List an ELF file's functions."
+        prog="python -m ebpf_apm.producer.elf_symbols", description="List an ELF file's functions."
     )
     add_arguments(parser)
     return run(parser.parse_args(argv))

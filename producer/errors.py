@@ -1,10 +1,9 @@
-"""The producer's single exception family.
+"""The agent's exception family, under ebpf_apm.errors.ApmError.
 
-Every error the agent can report to a user derives from :class:`AgentError`, so the CLI
-needs one ``except`` clause and can turn any failure into a message plus an exit status:
-2 when the input was wrong (the user must change the command line or the target), 1 when
-the host could not do the work (kernel or privileges). Messages say what failed, on what
-input, and what to do next, because they are printed as-is.
+`ebpf_apm.cli.main` turns any of them into its message and exit status: 2 when the input was
+wrong (`TargetError`: the user must change the command line or the target), 1 when the host
+could not do the work (kernel or privileges). Messages say what failed, on what input, and
+what to do next, because they are printed as-is.
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 from pathlib import Path
+
+from ebpf_apm.errors import ApmError, InputError
 
 __all__ = [
     "AgentError",
@@ -26,16 +27,13 @@ __all__ = [
 MAX_CLOSE_MATCHES = 5
 
 
-class AgentError(Exception):
-    """Base of every error the agent reports; ``exit_code`` is the process exit status."""
-
-    exit_code: int = 1
+class AgentError(ApmError):
+    """Base of every error the agent reports (exit status 1)."""
 
 
-class TargetError(AgentError):
-    """The traced target is wrong: unknown pid, unreadable or non-ELF binary, bad symbol."""
-
-    exit_code = 2
+class TargetError(AgentError, InputError):
+    """The traced target is wrong: unknown pid, unreadable or non-ELF binary, bad symbol
+    (exit status 2)."""
 
 
 class UnsupportedBinary(TargetError):
@@ -59,8 +57,8 @@ class SymbolNotFound(TargetError):
         else:
             message += "; no similar names"
         message += (
-            f". List the binary's functions with `python -m producer.elf_symbols {self.path}"
-            " [SUBSTRING]`; Go methods are spelled like pkg.(*Type).Method"
+            ". List the binary's functions with `python -m ebpf_apm.producer.elf_symbols "
+            f"{self.path} [SUBSTRING]`; Go methods are spelled like pkg.(*Type).Method"
         )
         super().__init__(message)
 
@@ -68,13 +66,9 @@ class SymbolNotFound(TargetError):
 class KernelSupportError(AgentError):
     """The running kernel lacks something the probes need (uprobes, BPF features)."""
 
-    exit_code = 1
-
 
 class PrivilegeError(AgentError):
     """The agent lacks the privileges (root / CAP_BPF, CAP_PERFMON) to load probes."""
-
-    exit_code = 1
 
 
 def close_matches(symbol: str, candidates: Iterable[str]) -> list[str]:

@@ -1,6 +1,6 @@
 """numpy mirrors of the records in bpf/events.h.
 
-tests/test_event_layout.py compiles that header and checks every offset and size here, so
+tests/test_kernel_layout.py compiles that header and checks every offset and size here, so
 the kernel and user sides cannot drift apart silently.
 """
 

@@ -23,8 +23,8 @@ from elftools.dwarf.compileunit import CompileUnit
 from elftools.dwarf.die import DIE
 from elftools.elf.elffile import ELFFile
 
-from producer.elf_symbols import ElfImage, SymbolTable
-from producer.errors import TargetError, UnsupportedBinary
+from ebpf_apm.producer.elf_symbols import ElfImage, SymbolTable
+from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
 
 __all__ = [
     "FALLBACK_LAYOUTS",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from producer.kube_api import (
+from ebpf_apm.producer.kube_api import (
     TRANSPORT_ERRORS,
     ApiClient,
     Gone,

@@ -10,28 +10,29 @@ Every accepted message is accounted for: it ends up acknowledged, failed (a non-
 error, logged once per kind), or reported as lost by `close()`. Messages that hit a
 retriable error go back to the front of the buffer, in their original order.
 
-This is the only producer-side module that imports aiokafka.
+This is the only agent module that imports aiokafka; clients and tuning come from the
+shared Kafka edge (ebpf_apm.kafka).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
 import heapq
 import itertools
 import logging
-import os
-import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 from aiokafka import AIOKafkaProducer
-from aiokafka import codec as aiokafka_codec
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError, for_code
+from aiokafka.errors import KafkaError, KafkaTimeoutError
+
+from ebpf_apm.errors import InputError
+from ebpf_apm.kafka.clients import new_producer
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.errors import describe_error
+from ebpf_apm.producer.errors import AgentError
 
 log = logging.getLogger(__name__)
 
@@ -39,45 +40,25 @@ MiB = 1 << 20
 COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 # aiokafka takes acks as an int or "all"; the config keeps the Kafka CLI spelling.
 _ACKS: dict[str, int | str] = {"0": 0, "1": 1, "all": "all", "-1": "all"}
-# Several of our messages fit in one produce request; aiokafka's 16 KiB default batch would
-# send each (already batched) message in a request of its own.
-_MAX_BATCH_BYTES = 1 * MiB
 _PROBE_TIMEOUT_S = 3.0
 _DROP_WARNING_INTERVAL_S = 60.0
-_AIOKAFKA_REPEAT_INTERVAL_S = 300.0
 # The watchdog probes the broker when no acknowledgement came for _STALL_S.
 _WATCH_INTERVAL_S = 1.0
 _STALL_S = 3.0
 _STOP_GRACE_S = 1.0
-# aiokafka 0.14 compresses lz4 at level 9 (LZ4 HC). On agent batches that costs ~8x the CPU
-# of level 1 for ~2% smaller messages: it was half the agent's CPU at 1.2M spans/s
-# (benchmarks/agent_throughput.py). Readers decode any level.
-_LZ4_LEVEL = 1
 
 
-class PublisherError(Exception):
-    """The publisher cannot do its job; `exit_code` is what a command should exit with."""
-
-    exit_code = 1
+class PublisherError(AgentError):
+    """The publisher cannot do its job (exit status 1)."""
 
 
-class PublisherConfigError(PublisherError, ValueError):
-    """A publisher setting is invalid (bad usage: exit code 2)."""
-
-    exit_code = 2
-
-
-class KafkaUnavailableError(PublisherError):
-    """No broker of the bootstrap list answered."""
-
-
-class TopicSetupError(PublisherError):
-    """Kafka refused to create or describe a topic."""
+class PublisherConfigError(PublisherError, InputError):
+    """A publisher setting is invalid (exit status 2)."""
 
 
 @dataclass(frozen=True)
 class PublisherConfig:
-    bootstrap_servers: str
+    connection: KafkaConnection
     topic: str
     acks: str = "all"
     compression: str = "lz4"
@@ -98,10 +79,6 @@ class PublisherConfig:
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        try:
-            parse_bootstrap_servers(self.bootstrap_servers)
-        except PublisherConfigError as exc:
-            problems.append(str(exc))
         if not self.topic:
             problems.append("topic is empty")
         if self.acks not in _ACKS:
@@ -148,51 +125,6 @@ class _Message:
     size: int = field(compare=False)
 
 
-BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
-DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
-
-
-def add_bootstrap_argument(parser: argparse.ArgumentParser) -> None:
-    """`--bootstrap-servers`, the same for every command that talks to Kafka."""
-    parser.add_argument(
-        "--bootstrap-servers",
-        metavar="HOST:PORT",
-        default=None,
-        help=f"Kafka brokers (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
-    )
-
-
-def bootstrap_servers(flag: str | None) -> str:
-    """The flag's value, else $KAFKA_BOOTSTRAP_SERVERS, else the local default."""
-    return flag or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
-
-
-def parse_bootstrap_servers(servers: str) -> list[tuple[str, int]]:
-    """ "a:9092,[::1]:9093,b" -> [("a", 9092), ("::1", 9093), ("b", 9092)].
-
-    Raises PublisherConfigError (a ValueError) for a bad port or an empty list.
-    """
-    result: list[tuple[str, int]] = []
-    for item in servers.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        host, sep, port = item.rpartition(":")
-        if not sep or (host.count(":") and not host.startswith("[")):
-            host, port = item, "9092"  # no port, or a bare IPv6 address
-        if not port.isdigit() or not 0 < int(port) < 65536:
-            raise PublisherConfigError(
-                f"bad Kafka address {item!r} in {servers!r}: "
-                "expected HOST:PORT, e.g. 127.0.0.1:9092"
-            )
-        result.append((host.strip("[]"), int(port)))
-    if not result:
-        raise PublisherConfigError(
-            f"no Kafka address in {servers!r}: expected HOST:PORT[,HOST:PORT...]"
-        )
-    return result
-
-
 def _is_retriable(exc: BaseException) -> bool:
     # aiokafka marks its own timeout as not retriable, but for us it only means "the broker
     # did not answer in time": the message must go back to the buffer, not be dropped.
@@ -203,13 +135,6 @@ def _is_retriable(exc: BaseException) -> bool:
 
 def _size(n: int) -> str:
     return f"{n / MiB:g} MiB" if n >= MiB else f"{n} bytes"
-
-
-def describe_error(exc: BaseException) -> str:
-    """ "TypeName: message", for error messages that say what failed."""
-    name, text = type(exc).__name__, str(exc)
-    # aiokafka's messages often start with the class name already.
-    return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
 async def _probe(servers: list[tuple[str, int]]) -> str | None:
@@ -254,77 +179,12 @@ async def _stop_producer(producer: AIOKafkaProducer, flushed: bool) -> None:
     await stopping
 
 
-class _RepeatFilter(logging.Filter):
-    """Passes each distinct aiokafka warning/error once per interval.
-
-    While a broker is down aiokafka logs every failed reconnect (about ten lines a second);
-    the publisher reports the outage itself, once.
-    """
-
-    def __init__(self, interval_s: float) -> None:
-        super().__init__()
-        self._interval_s = interval_s
-        self._last: dict[tuple[str, object], float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not logging.WARNING <= record.levelno < logging.CRITICAL:
-            return True  # debug output was asked for; critical is never repetitive noise
-        key = (record.name, record.msg)  # the template: arguments (addresses...) vary
-        now = time.monotonic()
-        last = self._last.get(key)
-        if last is not None and now - last < self._interval_s:
-            return False
-        self._last[key] = now
-        return True
-
-
-_AIOKAFKA_FILTER = _RepeatFilter(_AIOKAFKA_REPEAT_INTERVAL_S)
-
-
-def _lz4_encode(payload: bytes, level: int = _LZ4_LEVEL) -> bytes:
-    return bytes(aiokafka_codec.lz4_encode(payload, level))
-
-
-def use_fast_lz4() -> None:
-    """Make aiokafka's record batches use _LZ4_LEVEL (idempotent).
-
-    Its batch builders (the Cython one and the pure-Python fallback) call the module-level
-    name `lz4_encode` with the default level, so that name is replaced in both. Pinned
-    below aiokafka 0.15, like _stop_producer's reach into the sender.
-    """
-    from aiokafka.record import default_records  # noqa: PLC0415
-
-    modules: list[Any] = [default_records]
-    with contextlib.suppress(ImportError):
-        from aiokafka.record._crecords import (  # noqa: PLC0415
-            default_records as c_records,
-        )
-
-        modules.append(c_records)
-    for module in modules:
-        if getattr(module, "lz4_encode", None) is aiokafka_codec.lz4_encode:
-            module.lz4_encode = _lz4_encode
-
-
-def quiet_aiokafka_logs() -> None:
-    """Rate-limit aiokafka's repeated warnings and errors (idempotent).
-
-    A logger's filters do not apply to its children, so the filter goes on every aiokafka
-    logger; they all exist once aiokafka is imported.
-    """
-    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "aiokafka"]
-    for name in ["aiokafka", *names]:
-        logger = logging.getLogger(name)
-        if _AIOKAFKA_FILTER not in logger.filters:
-            logger.addFilter(_AIOKAFKA_FILTER)
-
-
 class KafkaPublisher:
     """Buffered, never-blocking Kafka producer for one topic (see the module docstring)."""
 
     def __init__(self, config: PublisherConfig) -> None:
         self._config = config
-        self._servers = parse_bootstrap_servers(config.bootstrap_servers)
+        self._servers = config.connection.servers
         self._pending: deque[_Message] = deque()
         self._retry: list[_Message] = []  # heap by seq; sent before anything in _pending
         self._seq = itertools.count()
@@ -384,8 +244,6 @@ class KafkaPublisher:
         """Return at once; connecting (and reconnecting) happens in a background task."""
         if self._task is not None:
             raise RuntimeError("KafkaPublisher.start() was called twice")
-        quiet_aiokafka_logs()
-        use_fast_lz4()
         self._task = asyncio.create_task(self._run(), name=f"kafka-publisher:{self._config.topic}")
 
     async def publish(self, key: bytes, value: bytes, events: int) -> bool:
@@ -476,7 +334,7 @@ class KafkaPublisher:
                 self._unacked,
                 self._unacked_events,
                 self._config.topic,
-                self._config.bootstrap_servers,
+                self._config.connection,
                 self._fatal_reason() or "the broker was unreachable or too slow",
             )
             self._failed[0] += self._unacked
@@ -515,7 +373,7 @@ class KafkaPublisher:
                 "Kafka buffer full (%s pending for %s): dropping new messages until the "
                 "broker catches up; the publisher's stats count them",
                 _size(self._config.buffer_max_bytes),
-                self._config.bootstrap_servers,
+                self._config.connection,
             )
 
     def _release(self, msg: _Message) -> None:
@@ -560,7 +418,7 @@ class KafkaPublisher:
         log.warning(
             "broker %s unreachable (%s); buffering up to %s of events and retrying; "
             "check --bootstrap-servers / KAFKA_BOOTSTRAP_SERVERS",
-            self._config.bootstrap_servers,
+            self._config.connection,
             reason,
             _size(self._config.buffer_max_bytes),
         )
@@ -581,7 +439,7 @@ class KafkaPublisher:
             self._outage = False
             log.info(
                 "Kafka at %s accepts messages again (%d still buffered)",
-                self._config.bootstrap_servers,
+                self._config.connection,
                 self._unacked,
             )
 
@@ -616,15 +474,14 @@ class KafkaPublisher:
 
     def _new_producer(self) -> AIOKafkaProducer:
         cfg = self._config
-        return AIOKafkaProducer(
-            bootstrap_servers=cfg.bootstrap_servers,
-            client_id=cfg.client_id,
-            acks=_ACKS[cfg.acks],
-            compression_type=None if cfg.compression == "none" else cfg.compression,
-            enable_idempotence=cfg.idempotent,
+        return new_producer(
+            cfg.connection,
+            cfg.client_id,
+            compression=cfg.compression,
             linger_ms=cfg.linger_ms,
             max_request_size=cfg.max_request_size,
-            max_batch_size=min(cfg.max_request_size, _MAX_BATCH_BYTES),
+            acks=_ACKS[cfg.acks],
+            enable_idempotence=cfg.idempotent,
             request_timeout_ms=int(cfg.send_timeout_s * 1000),
         )
 
@@ -647,7 +504,7 @@ class KafkaPublisher:
                     self._outage = False
                     log.info(
                         "connected to Kafka at %s (topic %r, acks=%s, compression=%s)",
-                        self._config.bootstrap_servers,
+                        self._config.connection,
                         self._config.topic,
                         self._config.acks,
                         self._config.compression,
@@ -670,7 +527,7 @@ class KafkaPublisher:
                 "broker) does not support: turn idempotence off"
             )
         return PublisherError(
-            f"Kafka at {self._config.bootstrap_servers} refused to start a producer: "
+            f"Kafka at {self._config.connection} refused to start a producer: "
             f"{describe_error(exc)}{hint}"
         )
 
@@ -736,70 +593,3 @@ class KafkaPublisher:
                 self._note_outage(exc)
         else:
             self._fail(msg, exc)
-
-
-async def ensure_topics(
-    bootstrap_servers: str,
-    topics: dict[str, int],
-    *,
-    replication_factor: int = 1,
-    timeout_s: float = 30.0,
-) -> dict[str, int]:
-    """Create the missing topics with the given partition counts; return actual counts.
-
-    Existing topics are left as they are (their partition count may differ from the one
-    asked for: the returned dict tells). Only the all-topics listing is used to decide what
-    is missing, because Tansu auto-creates any topic named in a metadata request.
-    """
-    quiet_aiokafka_logs()
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap_servers,
-        client_id="ebpf-apm-admin",
-        request_timeout_ms=int(timeout_s * 1000),
-    )
-    try:
-        try:
-            await admin.start()
-        except KafkaError as exc:
-            raise KafkaUnavailableError(
-                f"cannot reach Kafka at {bootstrap_servers} to create topics "
-                f"{', '.join(topics)}: {describe_error(exc)}; start one with `ebpf-apm broker` "
-                "or set --bootstrap-servers"
-            ) from exc
-        existing = set(await admin.list_topics())
-        missing = [
-            NewTopic(name, partitions, replication_factor)
-            for name, partitions in topics.items()
-            if name not in existing
-        ]
-        if missing:
-            response = await admin.create_topics(missing)
-            for entry in response.topic_errors:
-                name, code = entry[0], entry[1]
-                if code in (0, TopicAlreadyExistsError.errno):  # lost a race: fine
-                    continue
-                message = entry[2] if len(entry) > 2 else None
-                raise TopicSetupError(
-                    f"Kafka at {bootstrap_servers} refused to create topic {name!r} with "
-                    f"{topics[name]} partitions: {for_code(code).__name__} ({message or code})"
-                )
-        return await _partition_counts(admin, bootstrap_servers, list(topics), timeout_s)
-    finally:
-        await admin.close()
-
-
-async def _partition_counts(
-    admin: AIOKafkaAdminClient, bootstrap_servers: str, names: list[str], timeout_s: float
-) -> dict[str, int]:
-    # A real Kafka may answer LeaderNotAvailable for a topic created a moment ago.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        described = await admin.describe_topics(names)
-        errors = {t["topic"]: t["error_code"] for t in described if t["error_code"]}
-        if not errors:
-            return {t["topic"]: len(t["partitions"]) for t in described}
-        if loop.time() > deadline or not all(for_code(c).retriable for c in errors.values()):
-            detail = ", ".join(f"{n}: {for_code(c).__name__}" for n, c in errors.items())
-            raise TopicSetupError(f"Kafka at {bootstrap_servers} cannot describe topics ({detail})")
-        await asyncio.sleep(0.2)

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from producer.errors import AgentError
+from ebpf_apm.producer.errors import AgentError
 
 __all__ = ["ApiClient", "Gone", "KubeApiConfig", "KubeApiError", "KubernetesError"]
 
@@ -31,8 +31,6 @@ TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 
 class KubernetesError(AgentError):
     """Kubernetes metadata cannot be had: not in a cluster, or the API refuses us."""
-
-    exit_code = 1
 
 
 class KubeApiError(KubernetesError):

@@ -1,8 +1,11 @@
-"""The node agent's stages, wired in one place.
+"""The node agent's drain loop: ring buffers -> batchers -> publishers, for every stream.
 
     kernel probes -> ring buffers -> drain (numpy) -> per-process batchers -> Kafka publishers
       spans + HTTP spans ---------------------------> SpanBatcher -> apm.uprobe.events
       socket sends/receives ------------------------> NetBatcher  -> apm.kprobe.events
+
+Each line is a `RecordStream`: the rings it drains, its batcher, its publisher. The loop
+treats them alike. The agent is assembled in ebpf_apm.producer.agent.
 
 The reader drains when the kernel forces a wakeup (enough records wait on a CPU) and on a
 short timer, so a quiet process's records still leave within the batch delay. Every loss is
@@ -16,23 +19,22 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from producer.bpf_loader import AgentProbes
-from producer.kafka_publisher import KafkaPublisher, PublisherStats, ensure_topics
-from producer.span_batcher import NetBatcher, OutgoingBatch, ProcessInfo, SpanBatcher
-from producer.targets import TargetProcess, attach_target
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.producer.bpf_loader import AgentProbes, Reader
+from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherStats
+from ebpf_apm.producer.span_batcher import OutgoingBatch, ProcessBatcher, ProcessInfo
+from ebpf_apm.producer.targets import TargetProcess, attach_target
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    span_topic: str = "apm.uprobe.events"
-    net_topic: str = "apm.kprobe.events"
     partitions: int = 6  # both topics alike: consumers join them partition by partition
     drain_interval_s: float = 0.05
     stats_interval_s: float = 10.0
@@ -56,33 +58,36 @@ def boot_to_epoch_offset_ns() -> int:
 
 
 @dataclass
-class Stream:
-    """One kind of record on its way to its topic."""
+class RecordStream:
+    """One kind of record on its way from its rings to its topic."""
 
-    topic: str
-    batcher: SpanBatcher | NetBatcher
+    name: str  # "spans" | "net": how the stats line and metrics name it
+    readers: tuple[Reader, ...]  # drained in this order; the batcher's RINGS
+    batcher: ProcessBatcher
     publisher: KafkaPublisher
     records_read: int = 0
+
+    @property
+    def topic(self) -> str:
+        return self.publisher.config.topic
 
 
 class AgentPipeline:
     def __init__(
         self,
         probes: AgentProbes,
-        spans: Stream,
-        net: Stream | None,
-        bootstrap_servers: str,
+        streams: list[RecordStream],
+        process_info: dict[int, ProcessInfo],
+        connection: KafkaConnection,
         settings: PipelineSettings,
     ) -> None:
+        """`process_info` is the table the batchers name processes from: the pipeline keeps
+        it as processes are attached and detached."""
         self.probes = probes
-        self.spans = spans
-        self.net = net
-        self.streams = [spans] + ([net] if net else [])
+        self.streams = streams
         self.targets: dict[int, TargetProcess] = {}
-        self.process_info: dict[int, ProcessInfo] = {}
-        for stream in self.streams:
-            stream.batcher.process_info = self.process_info
-        self.bootstrap_servers = bootstrap_servers
+        self.process_info = process_info
+        self.connection = connection
         self.settings = settings
         self._stop = asyncio.Event()
         self._wakeup = asyncio.Event()
@@ -113,18 +118,21 @@ class AgentPipeline:
         if info is not None:
             self.process_info[pid] = ProcessInfo(exe=info.exe, k8s=k8s)
 
-    async def run(self) -> int:
+    async def run(self, stop: asyncio.Event) -> int:
+        """Drain until `stop` is set (or every target exited); then detach, drain, flush."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop, f"signal {signal.Signals(sig).name}")
+        stopping = asyncio.create_task(stop.wait())
+
+        def on_stop_request(waited: asyncio.Task[bool]) -> None:
+            if not waited.cancelled():
+                self.stop("SIGTERM or SIGINT")
+
+        stopping.add_done_callback(on_stop_request)
         for fd in self.probes.wakeup_fds:
             loop.add_reader(fd, self._wakeup.set)
         self._running = True
         for pid in list(self.targets):
             self._watch_exit(pid)
-        offset = boot_to_epoch_offset_ns()
-        for stream in self.streams:
-            stream.batcher.boot_to_epoch_ns = offset
         kafka = asyncio.create_task(self._start_kafka())
         stats = asyncio.create_task(self._report_periodically())
         try:
@@ -150,6 +158,7 @@ class AgentPipeline:
                 flushed &= await stream.publisher.flush(self.settings.close_timeout_s)
                 await stream.publisher.close(1.0)
         finally:
+            stopping.cancel()
             kafka.cancel()
             stats.cancel()
             for fd in self.probes.wakeup_fds:
@@ -172,18 +181,11 @@ class AgentPipeline:
 
     async def _drain_once(self) -> None:
         now = time.monotonic_ns()
-        spans = self.probes.span_reader.drain()
-        http = self.probes.http_reader.drain()
-        self.spans.records_read += len(spans) + len(http)
-        assert isinstance(self.spans.batcher, SpanBatcher)
-        batches = self.spans.batcher.add(spans, http, now)
-        await self._publish(self.spans, batches + self.spans.batcher.due(now))
-        if self.net is not None and self.probes.net_reader is not None:
-            records = self.probes.net_reader.drain()
-            self.net.records_read += len(records)
-            assert isinstance(self.net.batcher, NetBatcher)
-            batches = self.net.batcher.add(records, now)
-            await self._publish(self.net, batches + self.net.batcher.due(now))
+        for stream in self.streams:
+            drained = [reader.drain() for reader in stream.readers]
+            stream.records_read += sum(len(records) for records in drained)
+            batches = stream.batcher.add(drained, now)
+            await self._publish(stream, batches + stream.batcher.due(now))
         done = [p for p in self._retired if not any(s.batcher.has_pending(p) for s in self.streams)]
         for pid in done:  # without this, thousands of short-lived processes would pile up
             self._retired.discard(pid)
@@ -196,7 +198,7 @@ class AgentPipeline:
             with contextlib.suppress(OSError):
                 Path(self.settings.health_file).touch()
 
-    async def _publish(self, stream: Stream, batches: list[OutgoingBatch]) -> None:
+    async def _publish(self, stream: RecordStream, batches: list[OutgoingBatch]) -> None:
         for batch in batches:
             await stream.publisher.publish(batch.key, batch.value, batch.events)
 
@@ -234,7 +236,7 @@ class AgentPipeline:
         delay, warned = 0.5, False
         while True:
             try:
-                counts = await ensure_topics(self.bootstrap_servers, wanted)
+                counts = await ensure_topics(self.connection, wanted)
                 break
             except Exception as exc:  # retried; events wait in the publishers' buffers
                 if not warned:
@@ -268,21 +270,24 @@ class AgentPipeline:
 
     def _report(self, final: bool) -> None:
         kernel = self.probes.counters()
-        span_pub = self.spans.publisher.stats
+        streams = {stream.name: stream for stream in self.streams}
+        spans = streams["spans"]
+        span_pub = spans.publisher.stats
         lost = kernel["ring_full"] + kernel["table_full"] + kernel["net_ring_full"]
         lost += sum(_dropped(s.publisher.stats) for s in self.streams)
         line = (
-            f"spans read {self.spans.records_read}, kernel emitted {kernel['emitted']}, "
+            f"spans read {spans.records_read}, kernel emitted {kernel['emitted']}, "
             f"lost in kernel (ring full) {kernel['ring_full']}, "
             f"untimed (table full) {kernel['table_full']}, "
             f"returns without entry {kernel['return_without_entry']}, "
             f"read failures {kernel['read_failed']}; span events acked {span_pub.acked_events}, "
             f"dropped by publisher {span_pub.dropped_events}, failed {span_pub.failed_events}"
         )
-        if self.net is not None:
-            net_pub = self.net.publisher.stats
+        net = streams.get("net")
+        if net is not None:
+            net_pub = net.publisher.stats
             line += (
-                f"; network events read {self.net.records_read}, kernel emitted "
+                f"; network events read {net.records_read}, kernel emitted "
                 f"{kernel['net_emitted']}, lost in kernel {kernel['net_ring_full']}, acked "
                 f"{net_pub.acked_events}, dropped {net_pub.dropped_events}, "
                 f"failed {net_pub.failed_events}"

@@ -22,8 +22,8 @@ from pathlib import Path
 import capstone
 from capstone import x86_const as x86
 
-from producer.elf_symbols import FunctionSymbol, SymbolTable, function_bytes
-from producer.errors import UnsupportedBinary
+from ebpf_apm.producer.elf_symbols import FunctionSymbol, SymbolTable, function_bytes
+from ebpf_apm.producer.errors import UnsupportedBinary
 
 __all__ = ["ProbePlan", "go_entry_offset", "plan_function", "return_offsets"]
 

@@ -30,8 +30,9 @@ from typing import Any, Generic, NamedTuple, TypeVar
 
 import numpy as np
 
-from producer.errors import AgentError, KernelSupportError, PrivilegeError
-from producer.ringbuf_reader import RingBufReader
+from ebpf_apm import bpf as bpf_sources
+from ebpf_apm.producer.errors import AgentError, KernelSupportError, PrivilegeError
+from ebpf_apm.producer.ringbuf_reader import RingBufReader
 
 __all__ = [
     "PROCESS_EVENT",
@@ -48,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_DIR = bpf_sources.source_dir()
 PROCESS_PROGRAM = BPF_DIR / "process_events.bpf.c"
 EXIT_FORMATS = (
     Path("/sys/kernel/tracing/events/sched/sched_process_exit/format"),
@@ -57,7 +58,8 @@ EXIT_FORMATS = (
 
 EVENT_KIND_PROCESS_EXEC = 16
 EVENT_KIND_PROCESS_EXIT = 17
-COUNTER_NAMES = ("ring_full", "emitted")
+# Slots of the per-CPU `process_counters` array (PROCESS_COUNTER_* in the header).
+PROCESS_COUNTERS = {"ring_full": 0, "emitted": 1}
 
 # Mirror of struct process_event (bpf/process_events.h); a test compiles the header.
 PROCESS_EVENT = np.dtype(
@@ -165,9 +167,9 @@ class ProcessEventSource:
 
     def counters(self) -> dict[str, int]:
         if self._bpf is None:
-            return dict.fromkeys(COUNTER_NAMES, 0)
+            return dict.fromkeys(PROCESS_COUNTERS, 0)
         table = self._bpf[b"process_counters"]
-        return {name: int(table.sum(i).value) for i, name in enumerate(COUNTER_NAMES)}
+        return {name: int(table.sum(slot).value) for name, slot in PROCESS_COUNTERS.items()}
 
     def close(self) -> None:
         if self._reader is not None:

@@ -3,17 +3,22 @@
 Pure: the caller passes the time, so the flush policy is tested without sleeping. Records of
 many processes arrive mixed; they are grouped by pid because a Kafka message carries one
 process (its key is node/pid and consumers rely on that partitioning).
+
+Both batchers take what the agent drained from their rings as a list of record arrays, one
+per ring, in the order of `RINGS` (`add(drained, now_ns)`): the pipeline treats both record
+streams alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from producer.event_layout import HTTP_PATH_MAX
-from schemas.event_batch import (
+from ebpf_apm.producer.event_layout import HTTP_PATH_MAX
+from ebpf_apm.schemas.event_batch import (
     HttpColumns,
     NetBatch,
     SpanBatch,
@@ -74,20 +79,23 @@ class ProcessBatcher:
     Subclasses say how one process's records become one message (`_encode_parts`); this
     class owns grouping and the flush policy (count or age)."""
 
-    TAGS: tuple[str, ...] = ()  # the kinds of record arrays, in the order they are published
+    # The rings whose records `add` takes, in that order; also the order in which one
+    # process's records of each ring are published.
+    RINGS: tuple[str, ...] = ()
 
     def __init__(
         self,
         node: str,
-        process_info: dict[int, ProcessInfo],
+        process_info: Mapping[int, ProcessInfo],
+        boot_to_epoch_ns: int,
         max_events: int = 16384,
         max_delay_ns: int = 200_000_000,
     ) -> None:
         self.node = node
         self.process_info = process_info  # shared, maintained by the agent
+        self.boot_to_epoch_ns = boot_to_epoch_ns  # kernel times are CLOCK_BOOTTIME
         self.max_events = max_events
         self.max_delay_ns = max_delay_ns
-        self.boot_to_epoch_ns = 0
         self._pending: dict[int, _Pending] = {}
 
     @property
@@ -97,9 +105,13 @@ class ProcessBatcher:
     def has_pending(self, pid: int) -> bool:
         return pid in self._pending
 
-    def _add(self, tagged: list[tuple[str, np.ndarray]], now_ns: int) -> list[OutgoingBatch]:
+    def add(self, drained: Sequence[np.ndarray], now_ns: int) -> list[OutgoingBatch]:
+        """Take new records, one array per ring of `RINGS`; returns the batches that became
+        full."""
+        if len(drained) != len(self.RINGS):
+            raise ValueError(f"expected records of {len(self.RINGS)} rings {self.RINGS}")
         full: list[OutgoingBatch] = []
-        for tag, records in tagged:
+        for tag, records in zip(self.RINGS, drained, strict=True):
             for pid, part in _split_by_pid(records):
                 pending = self._pending.get(pid)
                 if pending is None:
@@ -124,7 +136,7 @@ class ProcessBatcher:
         pending = self._pending.pop(pid)
         out = []
         # Fixed order: a request's handler span must not follow its HTTP span in the topic.
-        for tag in self.TAGS:
+        for tag in self.RINGS:
             parts = pending.parts.get(tag)
             if not parts:
                 continue
@@ -147,22 +159,19 @@ class ProcessBatcher:
 class SpanBatcher(ProcessBatcher):
     """Function spans and HTTP spans -> `apm.uprobe.events` batches."""
 
-    TAGS = ("span", "http")
+    RINGS = ("span", "http")
 
     def __init__(
         self,
         node: str,
-        function_names: list[str],
-        process_info: dict[int, ProcessInfo],
+        function_names: Sequence[str],
+        process_info: Mapping[int, ProcessInfo],
+        boot_to_epoch_ns: int,
         max_events: int = 16384,
         max_delay_ns: int = 200_000_000,
     ) -> None:
-        super().__init__(node, process_info, max_events, max_delay_ns)
+        super().__init__(node, process_info, boot_to_epoch_ns, max_events, max_delay_ns)
         self.function_names = function_names  # shared, grows as functions are attached
-
-    def add(self, spans: np.ndarray, http: np.ndarray, now_ns: int) -> list[OutgoingBatch]:
-        """Take new records; returns the batches that became full."""
-        return self._add([("span", spans), ("http", http)], now_ns)
 
     def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
         if tag == "http":
@@ -218,10 +227,7 @@ class SpanBatcher(ProcessBatcher):
 class NetBatcher(ProcessBatcher):
     """Socket sends and receives -> `apm.kprobe.events` batches."""
 
-    TAGS = ("net",)
-
-    def add(self, records: np.ndarray, now_ns: int) -> list[OutgoingBatch]:
-        return self._add([("net", records)], now_ns)
+    RINGS = ("net",)
 
     def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
         info = self.process_info.get(pid, ProcessInfo(exe=""))

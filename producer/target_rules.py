@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from producer.errors import TargetError
+from ebpf_apm.producer.errors import TargetError
 
 __all__ = [
     "LabelRequirement",

@@ -21,11 +21,11 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
-from producer.errors import AgentError
-from producer.k8s_metadata import K8sIdentity, PodMetadata
-from producer.pod_identity import CgroupIdentity, read_cgroup_identity
-from producer.process_discovery import ProcessEvent
-from producer.target_rules import ProbeRequest, ProcessFacts, TargetRules
+from ebpf_apm.producer.errors import AgentError
+from ebpf_apm.producer.k8s_metadata import K8sIdentity, PodMetadata
+from ebpf_apm.producer.pod_identity import CgroupIdentity, read_cgroup_identity
+from ebpf_apm.producer.process_discovery import ProcessEvent
+from ebpf_apm.producer.target_rules import ProbeRequest, ProcessFacts, TargetRules
 
 __all__ = ["TrackedProcess", "TargetTracker", "TrackerStats"]
 

@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from producer.bpf_loader import AgentProbes, ProcessLayout
-from producer.elf_symbols import SymbolTable
-from producer.errors import TargetError, UnsupportedBinary
-from producer.go_binary import go_layout, is_go_binary
-from producer.probe_sites import ProbePlan, plan_function
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProcessLayout
+from ebpf_apm.producer.elf_symbols import SymbolTable
+from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
+from ebpf_apm.producer.go_binary import go_layout, is_go_binary
+from ebpf_apm.producer.probe_sites import ProbePlan, plan_function
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import fastavro
 import fastavro.schema
 
-SCHEMA_DIR = Path(__file__).resolve().parent
+SCHEMA_DIR = Path(str(resources.files(__package__ or "ebpf_apm.schemas")))
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
 
@@ -52,7 +53,8 @@ class AvroCodec:
         try:
             record = fastavro.schemaless_reader(io.BytesIO(value[HEADER_SIZE:]), self.schema, None)
         except Exception as exc:  # fastavro raises EOFError, ValueError, ... on bad bodies
-            raise AvroDecodeError(f"bad Avro body for {self.path.name}: {exc}") from exc
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise AvroDecodeError(f"bad Avro body for {self.path.name}: {why}") from exc
         assert isinstance(record, dict)
         return record
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-EBPF_APM = [sys.executable, "-m", "producer.cli"]
+EBPF_APM = [sys.executable, "-m", "ebpf_apm.cli"]
 
 
 @dataclass
@@ -66,12 +66,14 @@ def go_server(binary: Path, addr: str = "127.0.0.1:0") -> Iterator[GoServer]:
 
 
 class Agent:
-    """`ebpf-apm agent` as a child process, with its log collected from stderr."""
+    """`ebpf-apm agent` as a child process, with its log collected from stderr.
 
-    def __init__(self, args: list[str]) -> None:
+    `command` runs another installation of the command (the installed-wheel test's)."""
+
+    def __init__(self, args: list[str], command: list[str] = EBPF_APM, cwd: Path = ROOT) -> None:
         self.process = subprocess.Popen(
-            [*EBPF_APM, "agent", *args],
-            cwd=ROOT,
+            [*command, "agent", *args],
+            cwd=cwd,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

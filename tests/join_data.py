@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.event_batch import HttpColumns, NetBatch, SpanBatch
+from ebpf_apm.schemas.event_batch import HttpColumns, NetBatch, SpanBatch
 
 HTTP_FUNC = "net/http.serverHandler.ServeHTTP"
 NO_GOROUTINE = -1

@@ -44,7 +44,7 @@ def start_join(bootstrap: str, log: Path, *extra: str) -> subprocess.Popen[bytes
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "producer.cli", "join", *flags],
+            [sys.executable, "-m", "ebpf_apm.cli", "join", *flags],
             cwd=REPO,
             env=env,
             stdout=out,

@@ -15,8 +15,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from producer.embedded_broker import EmbeddedBroker
-from schemas.event_batch import HttpColumns, SpanBatch
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+from ebpf_apm.schemas.event_batch import HttpColumns, SpanBatch
 
 
 @pytest.fixture(scope="session")

@@ -156,7 +156,7 @@ def test_target_exit_ends_the_agent_cleanly(go_targets: dict, kafka_broker) -> N
 
 
 def test_broker_down_at_start_delivers_once_it_is_up(go_targets: dict) -> None:
-    from producer.embedded_broker import EmbeddedBroker, free_port
+    from ebpf_apm.kafka.embedded_broker import EmbeddedBroker, free_port
 
     port = free_port()
     bootstrap = f"127.0.0.1:{port}"

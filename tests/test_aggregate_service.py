@@ -26,13 +26,16 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from kafka_fixtures import read_topic, unique_topic
 
-from consumers import aggregate_service, query_command, topic_tail
-from consumers.latency_sketch import LatencySketch
-from consumers.latency_store import LatencyRow, open_store
-from consumers.route_template import OVERFLOW_OPERATION, SeriesKey
-from producer.embedded_broker import EmbeddedBroker
-from producer.kafka_publisher import ensure_topics
-from schemas.avro_codec import codec
+from ebpf_apm import cli
+from ebpf_apm.consumers import query_command
+from ebpf_apm.consumers import tail_command as topic_tail
+from ebpf_apm.consumers.latency_sketch import LatencySketch
+from ebpf_apm.consumers.latency_store import LatencyRow, open_store
+from ebpf_apm.consumers.route_template import OVERFLOW_OPERATION, SeriesKey
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+from ebpf_apm.schemas.avro_codec import codec
 
 pytestmark = pytest.mark.integration
 # Shared fixtures, until tests/conftest.py provides them to every module.
@@ -111,7 +114,7 @@ def truth(spans: list[dict[str, Any]]) -> dict[tuple[str, int], np.ndarray]:
 
 
 async def produce(bootstrap: str, topic: str, values: list[tuple[bytes, bytes]]) -> None:
-    await ensure_topics(bootstrap, {topic: 4})
+    await ensure_topics(KafkaConnection(bootstrap), {topic: 4})
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=10, acks="all")
     await producer.start()
     try:
@@ -129,7 +132,7 @@ def messages(spans: list[dict[str, Any]]) -> list[tuple[bytes, bytes]]:
 
 
 class Aggregator:
-    """`python -m consumers.aggregate_service` with its own topics, group and storage."""
+    """`ebpf-apm aggregate` with its own topics, group and storage."""
 
     def __init__(
         self,
@@ -145,7 +148,8 @@ class Aggregator:
         command = [
             sys.executable,
             "-m",
-            "consumers.aggregate_service",
+            "ebpf_apm",
+            "aggregate",
             "--bootstrap-servers",
             bootstrap,
             "--storage",
@@ -363,7 +367,7 @@ def test_query_merges_stored_windows(tmp_path: Path, capsys: pytest.CaptureFixtu
         sketch = LatencySketch()
         sketch.add(durations)
         workload, operation, status = series.split("|")
-        from consumers.window_aggregator import ClosedWindow
+        from ebpf_apm.consumers.window_aggregator import ClosedWindow
 
         key = SeriesKey(workload, operation, status or None)
         rows.append(LatencyRow.of(key, ClosedWindow(0, start, start + S, sketch)))
@@ -424,18 +428,16 @@ def test_query_merges_stored_windows(tmp_path: Path, capsys: pytest.CaptureFixtu
     )
     table = capsys.readouterr().out
     assert "GET /api/user/{id}" in table and "p99 ms" in table
-    assert query_command.run(parser.parse_args(["--storage", db, "--since", "yesterday"])) == 2
+    assert cli.main(["query", "--storage", db, "--since", "yesterday"]) == 2
     assert "bad time" in capsys.readouterr().err
     missing = f"sqlite:///{tmp_path / 'none.sqlite'}"
-    assert query_command.run(parser.parse_args(["--storage", missing])) == 1
+    assert cli.main(["query", "--storage", missing]) == 1
 
 
 def test_bad_settings_exit_2_with_what_to_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parser = argparse.ArgumentParser()
-    aggregate_service.add_arguments(parser)
-    assert aggregate_service.run(parser.parse_args(["--window", "10x"])) == 2
+    assert cli.main(["aggregate", "--window", "10x"]) == 2
     assert "bad duration '10x'" in capsys.readouterr().err
     db = f"sqlite:///{tmp_path / 'w.sqlite'}"
 
@@ -445,8 +447,6 @@ def test_bad_settings_exit_2_with_what_to_do(
         await store.close()
 
     asyncio.run(seed())
-    args = parser.parse_args(
-        ["--storage", db, "--window", "10s", "--bootstrap-servers", "127.0.0.1:1"]
-    )
-    assert aggregate_service.run(args) == 2
+    args = ["--storage", db, "--window", "10s", "--bootstrap-servers", "127.0.0.1:1"]
+    assert cli.main(["aggregate", *args]) == 2
     assert "use the same --window" in capsys.readouterr().err

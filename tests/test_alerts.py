@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import subprocess
 import sys
@@ -14,13 +13,15 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from kafka_fixtures import read_topic, unique_topic
 
-from consumers import alert_service, topic_tail
-from consumers.alert_rules import AlertEngine, Rule, RulesError, Transition, parse_rules
-from consumers.name_pattern import NamePattern
-from consumers.route_template import SeriesKey
-from producer.embedded_broker import EmbeddedBroker
-from producer.kafka_publisher import ensure_topics
-from schemas.avro_codec import codec
+from ebpf_apm import cli
+from ebpf_apm.consumers import tail_command as topic_tail
+from ebpf_apm.consumers.alert_rules import AlertEngine, Rule, RulesError, Transition, parse_rules
+from ebpf_apm.consumers.name_pattern import NamePattern
+from ebpf_apm.consumers.route_template import SeriesKey
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+from ebpf_apm.schemas.avro_codec import codec
 
 REPO = Path(__file__).resolve().parent.parent
 S = 1_000_000_000
@@ -234,19 +235,17 @@ def test_bad_rules_files_name_the_line(text: str, problems: list[str]) -> None:
 def test_the_command_reports_bad_rules_and_checks_good_ones(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    parser = argparse.ArgumentParser()
-    alert_service.add_arguments(parser)
     bad = tmp_path / "rules.yaml"
     bad.write_text("rules:\n  - name: a\n    metric: p99\n    above: fast\n")
-    assert alert_service.run(parser.parse_args(["--rules", str(bad)])) == 2
+    assert cli.main(["alert", "--rules", str(bad)]) == 2
     err = capsys.readouterr().err
     assert f"error: {bad}:4: rule 'a': bad threshold 'fast'" in err
     assert f"fix {bad} and run again" in err
-    assert alert_service.run(parser.parse_args(["--rules", str(tmp_path / "none")])) == 2
+    assert cli.main(["alert", "--rules", str(tmp_path / "none")]) == 2
     assert "cannot read the rules file" in capsys.readouterr().err
     good = tmp_path / "good.yaml"
     good.write_text(RULES)
-    assert alert_service.run(parser.parse_args(["--rules", str(good), "--check"])) == 0
+    assert cli.main(["alert", "--rules", str(good), "--check"]) == 0
     assert "2 rules, all valid" in capsys.readouterr().out
 
 
@@ -261,7 +260,7 @@ def test_the_service_publishes_each_transition_once(
     records = scripted_windows()
 
     async def publish(batch: list[dict[str, Any]]) -> None:
-        await ensure_topics(bootstrap, {latency: 6})
+        await ensure_topics(KafkaConnection(bootstrap), {latency: 6})
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
         await producer.start()
         try:
@@ -278,7 +277,8 @@ def test_the_service_publishes_each_transition_once(
             [
                 sys.executable,
                 "-m",
-                "consumers.alert_service",
+                "ebpf_apm",
+                "alert",
                 "--rules",
                 str(rules),
                 "--bootstrap-servers",

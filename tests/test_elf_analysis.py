@@ -19,10 +19,10 @@ from capstone import x86_const as x86
 from elftools.elf.elffile import ELFFile
 from go_builds import TARGETS_DIR, build_go
 
-from producer import elf_symbols
-from producer.elf_symbols import FunctionSymbol, SymbolTable, function_bytes
-from producer.errors import AgentError, SymbolNotFound, TargetError, UnsupportedBinary
-from producer.go_binary import (
+from ebpf_apm.producer import elf_symbols
+from ebpf_apm.producer.elf_symbols import FunctionSymbol, SymbolTable, function_bytes
+from ebpf_apm.producer.errors import AgentError, SymbolNotFound, TargetError, UnsupportedBinary
+from ebpf_apm.producer.go_binary import (
     FALLBACK_LAYOUTS,
     StructOffsets,
     clear_layout_cache,
@@ -33,7 +33,7 @@ from producer.go_binary import (
     is_go_binary,
     table_layout,
 )
-from producer.probe_sites import go_entry_offset, plan_function, return_offsets
+from ebpf_apm.producer.probe_sites import go_entry_offset, plan_function, return_offsets
 
 HANDLE_SLEEP = "main.(*server).handleSleep"
 SERVE_HTTP = "net/http.serverHandler.ServeHTTP"
@@ -169,7 +169,7 @@ def test_symbol_not_found_lists_close_matches(
     assert err.symbol == "main.(*server).handleSlep"
     assert err.close_matches[0] == HANDLE_SLEEP
     assert len(err.close_matches) <= 5
-    assert HANDLE_SLEEP in str(err) and "python -m producer.elf_symbols" in str(err)
+    assert HANDLE_SLEEP in str(err) and "python -m ebpf_apm.producer.elf_symbols" in str(err)
     assert isinstance(err, TargetError) and isinstance(err, AgentError)
     assert err.exit_code == 2
     # A bare method name is completed to the full Go symbol.

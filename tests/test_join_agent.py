@@ -24,7 +24,7 @@ from aiokafka.partitioner import murmur2
 from join_harness import acknowledged, assigned, outside_decoder, start_join, wait_for
 from kafka_fixtures import read_topic
 
-from producer.embedded_broker import EmbeddedBroker
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
 
 pytestmark = [pytest.mark.bpf, pytest.mark.integration]
 

@@ -28,11 +28,14 @@ from join_harness import (
 )
 from kafka_fixtures import read_topic
 
-from consumers import join_command, join_service, topic_tail
-from consumers.offset_ledger import EmitSteps, TopicPartitionLedger
-from producer.embedded_broker import EmbeddedBroker, free_port
-from producer.kafka_publisher import ensure_topics
-from schemas.event_batch import encode_net_batch, encode_span_batch
+from ebpf_apm import cli
+from ebpf_apm.consumers import join_command, join_service
+from ebpf_apm.consumers import tail_command as topic_tail
+from ebpf_apm.consumers.offset_ledger import EmitSteps, TopicPartitionLedger
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker, free_port
+from ebpf_apm.schemas.event_batch import encode_net_batch, encode_span_batch
 
 SPAN_TOPIC, NET_TOPIC = "apm.uprobe.events", "apm.kprobe.events"
 OUT_TOPIC, DEAD_TOPIC = "apm.spans", "apm.deadletter"
@@ -100,22 +103,22 @@ def join_args(*args: str) -> argparse.Namespace:
 def test_bad_flags_exit_2_and_name_the_value(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert join_command.run(join_args(*flags)) == 2
+    assert cli.main(["join", *flags]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_no_broker_exits_1_and_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
-    assert join_command.run(join_args("--bootstrap-servers", f"127.0.0.1:{free_port()}")) == 1
+    assert cli.main(["join", "--bootstrap-servers", f"127.0.0.1:{free_port()}"]) == 1
     err = capsys.readouterr().err
     assert "cannot reach Kafka at 127.0.0.1:" in err and "ebpf-apm broker" in err
 
 
 def test_bootstrap_servers_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", "kafka-0:9093")
-    assert join_command.config_from_args(join_args()).kafka.bootstrap_servers == "kafka-0:9093"
+    assert join_command.config_from_args(join_args()).connection.bootstrap_servers == "kafka-0:9093"
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS")
     config = join_command.config_from_args(join_args())
-    assert config.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert config.connection.bootstrap_servers == "127.0.0.1:9092"
 
 
 # -- against a broker -------------------------------------------------------------------
@@ -214,14 +217,15 @@ def join_run() -> Iterator[JoinRun]:
         bootstrap = broker.bootstrap_servers
 
         async def scenario() -> JoinRun:
-            await ensure_topics(bootstrap, {SPAN_TOPIC: 3, NET_TOPIC: 3})
+            await ensure_topics(KafkaConnection(bootstrap), {SPAN_TOPIC: 3, NET_TOPIC: 3})
             messages = traffic_messages(traffic, chunk=25)
             await publish(bootstrap, messages[:5] + garbage + messages[5:])
             # Network events are kept max_span_ms behind the watermark (and their offsets
             # with them): 1 s lets the whole input be committed within the test.
             flags = ("--bootstrap-servers", bootstrap, "--max-span-ms", "1000", *FAST)
             service = join_service.JoinService(join_command.config_from_args(join_args(*flags)))
-            task = asyncio.create_task(service.run())
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
             inputs = [TopicPartition(t, p) for t in (SPAN_TOPIC, NET_TOPIC) for p in range(3)]
             ends = await _end_offsets(bootstrap, inputs)
             deadline = time.monotonic() + 60
@@ -232,7 +236,7 @@ def join_run() -> Iterator[JoinRun]:
             while commits != ends and not task.done() and time.monotonic() < deadline:
                 await asyncio.sleep(0.5)  # committed while running, not only at exit
                 commits = await committed(bootstrap, "ebpf-apm-join", inputs)
-            service.request_stop()
+            stop.set()
             exit_code = await task
             spans = await read_topic(bootstrap, OUT_TOPIC, expected, 20)
             dead = await read_topic(bootstrap, DEAD_TOPIC, len(garbage), 10)
@@ -328,9 +332,10 @@ def test_input_topics_with_different_partition_counts_are_refused_with_exit_2(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     with EmbeddedBroker() as broker:
-        asyncio.run(ensure_topics(broker.bootstrap_servers, {SPAN_TOPIC: 2, NET_TOPIC: 3}))
-        args = join_args("--bootstrap-servers", broker.bootstrap_servers)
-        assert join_command.run(args) == 2
+        asyncio.run(
+            ensure_topics(KafkaConnection(broker.bootstrap_servers), {SPAN_TOPIC: 2, NET_TOPIC: 3})
+        )
+        assert cli.main(["join", "--bootstrap-servers", broker.bootstrap_servers]) == 2
     err = capsys.readouterr().err
     assert "apm.uprobe.events has 2 partitions and apm.kprobe.events has 3" in err
     assert "co-partitioned" in err
@@ -340,12 +345,12 @@ def test_input_topics_with_different_partition_counts_are_refused_with_exit_2(
 def test_a_missing_input_topic_is_created_co_partitioned_with_the_other() -> None:
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        asyncio.run(ensure_topics(bootstrap, {SPAN_TOPIC: 5}))
+        asyncio.run(ensure_topics(KafkaConnection(bootstrap), {SPAN_TOPIC: 5}))
         config = join_command.config_from_args(join_args("--bootstrap-servers", bootstrap))
-        from consumers.kafka_io import prepare_topics
-
-        assert asyncio.run(prepare_topics(config.kafka)) == 5
-        counts = asyncio.run(ensure_topics(bootstrap, {NET_TOPIC: 1, OUT_TOPIC: 1}))
+        assert asyncio.run(join_service.prepare_topics(config)) == 5
+        counts = asyncio.run(
+            ensure_topics(KafkaConnection(bootstrap), {NET_TOPIC: 1, OUT_TOPIC: 1})
+        )
         assert counts == {NET_TOPIC: 5, OUT_TOPIC: 5}
 
 
@@ -387,7 +392,7 @@ def test_killing_one_of_two_instances_loses_no_span(tmp_path: Path) -> None:
     decode = outside_decoder()
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
-        asyncio.run(ensure_topics(bootstrap, {SPAN_TOPIC: 4, NET_TOPIC: 4}))
+        asyncio.run(ensure_topics(KafkaConnection(bootstrap), {SPAN_TOPIC: 4, NET_TOPIC: 4}))
         joins = [start_join(bootstrap, log) for log in logs]
 
         def shared() -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fake_kube_api import FakeKubeApi, make_pod
 
-from producer.k8s_metadata import (
+from ebpf_apm.producer.k8s_metadata import (
     KubeApiConfig,
     KubernetesError,
     PodInfo,

@@ -19,19 +19,26 @@ import pytest
 from aiokafka.structs import ConsumerRecord
 from kafka_fixtures import read_topic, span_batch, unique_topic
 
-from consumers import topic_tail
-from producer import kafka_publisher
-from producer.embedded_broker import BrokerError, EmbeddedBroker, free_port
-from producer.kafka_publisher import (
+from ebpf_apm import cli
+from ebpf_apm.consumers import tail_command as topic_tail
+from ebpf_apm.kafka.admin import ensure_topics
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.embedded_broker import BrokerError, EmbeddedBroker, free_port
+from ebpf_apm.kafka.errors import KafkaConfigError, KafkaUnavailableError
+from ebpf_apm.producer import kafka_publisher
+from ebpf_apm.producer.kafka_publisher import (
     KafkaPublisher,
-    KafkaUnavailableError,
     PublisherConfig,
     PublisherConfigError,
     PublisherError,
     PublisherStats,
-    ensure_topics,
 )
-from schemas.event_batch import SpanBatch, decode_span_batch, encode_span_batch, iter_events
+from ebpf_apm.schemas.event_batch import (
+    SpanBatch,
+    decode_span_batch,
+    encode_span_batch,
+    iter_events,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 Records = list[ConsumerRecord[bytes, bytes]]
 Stats = PublisherStats
 UPROBE_TOPIC = "apm.uprobe.events"
-LOGGER = "producer.kafka_publisher"
+LOGGER = "ebpf_apm.producer.kafka_publisher"
 
 
 def key_of(batch: SpanBatch) -> bytes:
@@ -69,8 +76,8 @@ def test_publish_batches_and_read_them_back(kafka_broker: EmbeddedBroker) -> Non
     batches = [numbered_batch(i) for i in range(23)]
 
     async def scenario() -> tuple[dict[str, int], Stats, Records]:
-        counts = await ensure_topics(bootstrap, {topic: 3})
-        publisher = KafkaPublisher(PublisherConfig(bootstrap, topic, linger_ms=5))
+        counts = await ensure_topics(KafkaConnection(bootstrap), {topic: 3})
+        publisher = KafkaPublisher(PublisherConfig(KafkaConnection(bootstrap), topic, linger_ms=5))
         await publisher.start()
         for batch in batches:
             assert await publisher.publish(key_of(batch), encode_span_batch(batch), len(batch))
@@ -117,13 +124,13 @@ def test_ensure_topics_keeps_existing_and_tolerates_races(kafka_broker: Embedded
     first, second = unique_topic("ensure"), unique_topic("ensure")
 
     async def scenario() -> list[dict[str, int]]:
-        created = await ensure_topics(bootstrap, {first: 2})
+        created = await ensure_topics(KafkaConnection(bootstrap), {first: 2})
         # Existing topic with another count is left alone; two creators race on `second`.
         return [
             created,
             *await asyncio.gather(
-                ensure_topics(bootstrap, {first: 5, second: 3}),
-                ensure_topics(bootstrap, {second: 3}),
+                ensure_topics(KafkaConnection(bootstrap), {first: 5, second: 3}),
+                ensure_topics(KafkaConnection(bootstrap), {second: 3}),
             ),
         ]
 
@@ -135,7 +142,9 @@ def test_publisher_buffers_until_the_broker_starts(caplog: pytest.LogCaptureFixt
     port = free_port()
     bootstrap, topic = f"127.0.0.1:{port}", unique_topic("late")
     batches = [numbered_batch(i) for i in range(12)]
-    config = PublisherConfig(bootstrap, topic, retry_backoff_s=0.1, retry_backoff_max_s=0.4)
+    config = PublisherConfig(
+        KafkaConnection(bootstrap), topic, retry_backoff_s=0.1, retry_backoff_max_s=0.4
+    )
 
     async def scenario() -> tuple[Stats, Stats, Records]:
         publisher = KafkaPublisher(config)
@@ -148,7 +157,9 @@ def test_publisher_buffers_until_the_broker_starts(caplog: pytest.LogCaptureFixt
         down = publisher.stats
         with EmbeddedBroker(port=port) as broker:
             assert broker.bootstrap_servers == bootstrap
-            await ensure_topics(bootstrap, {topic: 2})  # may race the publisher's auto-create
+            await ensure_topics(
+                KafkaConnection(bootstrap), {topic: 2}
+            )  # may race the publisher's auto-create
             assert await publisher.flush(15)
             up = publisher.stats
             await publisher.close()
@@ -186,10 +197,14 @@ def test_publisher_retries_through_a_stalled_broker(caplog: pytest.LogCaptureFix
 
     async def scenario(broker: EmbeddedBroker) -> tuple[Stats, Stats, list[bytes]]:
         bootstrap = broker.bootstrap_servers
-        await ensure_topics(bootstrap, {topic: 2})
+        await ensure_topics(KafkaConnection(bootstrap), {topic: 2})
         publisher = KafkaPublisher(
             PublisherConfig(
-                bootstrap, topic, send_timeout_s=1.0, retry_backoff_s=0.1, retry_backoff_max_s=0.5
+                KafkaConnection(bootstrap),
+                topic,
+                send_timeout_s=1.0,
+                retry_backoff_s=0.1,
+                retry_backoff_max_s=0.5,
             )
         )
         await publisher.start()
@@ -239,12 +254,14 @@ def test_publisher_survives_a_broker_restart(
     monkeypatch.setattr(kafka_publisher, "_WATCH_INTERVAL_S", 0.1)
     port = free_port()
     bootstrap, topic = f"127.0.0.1:{port}", unique_topic("restart")
-    config = PublisherConfig(bootstrap, topic, retry_backoff_s=0.1, retry_backoff_max_s=0.5)
+    config = PublisherConfig(
+        KafkaConnection(bootstrap), topic, retry_backoff_s=0.1, retry_backoff_max_s=0.5
+    )
 
     async def scenario() -> tuple[PublisherStats, PublisherStats]:
         publisher = KafkaPublisher(config)
         with EmbeddedBroker(port=port, stop_grace_s=0.2):
-            await ensure_topics(bootstrap, {topic: 2})
+            await ensure_topics(KafkaConnection(bootstrap), {topic: 2})
             await publisher.start()
             for i in range(5):
                 assert await publisher.publish(b"node/%d" % i, b"before-%d" % i, 1)
@@ -282,7 +299,7 @@ def test_full_buffer_drops_exactly_what_does_not_fit(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.INFO, logger=LOGGER)
     bootstrap = f"127.0.0.1:{free_port()}"  # nobody listens: everything stays buffered
     config = PublisherConfig(
-        bootstrap,
+        KafkaConnection(bootstrap),
         "nowhere",
         buffer_max_bytes=1000,
         enqueue_timeout_s=0.05,
@@ -329,10 +346,10 @@ def test_publish_waits_for_room_while_the_broker_acknowledges(
     value = bytes(range(256)) * 8  # ~2 KiB: the buffer holds three messages
 
     async def scenario() -> tuple[list[bool], PublisherStats]:
-        await ensure_topics(bootstrap, {topic: 1})
+        await ensure_topics(KafkaConnection(bootstrap), {topic: 1})
         publisher = KafkaPublisher(
             PublisherConfig(
-                bootstrap,
+                KafkaConnection(bootstrap),
                 topic,
                 buffer_max_bytes=3 * (len(value) + 8),
                 enqueue_timeout_s=10,
@@ -351,7 +368,7 @@ def test_publish_waits_for_room_while_the_broker_acknowledges(
 def test_ensure_topics_without_a_broker_says_what_to_do() -> None:
     address = f"127.0.0.1:{free_port()}"
     with pytest.raises(KafkaUnavailableError) as info:
-        asyncio.run(ensure_topics(address, {"apm.uprobe.events": 3}))
+        asyncio.run(ensure_topics(KafkaConnection(address), {"apm.uprobe.events": 3}))
     assert info.value.exit_code == 1
     assert str(info.value).startswith(f"cannot reach Kafka at {address} to create topics ")
     assert "start one with `ebpf-apm broker` or set --bootstrap-servers" in str(info.value)
@@ -361,7 +378,9 @@ def test_idempotent_publisher_on_tansu_fails_clearly(kafka_broker: EmbeddedBroke
     bootstrap, topic = kafka_broker.bootstrap_servers, unique_topic("idempotent")
 
     async def scenario() -> tuple[bool, PublisherError, PublisherStats]:
-        publisher = KafkaPublisher(PublisherConfig(bootstrap, topic, idempotent=True))
+        publisher = KafkaPublisher(
+            PublisherConfig(KafkaConnection(bootstrap), topic, idempotent=True)
+        )
         await publisher.start()
         assert await publisher.publish(b"node/1", b"value", 1)
         flushed = await publisher.flush(10)  # returns as soon as the publisher gave up
@@ -381,18 +400,19 @@ def test_idempotent_publisher_on_tansu_fails_clearly(kafka_broker: EmbeddedBroke
 
 def test_publisher_config_rejects_bad_settings() -> None:
     with pytest.raises(PublisherConfigError) as info:
-        PublisherConfig("127.0.0.1:9092", "t", acks="2", compression="brotli")
+        PublisherConfig(KafkaConnection("127.0.0.1:9092"), "t", acks="2", compression="brotli")
     assert info.value.exit_code == 2
     assert "acks='2'" in str(info.value) and "compression='brotli'" in str(info.value)
-    with pytest.raises(PublisherConfigError, match="bad Kafka address 'host:port'"):
-        PublisherConfig("host:port", "t")
+    with pytest.raises(KafkaConfigError, match="bad Kafka address 'host:port'") as bad:
+        KafkaConnection("host:port")
+    assert bad.value.exit_code == 2
 
 
 # -- tail ---------------------------------------------------------------------------------
 
 
 def tail_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "consumers.topic_tail", *args]
+    return [sys.executable, "-m", "ebpf_apm", "tail", *args]
 
 
 def run_tail(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -412,8 +432,10 @@ def publish_values(bootstrap: str, values: list[tuple[bytes, bytes]]) -> None:
     in one record batch, the case where Tansu's ListOffsets(latest) falls short."""
 
     async def scenario() -> None:
-        await ensure_topics(bootstrap, {UPROBE_TOPIC: 1})
-        publisher = KafkaPublisher(PublisherConfig(bootstrap, UPROBE_TOPIC, linger_ms=50))
+        await ensure_topics(KafkaConnection(bootstrap), {UPROBE_TOPIC: 1})
+        publisher = KafkaPublisher(
+            PublisherConfig(KafkaConnection(bootstrap), UPROBE_TOPIC, linger_ms=50)
+        )
         await publisher.start()
         for key, value in values:
             assert await publisher.publish(key, value, 1)
@@ -588,7 +610,7 @@ def test_tail_quiet_on_broken_pipe(uprobe_topic: str) -> None:
 
 
 def test_tail_unknown_topic_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert topic_tail.run(tail_args("apm.nope")) == 2
+    assert cli.main(["tail", "apm.nope"]) == 2
     err = capsys.readouterr().err
     assert "no decoder for topic 'apm.nope'" in err and UPROBE_TOPIC in err
 
@@ -614,13 +636,13 @@ def test_tail_stops_quietly_on_ctrl_c(uprobe_topic: str) -> None:
 
 
 def test_tail_bad_address_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert topic_tail.run(tail_args(UPROBE_TOPIC, "--bootstrap-servers", "kafka:port")) == 2
+    assert cli.main(["tail", UPROBE_TOPIC, "--bootstrap-servers", "kafka:port"]) == 2
     assert "bad Kafka address 'kafka:port'" in capsys.readouterr().err
 
 
 def test_tail_dead_broker_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
     address = f"127.0.0.1:{free_port()}"
-    assert topic_tail.run(tail_args(UPROBE_TOPIC, "--bootstrap-servers", address)) == 1
+    assert cli.main(["tail", UPROBE_TOPIC, "--bootstrap-servers", address]) == 1
     err = capsys.readouterr().err
     assert f"cannot reach Kafka at {address}: " in err
     assert "start one with `ebpf-apm broker` or set --bootstrap-servers" in err
@@ -630,13 +652,13 @@ def test_tail_missing_topic_exits_1_without_creating_it(
     fresh_kafka_broker: EmbeddedBroker, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bootstrap = fresh_kafka_broker.bootstrap_servers
-    args = tail_args(UPROBE_TOPIC, "--timeout", "1", "--bootstrap-servers", bootstrap)
-    assert topic_tail.run(args) == 1
+    args = ["tail", UPROBE_TOPIC, "--timeout", "1", "--bootstrap-servers", bootstrap]
+    assert cli.main(args) == 1
     assert f"topic '{UPROBE_TOPIC}' does not exist on Kafka at {bootstrap}" in (
         capsys.readouterr().err
     )
     # Tansu creates topics named in metadata requests: tail must not have named it.
-    assert topic_tail.run(args) == 1
+    assert cli.main(args) == 1
 
 
 # -- broker command -----------------------------------------------------------------------
@@ -663,7 +685,7 @@ def test_embedded_broker_start_failure_shows_its_output(tmp_path: Path) -> None:
 
 def test_broker_command_runs_until_sigterm_and_refuses_a_busy_port() -> None:
     port = free_port()
-    command = [sys.executable, "-m", "producer.embedded_broker", "--port", str(port)]
+    command = [sys.executable, "-m", "ebpf_apm", "broker", "--port", str(port)]
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

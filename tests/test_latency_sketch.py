@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from consumers.latency_sketch import (
+from ebpf_apm.consumers.latency_sketch import (
     DEFAULT_RELATIVE_ACCURACY,
     LatencySketch,
     SketchError,

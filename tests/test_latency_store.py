@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from consumers.latency_sketch import LatencySketch
-from consumers.latency_store import (
+from ebpf_apm.consumers.latency_sketch import LatencySketch
+from ebpf_apm.consumers.latency_store import (
     LatencyRow,
     LatencyStore,
     Progress,
@@ -18,9 +18,9 @@ from consumers.latency_store import (
     StorageError,
     open_store,
 )
-from consumers.route_template import SeriesKey
-from consumers.window_aggregator import ClosedWindow
-from producer.embedded_broker import free_port
+from ebpf_apm.consumers.route_template import SeriesKey
+from ebpf_apm.consumers.window_aggregator import ClosedWindow
+from ebpf_apm.kafka.embedded_broker import free_port
 
 pytestmark = pytest.mark.integration
 # The PostgreSQL fixtures, until tests/conftest.py shares them with every module.

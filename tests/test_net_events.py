@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from agent_harness import CHUNKED_END, Connection, go_server, run_client
 
-from producer.bpf_loader import AgentProbes, ProbeOptions
-from producer.event_layout import NET_RECV, NET_SEND
-from producer.targets import FunctionNames, attach_target, resolve_target
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.event_layout import NET_RECV, NET_SEND
+from ebpf_apm.producer.targets import FunctionNames, attach_target, resolve_target
 
 pytestmark = pytest.mark.bpf
 

@@ -35,8 +35,8 @@ from agent_harness import Agent, Request, go_server, send_concurrently
 from join_harness import outside_decoder, start_join, wait_for
 from kafka_fixtures import read_topic
 
-from consumers.latency_store import LatencyRow, StorageError, open_store
-from producer.embedded_broker import EmbeddedBroker
+from ebpf_apm.consumers.latency_store import LatencyRow, StorageError, open_store
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
 
 pytestmark = [pytest.mark.bpf, pytest.mark.integration]
 
@@ -110,7 +110,7 @@ def stored_rows(storage: str) -> list[LatencyRow]:
 
 def start_aggregate(bootstrap: str, storage: str, log: Path) -> subprocess.Popen[bytes]:
     command = [
-        sys.executable, "-m", "producer.cli", "aggregate", "--bootstrap-servers", bootstrap,
+        sys.executable, "-m", "ebpf_apm.cli", "aggregate", "--bootstrap-servers", bootstrap,
         "--storage", storage, "--window", "2s", "--lateness", "3s", "--idle-timeout", "1s",
     ]  # fmt: skip
     with log.open("wb") as out:
@@ -165,7 +165,7 @@ def test_stored_percentiles_match_the_spans_of_each_window(
                 except AssertionError as exc:
                     raise AssertionError(f"{exc}:\n{aggregate_log.read_text()}") from None
                 query = subprocess.run(
-                    [sys.executable, "-m", "producer.cli", "query", "--storage", storage,
+                    [sys.executable, "-m", "ebpf_apm.cli", "query", "--storage", storage,
                      "--since", "1h", "--json"],
                     cwd=REPO, capture_output=True, text=True, timeout=60,
                 )  # fmt: skip

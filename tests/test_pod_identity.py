@@ -12,7 +12,7 @@ import uuid
 import pytest
 from cgroup_fixtures import Cgroups, cgroups_fixture, child_of, ns_pids  # noqa: F401
 
-from producer.pod_identity import CgroupIdentity, parse_cgroup, read_cgroup_identity
+from ebpf_apm.producer.pod_identity import CgroupIdentity, parse_cgroup, read_cgroup_identity
 
 CID = "3f2a" + "0123456789abcdef" * 3 + "c0ffee0123ab"  # 64 hex
 UID = "8a1f2c3d-4b5e-6f70-8192-a3b4c5d6e7f8"

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from producer import process_discovery
-from producer.errors import TargetError
-from producer.process_discovery import (
+from ebpf_apm.producer.errors import TargetError
+from ebpf_apm.producer.process_discovery import (
     ProcessDiscovery,
     ProcessEvent,
     ProcessEventSource,
@@ -32,33 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 STORM = 2000  # short-lived processes in the leak test
 
 needs_bpf = pytest.mark.skipif(os.geteuid() != 0, reason="loading BPF needs root")
-
-
-# --- record layout -------------------------------------------------------------------------
-
-
-def test_numpy_layout_matches_the_c_header(tmp_path: Path) -> None:
-    fields = process_discovery.C_FIELDS["process_event"]
-    lines = ['printf("sizeof %zu\\n", sizeof(struct process_event));']
-    lines += [
-        f'printf("{name} %zu\\n", offsetof(struct process_event, {name}));' for name in fields
-    ]
-    source = tmp_path / "layout.c"
-    source.write_text(
-        "#include <stddef.h>\n#include <stdio.h>\n#include <linux/types.h>\n"
-        '#include "process_events.h"\nint main(void) {\n' + "\n".join(lines) + "\nreturn 0;}\n"
-    )
-    binary = tmp_path / "layout"
-    subprocess.run(["gcc", "-I", str(ROOT / "bpf"), "-o", str(binary), str(source)], check=True)
-    out = subprocess.run([str(binary)], check=True, capture_output=True, text=True).stdout
-    c = dict(line.rsplit(" ", 1) for line in out.splitlines())
-    dtype = process_discovery.PROCESS_EVENT
-    assert int(c["sizeof"]) == dtype.itemsize and dtype.fields is not None
-    for c_name, np_name in fields.items():
-        assert int(c[c_name]) == dtype.fields[np_name][1], c_name
-    header = (ROOT / "bpf" / "process_events.h").read_text()
-    for name in ("EVENT_KIND_PROCESS_EXEC", "EVENT_KIND_PROCESS_EXIT"):
-        assert f"#define {name} {getattr(process_discovery, name)}" in header
 
 
 # --- resolve once ----------------------------------------------------------------------------

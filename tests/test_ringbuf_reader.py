@@ -8,8 +8,8 @@ import os
 import numpy as np
 import pytest
 
-from producer.bpf_loader import AgentProbes, ProbeOptions
-from producer.event_layout import EVENT_KIND_SPAN, SPAN_EVENT
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.event_layout import EVENT_KIND_SPAN, SPAN_EVENT
 
 pytestmark = pytest.mark.bpf
 

@@ -9,16 +9,16 @@ import uuid
 import numpy as np
 import pytest
 
-from consumers.route_template import (
+from ebpf_apm.consumers.route_template import (
     OVERFLOW_OPERATION,
     SeriesKey,
     SeriesRegistry,
     route_hashes,
     route_of,
 )
-from consumers.series_resolver import SeriesResolver
-from consumers.span_columns import decode_spans
-from schemas.avro_codec import codec
+from ebpf_apm.consumers.series_resolver import SeriesResolver
+from ebpf_apm.consumers.span_columns import decode_spans
+from ebpf_apm.schemas.avro_codec import codec
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 from join_data import HTTP_FUNC, Span, span_batch
 
-from consumers.net_event_store import IoSums
-from consumers.span_avro import EncodedSpans, encode_spans
-from consumers.span_joiner import JoinedSpans
-from schemas.avro_codec import codec
-from schemas.event_batch import SpanBatch, iter_events
+from ebpf_apm.consumers.net_event_store import IoSums
+from ebpf_apm.consumers.span_avro import EncodedSpans, encode_spans
+from ebpf_apm.consumers.span_joiner import JoinedSpans
+from ebpf_apm.schemas.avro_codec import codec
+from ebpf_apm.schemas.event_batch import SpanBatch, iter_events
 
 T0 = 1_750_000_000_000_000_000
 SPAN = codec("span.avsc")

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from producer.event_layout import EVENT_KIND_HTTP_SPAN, EVENT_KIND_SPAN, HTTP_SPAN_EVENT, SPAN_EVENT
-from producer.span_batcher import ProcessInfo, SpanBatcher
-from schemas.event_batch import BatchDecodeError, decode_span_batch, iter_events
+from ebpf_apm.producer.event_layout import (
+    EVENT_KIND_HTTP_SPAN,
+    EVENT_KIND_SPAN,
+    HTTP_SPAN_EVENT,
+    SPAN_EVENT,
+)
+from ebpf_apm.producer.span_batcher import ProcessInfo, SpanBatcher
+from ebpf_apm.schemas.event_batch import BatchDecodeError, decode_span_batch, iter_events
 
 FUNCS = ["main.a", "main.(*server).handleSleep", "net/http.serverHandler.ServeHTTP"]
 
@@ -44,21 +49,20 @@ def http_records(pid: int, paths: list[bytes], statuses: list[int]) -> np.ndarra
 
 
 def make_batcher(max_events: int = 1000) -> SpanBatcher:
-    batcher = SpanBatcher(
+    return SpanBatcher(
         "node-a",
         FUNCS,
         {11: ProcessInfo("/srv/app"), 12: ProcessInfo("/srv/other")},
+        boot_to_epoch_ns=1_700_000_000_000_000_000,
         max_events=max_events,
         max_delay_ns=200,
     )
-    batcher.boot_to_epoch_ns = 1_700_000_000_000_000_000
-    return batcher
 
 
 def test_groups_mixed_processes_into_one_batch_each_keyed_node_pid() -> None:
     batcher = make_batcher()
     pids = [11, 12, 11, 11, 12] * 5  # 23 would do too: 25 spans, 15 of pid 11
-    assert batcher.add(spans(pids), http_records(11, [], []), now_ns=0) == []
+    assert batcher.add([spans(pids), http_records(11, [], [])], now_ns=0) == []
     assert batcher.due(now_ns=199) == []
     out = {b.key: b for b in batcher.due(now_ns=200)}
     assert set(out) == {b"node-a/11", b"node-a/12"}
@@ -78,16 +82,20 @@ def test_groups_mixed_processes_into_one_batch_each_keyed_node_pid() -> None:
 
 def test_full_batches_leave_at_once_and_are_capped() -> None:
     batcher = make_batcher(max_events=10)
-    out = batcher.add(spans([11] * 23), http_records(11, [], []), now_ns=0)
-    assert sum(b.events for b in out) == 23
-    assert max(b.events for b in out) <= 10
+    records = spans([11] * 23)
+    out = batcher.add([records, http_records(11, [], [])], now_ns=0)
+    # Cut as soon as 10 wait, in the order the kernel wrote them: 10, 10, then the rest.
+    assert [b.events for b in out] == [10, 10, 3]
+    assert all(b.key == b"node-a/11" for b in out)
+    starts = [e["start_ns"] for b in out for e in iter_events(decode_span_batch(b.value))]
+    assert starts == (records["start_ns"] + 1_700_000_000_000_000_000).tolist()
+    assert batcher.pending_events == 0 and batcher.flush_all() == []
 
 
 def test_http_spans_carry_method_path_status() -> None:
     batcher = make_batcher()
-    batcher.add(
-        spans([]), http_records(12, [b"/api/user/7", b"/health", b"/x"], [201, 0, 0x4141]), 0
-    )
+    http = http_records(12, [b"/api/user/7", b"/health", b"/x"], [201, 0, 0x4141])
+    batcher.add([spans([]), http], 0)
     (batch,) = batcher.flush_all()
     events = list(iter_events(decode_span_batch(batch.value)))
     assert [e["http_path"] for e in events] == ["/api/user/7", "/health", "/x"]
@@ -101,7 +109,7 @@ def test_truncated_paths_keep_their_first_bytes() -> None:
     batcher = make_batcher()
     records = http_records(11, [b"/" + b"a" * 127], [200])
     records["path_len"] = 300
-    batcher.add(spans([]), records, 0)
+    batcher.add([spans([]), records], 0)
     (batch,) = batcher.flush_all()
     (event,) = iter_events(decode_span_batch(batch.value))
     assert event["http_path"] == "/" + "a" * 127
@@ -117,7 +125,7 @@ def test_decoder_checks_column_sizes() -> None:
     import msgpack
 
     batcher = make_batcher()
-    batcher.add(spans([11, 11]), http_records(11, [], []), 0)
+    batcher.add([spans([11, 11]), http_records(11, [], [])], 0)
     (batch,) = batcher.flush_all()
     message = msgpack.unpackb(batch.value)
     message["cols"]["goid"] = message["cols"]["goid"][:-1]
@@ -129,8 +137,8 @@ def test_function_spans_leave_before_http_spans_whatever_came_first() -> None:
     """A handler's span precedes its request's HTTP span in the topic, even when the
     process's first records were HTTP spans of unprobed handlers."""
     batcher = make_batcher()
-    batcher.add(spans([]), http_records(11, [b"/health"], [200]), 0)
-    batcher.add(spans([11]), http_records(11, [b"/api"], [200]), 1)
+    batcher.add([spans([]), http_records(11, [b"/health"], [200])], 0)
+    batcher.add([spans([11]), http_records(11, [b"/api"], [200])], 1)
     kinds = [
         "http_method" in next(iter_events(decode_span_batch(b.value))) for b in batcher.flush_all()
     ]

@@ -7,8 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from consumers.span_columns import INT_FIELDS, STRING_FIELDS, decode_spans, explain_bad_span
-from schemas.avro_codec import codec
+from ebpf_apm.consumers.span_columns import (
+    INT_FIELDS,
+    STRING_FIELDS,
+    decode_spans,
+    explain_bad_span,
+)
+from ebpf_apm.schemas.avro_codec import codec
 
 SPAN = codec("span.avsc")
 INT64 = (-(2**63), 2**63 - 1)
@@ -89,7 +94,7 @@ def test_broken_messages_are_marked_and_their_neighbours_read() -> None:
     spans = [random_span(rng) for _ in range(8)]
     good = [SPAN.encode(s) for s in spans]
     other_schema = codec("latency.avsc").header + good[0][10:]
-    broken = {
+    broken: dict[str, bytes | None] = {
         "empty": b"",
         "header only": good[1][:10],
         "truncated": good[2][:-1],
@@ -98,6 +103,21 @@ def test_broken_messages_are_marked_and_their_neighbours_read() -> None:
         "no marker": b"\x00\x01" + good[4][2:],
         "bad union branch": None,
         "overlong varint": None,
+    }
+    # The dead-letter reason of each: what the aggregator's `reason` header says.
+    no_marker = "not Avro single-object encoding (no 0xC3 0x01 marker)"
+    reasons = {
+        "empty": no_marker,
+        "header only": "bad Avro body for span.avsc: EOFError",
+        "truncated": "bad Avro body for span.avsc: IndexError: string index out of range",
+        "one byte more": "1 bytes left over after the span.avsc record",
+        "other schema": (
+            f"writer schema fingerprint {other_schema[2:10].hex()} is not span.avsc "
+            f"({SPAN.fingerprint.hex()})"
+        ),
+        "no marker": no_marker,
+        "bad union branch": "bad Avro body for span.avsc: IndexError: list index out of range",
+        "overlong varint": "bad Avro body for span.avsc: EOFError",
     }
     plain = dict(spans[5], goid=None)
     encoded = SPAN.encode(plain)
@@ -116,7 +136,7 @@ def test_broken_messages_are_marked_and_their_neighbours_read() -> None:
         if want is None:
             name = list(broken)[row // 2]
             assert columns.bad[row], name
-            assert explain_bad_span(values[row]), name
+            assert explain_bad_span(values[row]) == reasons[name], name
         else:
             assert not columns.bad[row]
             assert_row_matches(columns, row, want)

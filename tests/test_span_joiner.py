@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from join_data import HTTP_FUNC, Net, Span, Totals, brute_force, http_traffic, net_batch, span_batch
 
-from consumers.event_clock import NET, SPANS, EventClock
-from consumers.span_joiner import (
+from ebpf_apm.consumers.event_clock import NET, SPANS, EventClock
+from ebpf_apm.consumers.span_joiner import (
     JoinedSpans,
     JoinInputError,
     JoinSettings,

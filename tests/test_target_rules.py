@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.target_rules import (
+from ebpf_apm.producer.target_rules import (
     ProbeRequest,
     ProcessFacts,
     TargetRulesError,

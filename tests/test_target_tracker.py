@@ -16,11 +16,11 @@ import pytest
 from cgroup_fixtures import Cgroups, cgroups_fixture, child_of  # noqa: F401
 from fake_kube_api import FakeKubeApi, make_pod
 
-from producer.errors import TargetError
-from producer.k8s_metadata import KubeApiConfig, PodMetadata
-from producer.process_discovery import ProcessDiscovery
-from producer.target_rules import parse_target_rules
-from producer.target_tracker import TargetTracker, TrackedProcess
+from ebpf_apm.producer.errors import TargetError
+from ebpf_apm.producer.k8s_metadata import KubeApiConfig, PodMetadata
+from ebpf_apm.producer.process_discovery import ProcessDiscovery
+from ebpf_apm.producer.target_rules import parse_target_rules
+from ebpf_apm.producer.target_tracker import TargetTracker, TrackedProcess
 
 pytestmark = [
     pytest.mark.bpf,

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from consumers.window_aggregator import ClosedWindow, WindowAggregator
+from ebpf_apm.consumers.window_aggregator import ClosedWindow, WindowAggregator
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S  # a window boundary (10 s windows)
@@ -116,7 +116,7 @@ def test_same_windows_whatever_the_batching_and_order() -> None:
     assert len(reference) == 8 * 40  # windows T0 - 10 s ... T0 + 60 s hold spans
     # Against exact figures.
     by_key = {(start, sid): blob for start, sid, _, blob in reference}
-    from consumers.latency_sketch import LatencySketch
+    from ebpf_apm.consumers.latency_sketch import LatencySketch
 
     for (start, sid), blob in list(by_key.items())[:50]:
         chosen = (series == sid) & (ends // (10 * S) * (10 * S) == start)

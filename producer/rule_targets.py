@@ -2,6 +2,7 @@
 
     sched exec/exit tracepoints + /proc scan -> TargetTracker (rules, pod metadata)
         -> plan once per binary (ResolveOnceCache) -> AgentPipeline.attach / detach
+    the rules file, re-read every RULES_RELOAD_S when it changed -> TargetTracker.set_rules
 
 Kubernetes names come from the pod watch when the agent runs in a cluster (or is given
 --kube-api); outside Kubernetes the rules select by executable only.
@@ -15,15 +16,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from producer.errors import AgentError
-from producer.k8s_metadata import PodMetadata
-from producer.kube_api import KubeApiConfig
-from producer.pipeline import AgentPipeline
-from producer.pod_identity import read_cgroup_identity
-from producer.process_discovery import ProcessDiscovery, ResolveOnceCache
-from producer.target_rules import TargetRules, TargetRulesFile
-from producer.target_tracker import TargetTracker, TrackedProcess
-from producer.targets import BinaryPlan, FunctionNames, bind_process, plan_binary
+from ebpf_apm.producer.errors import AgentError
+from ebpf_apm.producer.k8s_metadata import PodMetadata
+from ebpf_apm.producer.kube_api import KubeApiConfig
+from ebpf_apm.producer.pipeline import AgentPipeline
+from ebpf_apm.producer.pod_identity import read_cgroup_identity
+from ebpf_apm.producer.process_discovery import ProcessDiscovery, ResolveOnceCache
+from ebpf_apm.producer.target_rules import TargetRules, TargetRulesFile
+from ebpf_apm.producer.target_tracker import TargetTracker, TrackedProcess
+from ebpf_apm.producer.targets import BinaryPlan, FunctionNames, bind_process, plan_binary
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,15 @@ class KubernetesSettings:
 def pod_metadata(settings: KubernetesSettings) -> PodMetadata:
     api = KubeApiConfig(settings.api_url) if settings.api_url else KubeApiConfig.in_cluster()
     return PodMetadata(settings.node_name, api, resolve_owners=settings.resolve_owners)
+
+
+async def start_pod_metadata(settings: KubernetesSettings) -> PodMetadata:
+    """The pod watch, started; waits a little for the first listing."""
+    metadata = pod_metadata(settings)
+    await metadata.start()
+    if not await metadata.wait_synced(10):
+        log.warning("the Kubernetes API is not reachable yet; pods are named once it is")
+    return metadata
 
 
 class RulePlanner:
@@ -72,47 +82,47 @@ async def label_static_targets(pipeline: AgentPipeline, metadata: PodMetadata) -
                     pipeline.update_process(pid, identity.event_fields())
 
 
-async def serve_agent(
-    pipeline: AgentPipeline,
-    rules_file: TargetRulesFile | None,
-    rules: TargetRules | None,
-    names: FunctionNames,
-    http_allowed: bool,
-    kubernetes: KubernetesSettings | None,
-) -> int:
-    """Run the pipeline; with rules, they attach and detach processes as they come and go;
-    with Kubernetes, events carry pod names."""
-    metadata = None
-    if kubernetes is not None:
-        metadata = pod_metadata(kubernetes)
-        await metadata.start()
-        if not await metadata.wait_synced(10):
-            log.warning("the Kubernetes API is not reachable yet; pods are named once it is")
-        await label_static_targets(pipeline, metadata)
-    try:
-        if rules_file is None or rules is None:
-            return await pipeline.run()
-        return await _serve_rules(pipeline, rules_file, rules, names, http_allowed, metadata)
-    finally:
-        if metadata is not None:
-            await metadata.stop()
+class RuleTargets:
+    """Attaches the processes the rules select as they start, detaches them as they exit,
+    and follows changes of the rules file."""
 
+    def __init__(
+        self,
+        pipeline: AgentPipeline,
+        rules_file: TargetRulesFile,
+        rules: TargetRules,
+        names: FunctionNames,
+        http_allowed: bool,
+        metadata: PodMetadata | None,
+    ) -> None:
+        self._pipeline = pipeline
+        self._rules_file = rules_file
+        self._planner = RulePlanner(names, http_allowed)
+        self._tracker = TargetTracker(
+            rules,
+            self._attach,
+            pipeline.detach,
+            metadata,
+            on_update=lambda p: pipeline.update_process(p.pid, p.event_fields()),
+        )
+        self._discovery = ProcessDiscovery(self._tracker.on_process_event)
+        self._reloading: asyncio.Task[None] | None = None
 
-async def _serve_rules(
-    pipeline: AgentPipeline,
-    rules_file: TargetRulesFile,
-    rules: TargetRules,
-    names: FunctionNames,
-    http_allowed: bool,
-    metadata: PodMetadata | None,
-) -> int:
-    planner = RulePlanner(names, http_allowed)
+    async def start(self) -> None:
+        self._reloading = asyncio.create_task(self._reload_rules())
+        await self._discovery.start()
 
-    def on_attach(process: TrackedProcess) -> None:
+    async def stop(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()
+        await self._discovery.stop()
+        await self._tracker.stop()
+
+    def _attach(self, process: TrackedProcess) -> None:
         request = process.request
         try:
-            plan = planner.plan(process.pid, tuple(request.functions), request.http)
-            pipeline.attach(bind_process(process.pid, plan), k8s=process.event_fields())
+            plan = self._planner.plan(process.pid, tuple(request.functions), request.http)
+            self._pipeline.attach(bind_process(process.pid, plan), k8s=process.event_fields())
         except AgentError as exc:  # one unprobeable process must not stop the others
             log.warning("pid %d (%s) matched %s but cannot be traced: %s",
                         process.pid, process.exe, ", ".join(request.rules), exc)  # fmt: skip
@@ -120,32 +130,14 @@ async def _serve_rules(
         log.info("pid %d (%s) selected by %s: %d function(s) probed", process.pid,
                  process.exe, ", ".join(request.rules), len(plan.functions))  # fmt: skip
 
-    tracker = TargetTracker(
-        rules,
-        on_attach,
-        pipeline.detach,
-        metadata,
-        on_update=lambda p: pipeline.update_process(p.pid, p.event_fields()),
-    )
-    discovery = ProcessDiscovery(tracker.on_process_event)
-
-    async def reload_rules() -> None:
+    async def _reload_rules(self) -> None:
         while True:
             await asyncio.sleep(RULES_RELOAD_S)
             try:
-                new = rules_file.reload_if_changed()
+                new = self._rules_file.reload_if_changed()
             except AgentError as exc:
                 log.error("%s; keeping the previous targets", exc)
                 continue
             if new is not None:
-                tracker.set_rules(new)
-                log.info("targets reloaded from %s", rules_file.path)
-
-    reloading = asyncio.create_task(reload_rules())
-    await discovery.start()
-    try:
-        return await pipeline.run()
-    finally:
-        reloading.cancel()
-        await discovery.stop()
-        await tracker.stop()
+                self._tracker.set_rules(new)
+                log.info("targets reloaded from %s", self._rules_file.path)

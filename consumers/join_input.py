@@ -1,18 +1,18 @@
-"""Input messages the join cannot read, and why: they go to `apm.deadletter` unchanged.
+"""What the join reads of a message: a checked batch, or the dead letter that replaces it.
 
-A dead letter keeps the original key and bytes, so it can be replayed once its producer is
-fixed, with headers saying why it was rejected (`reason`) and where it came from (`source`:
-topic/partition/offset). The join carries on with the next message.
+One decode-or-reject path for both input topics: a message that does not decode, or whose
+batch fails the join's checks, becomes a `DeadLetter` (ebpf_apm.kafka.deadletter) with the
+reason; the join sends it to `apm.deadletter` and carries on with the next message.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
-from consumers.span_joiner import check_net_batch, check_span_batch
-from schemas.event_batch import (
+from ebpf_apm.consumers.span_joiner import check_net_batch, check_span_batch
+from ebpf_apm.kafka.deadletter import DeadLetter
+from ebpf_apm.schemas.event_batch import (
     BatchDecodeError,
     NetBatch,
     SpanBatch,
@@ -21,27 +21,6 @@ from schemas.event_batch import (
 )
 
 T = TypeVar("T")
-
-REASON_HEADER = "reason"
-SOURCE_HEADER = "source"
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    key: bytes | None
-    value: bytes | None
-    reason: str
-    source: str  # topic/partition/offset
-
-    @property
-    def headers(self) -> list[tuple[str, bytes]]:
-        return [(REASON_HEADER, self.reason.encode()), (SOURCE_HEADER, self.source.encode())]
-
-
-def _rejected(
-    topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, why: str
-) -> DeadLetter:
-    return DeadLetter(key, value, why, f"{topic}/{partition}/{offset}")
 
 
 def _read_message(
@@ -54,14 +33,14 @@ def _read_message(
     value: bytes | None,
 ) -> T | DeadLetter:
     if value is None:
-        return _rejected(topic, partition, offset, key, value, "empty message (no value)")
+        return DeadLetter.of(topic, partition, offset, key, value, "empty message (no value)")
     try:
         return decode(value)
     except BatchDecodeError as exc:
-        return _rejected(topic, partition, offset, key, value, f"{label}: {exc}")
+        return DeadLetter.of(topic, partition, offset, key, value, f"{label}: {exc}")
     except Exception as exc:  # a hostile message must not stop the join: reject it too
         why = f"{label}: {type(exc).__name__}: {exc}"
-        return _rejected(topic, partition, offset, key, value, why)
+        return DeadLetter.of(topic, partition, offset, key, value, why)
 
 
 def _checked_span_batch(value: bytes) -> SpanBatch:

@@ -34,6 +34,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import IO
 
+from ebpf_apm.kafka.errors import KafkaConfigError, KafkaEdgeError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 9092
@@ -41,10 +43,8 @@ _OUTPUT_TAIL_BYTES = 4000
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
-class BrokerError(Exception):
-    """The embedded broker could not be started or died; exit code 1 (runtime failure)."""
-
-    exit_code = 1
+class BrokerError(KafkaEdgeError):
+    """The embedded broker could not be started or died (exit status 1)."""
 
 
 def broker_binary() -> str:
@@ -295,8 +295,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the broker until SIGINT/SIGTERM; 0 on a normal stop, 1 if it cannot run."""
     if not 0 <= args.port < 65536:
-        print(f"error: --port {args.port} is not a TCP port (0-65535)", file=sys.stderr)
-        return 2
+        raise KafkaConfigError(f"--port {args.port} is not a TCP port (0-65535)")
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
@@ -305,11 +304,7 @@ def run(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     broker = EmbeddedBroker(args.host, args.port, advertised_host=args.advertised_host)
     try:
-        try:
-            broker.start()
-        except BrokerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
+        broker.start()
         print(
             f"broker listening on {broker.bootstrap_servers} "
             "(Tansu, memory storage: data is lost when it stops)",
@@ -318,20 +313,12 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(0.5):
             code = broker.poll()
             if code is not None:
-                print(
-                    f"error: the Tansu broker exited unexpectedly with status {code}; "
-                    f"its output ends with:\n{broker.output_tail()}",
-                    file=sys.stderr,
+                raise BrokerError(
+                    f"the Tansu broker exited unexpectedly with status {code}; "
+                    f"its output ends with:\n{broker.output_tail()}"
                 )
-                return 1
         return 0
     finally:
         broker.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-if __name__ == "__main__":  # the same as `ebpf-apm broker`
-    from producer.cli import main
-
-    sys.exit(main(["broker", *sys.argv[1:]]))

@@ -1,0 +1,88 @@
+/* Keys and values of the span program's maps, and the constants both sides use.
+ *
+ * Declared once, here: uprobe_spans.bpf.c includes this header (net_events.bpf.c is
+ * compiled in the same object); the agent mirrors it in producer/map_layout.py (it fills `probe_sites` and `process_layouts`,
+ * reads `counters` and sweeps `calls_in_flight`); tests/test_kernel_layout.py compiles this
+ * header and fails if a struct, an offset or a constant differs from the mirror.
+ */
+#ifndef EBPF_APM_PROBE_MAPS_H
+#define EBPF_APM_PROBE_MAPS_H
+
+/* Slots of the per-CPU `counters` array; the agent names them by these numbers. */
+#define COUNTER_RING_FULL 0       /* record lost: ring buffer had no room */
+#define COUNTER_TABLE_FULL 1      /* call not timed: in-flight table full */
+#define COUNTER_NO_ENTRY 2        /* return seen without its entry (attached mid-call) */
+#define COUNTER_READ_FAILED 3     /* user memory read failed (goid, request fields) */
+#define COUNTER_EMITTED 4         /* span records written */
+#define COUNTER_NET_EMITTED 5     /* network records written */
+#define COUNTER_NET_RING_FULL 6   /* network record lost: ring buffer had no room */
+#define COUNTER_SLOTS 7
+
+/* site.role */
+#define SITE_ENTRY 1
+#define SITE_RETURN 2
+/* site.flags */
+#define SITE_FLAG_HTTP 1
+#define SITE_FLAG_HTTP_FINISH 2   /* a RET of net/http.(*response).finishRequest */
+
+/* call_start.flags */
+#define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
+#define CALL_HANDLER_RETURNED 2   /* ServeHTTP returned; the span ends at finishRequest */
+
+#define MAX_THREAD_DEPTH 8
+
+/* probe_sites: which function, and which end of it, an instruction address belongs to. */
+struct site_key {
+    __u32 tgid;
+    __u32 _pad;
+    __u64 ip;            /* the probed instruction's address in the process */
+};
+
+struct site {
+    __u32 func_id;       /* the agent's id of the function (span records carry it) */
+    __u16 role;          /* SITE_ENTRY or SITE_RETURN */
+    __u16 flags;         /* SITE_FLAG_* */
+};
+
+/* process_layouts: field offsets of the Go runtime and net/http for one process
+ * (-1: unknown). */
+struct process_layout {
+    __s32 goid;
+    __s32 request_method;
+    __s32 request_url;
+    __s32 url_path;
+    __s32 response_status;
+    __u32 is_go;
+    __u32 http_finish;   /* finishRequest is probed: HTTP/1 spans end when it returns */
+};
+
+/* calls_in_flight: one entered, not yet returned call. */
+struct call_key {
+    __u32 tgid;
+    __u32 func_id;
+    __s64 id;            /* goroutine id for Go, thread id otherwise */
+};
+
+struct call_start {
+    __u64 start_ns;
+    __u64 request;       /* *net/http.Request, HTTP only */
+    __u64 response;      /* *net/http.response, HTTP only */
+    __u32 tid;
+    __u32 flags;         /* CALL_* */
+    __u64 handler_end_ns; /* HTTP/1: when ServeHTTP returned (the span's end) */
+};
+
+/* thread_stacks: non-Go calls on one thread, innermost last (uretprobes fire in LIFO
+ * order). */
+struct thread_key {
+    __u32 tgid;
+    __u32 tid;
+};
+
+struct thread_calls {
+    __u32 depth;
+    __u32 func_id[MAX_THREAD_DEPTH];
+    __u64 start_ns[MAX_THREAD_DEPTH];
+};
+
+#endif

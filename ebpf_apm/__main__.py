@@ -1,0 +1,7 @@
+"""`python -m ebpf_apm ...` is the `ebpf-apm` command."""
+
+import sys
+
+from ebpf_apm.cli import main
+
+sys.exit(main())

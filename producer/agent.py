@@ -1,0 +1,200 @@
+"""The node agent, assembled in one place from its configuration.
+
+    targets (--pid/--exe, or rules as processes start) -> AgentProbes (BCC: uprobes, sock
+    tracepoints) -> RecordStreams: rings -> batchers -> publishers -> AgentPipeline (drain
+    loop) ; pod names from the Kubernetes API when in a cluster
+
+`serve` builds every part with what it needs, in order, and runs the pipeline until asked
+to stop. Nothing is patched after construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
+from ebpf_apm.producer.errors import TargetError
+from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
+from ebpf_apm.producer.pipeline import (
+    AgentPipeline,
+    PipelineSettings,
+    RecordStream,
+    boot_to_epoch_offset_ns,
+)
+from ebpf_apm.producer.rule_targets import (
+    KubernetesSettings,
+    RuleTargets,
+    label_static_targets,
+    start_pod_metadata,
+)
+from ebpf_apm.producer.span_batcher import NetBatcher, ProcessInfo, SpanBatcher
+from ebpf_apm.producer.target_rules import TargetRulesFile
+from ebpf_apm.producer.targets import (
+    FunctionNames,
+    TargetProcess,
+    pids_of_executable,
+    resolve_target,
+)
+
+log = logging.getLogger(__name__)
+
+COMPRESSIONS = ("none", "gzip", "lz4", "zstd")
+NET_HOOK_NAMES = {
+    "kprobes": "kprobes on tcp_sendmsg/tcp_recvmsg",
+    "tracepoints": "tracepoints sock:sock_send_length/sock_recv_length",
+    "off": "off",
+}
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    pids: tuple[int, ...]
+    exes: tuple[str, ...]
+    funcs: tuple[str, ...]
+    http: bool
+    connection: KafkaConnection
+    node_name: str
+    span_topic: str
+    net_topic: str
+    net_hooks: str
+    partitions: int
+    compression: str
+    idempotent: bool
+    event_transport: str
+    max_batch_events: int
+    max_batch_delay_ms: int
+    max_call_seconds: float
+    buffer_mib: int
+    config: str | None
+    kubernetes: KubernetesSettings | None
+    health_file: str | None
+
+
+async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
+    """Trace until `stop` is set (or, without rules, every target has exited)."""
+    require_privileges()  # before any target is touched
+    names = FunctionNames()
+    rules_file = TargetRulesFile(Path(config.config)) if config.config else None
+    rules = rules_file.load() if rules_file else None
+    targets = _static_targets(config, names)
+    probes = AgentProbes(
+        ProbeOptions(use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks)
+    )
+    try:
+        process_info: dict[int, ProcessInfo] = {}
+        streams = _record_streams(config, probes, names, process_info)
+        pipeline = AgentPipeline(
+            probes,
+            streams,
+            process_info,
+            config.connection,
+            PipelineSettings(
+                partitions=config.partitions,
+                max_call_s=config.max_call_seconds,
+                exit_when_targets_gone=rules is None,
+                health_file=config.health_file,
+            ),
+        )
+        for target in targets:
+            pipeline.attach(target)
+            _log_attached(target)
+        log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
+        log.info(
+            "tracing %d process(es)%s; publishing to %s on %s",
+            len(targets),
+            f" and those the rules in {config.config} select" if config.config else "",
+            ", ".join(stream.topic for stream in streams),
+            config.connection,
+        )
+        metadata = None
+        if config.kubernetes is not None:
+            metadata = await start_pod_metadata(config.kubernetes)
+            await label_static_targets(pipeline, metadata)
+        selected = None
+        if rules_file is not None and rules is not None:
+            selected = RuleTargets(pipeline, rules_file, rules, names, config.http, metadata)
+            await selected.start()
+        try:
+            return await pipeline.run(stop)
+        finally:
+            if selected is not None:
+                await selected.stop()
+            if metadata is not None:
+                await metadata.stop()
+    finally:
+        probes.close()
+
+
+def _static_targets(config: AgentConfig, names: FunctionNames) -> list[TargetProcess]:
+    pids = list(config.pids)
+    for exe in config.exes:
+        found = pids_of_executable(exe)
+        if not found:
+            raise TargetError(f"--exe {exe}: no running process of that executable")
+        pids.extend(p for p in found if p not in pids)
+    return [resolve_target(pid, list(config.funcs), names, config.http) for pid in pids]
+
+
+def _record_streams(
+    config: AgentConfig,
+    probes: AgentProbes,
+    names: FunctionNames,
+    process_info: dict[int, ProcessInfo],
+) -> list[RecordStream]:
+    """Spans (function and HTTP rings) -> span topic; socket I/O (net ring) -> net topic."""
+    offset = boot_to_epoch_offset_ns()
+    limits = {
+        "max_events": config.max_batch_events,
+        "max_delay_ns": config.max_batch_delay_ms * 1_000_000,
+    }
+    streams = [
+        RecordStream(
+            "spans",
+            (probes.span_reader, probes.http_reader),
+            SpanBatcher(config.node_name, names.names, process_info, offset, **limits),
+            _publisher(config, config.span_topic),
+        )
+    ]
+    if probes.net_reader is not None:
+        streams.append(
+            RecordStream(
+                "net",
+                (probes.net_reader,),
+                NetBatcher(config.node_name, process_info, offset, **limits),
+                _publisher(config, config.net_topic),
+            )
+        )
+    return streams
+
+
+def _publisher(config: AgentConfig, topic: str) -> KafkaPublisher:
+    return KafkaPublisher(
+        PublisherConfig(
+            connection=config.connection,
+            topic=topic,
+            compression=config.compression,
+            idempotent=config.idempotent,
+            buffer_max_bytes=config.buffer_mib << 20,
+            client_id=f"ebpf-apm-agent-{config.node_name}",
+        )
+    )
+
+
+def _log_attached(target: TargetProcess) -> None:
+    for fn in target.functions:
+        kind = " [HTTP span end: response flushed]" if fn.http_finish else ""
+        kind = kind or (" [HTTP]" if fn.http else "")
+        log.info(
+            "pid %d (%s%s): probing %s at %#x, %d return site(s)%s",
+            target.pid,
+            target.exe_name,
+            f", {target.go_version}" if target.go_version else "",
+            fn.plan.symbol.name,
+            fn.plan.symbol.address,
+            len(fn.plan.return_offsets),
+            kind,
+        )

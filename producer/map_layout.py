@@ -1,0 +1,96 @@
+"""numpy mirrors of the span program's map structs and constants (bpf/probe_maps.h).
+
+tests/test_kernel_layout.py compiles that header and checks every size, offset and constant
+here, so the agent cannot mislabel a counter or write a map value the kernel reads another
+way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Slots of the per-CPU `counters` array, by the names the agent reports them under.
+COUNTERS: dict[str, int] = {
+    "ring_full": 0,  # COUNTER_RING_FULL
+    "table_full": 1,  # COUNTER_TABLE_FULL
+    "return_without_entry": 2,  # COUNTER_NO_ENTRY
+    "read_failed": 3,  # COUNTER_READ_FAILED
+    "emitted": 4,  # COUNTER_EMITTED
+    "net_emitted": 5,  # COUNTER_NET_EMITTED
+    "net_ring_full": 6,  # COUNTER_NET_RING_FULL
+}
+COUNTER_SLOTS = 7
+
+SITE_ENTRY = 1
+SITE_RETURN = 2
+SITE_FLAG_HTTP = 1
+SITE_FLAG_HTTP_FINISH = 2
+CALL_FINISH_EXPECTED = 1
+CALL_HANDLER_RETURNED = 2
+MAX_THREAD_DEPTH = 8
+
+SITE_KEY = np.dtype([("tgid", "<u4"), ("_pad", "<u4"), ("ip", "<u8")], align=True)
+SITE = np.dtype([("func_id", "<u4"), ("role", "<u2"), ("flags", "<u2")], align=True)
+PROCESS_LAYOUT = np.dtype(
+    [
+        ("goid", "<i4"),
+        ("request_method", "<i4"),
+        ("request_url", "<i4"),
+        ("url_path", "<i4"),
+        ("response_status", "<i4"),
+        ("is_go", "<u4"),
+        ("http_finish", "<u4"),
+    ],
+    align=True,
+)
+CALL_KEY = np.dtype([("tgid", "<u4"), ("func_id", "<u4"), ("id", "<i8")], align=True)
+CALL_START = np.dtype(
+    [
+        ("start_ns", "<u8"),
+        ("request", "<u8"),
+        ("response", "<u8"),
+        ("tid", "<u4"),
+        ("flags", "<u4"),
+        ("handler_end_ns", "<u8"),
+    ],
+    align=True,
+)
+THREAD_KEY = np.dtype([("tgid", "<u4"), ("tid", "<u4")], align=True)
+THREAD_CALLS = np.dtype(
+    [
+        ("depth", "<u4"),
+        ("func_id", "<u4", (MAX_THREAD_DEPTH,)),
+        ("start_ns", "<u8", (MAX_THREAD_DEPTH,)),
+    ],
+    align=True,
+)
+
+# struct name in probe_maps.h -> its mirror; every field of the mirror but padding is checked.
+STRUCTS: dict[str, np.dtype] = {
+    "site_key": SITE_KEY,
+    "site": SITE,
+    "process_layout": PROCESS_LAYOUT,
+    "call_key": CALL_KEY,
+    "call_start": CALL_START,
+    "thread_key": THREAD_KEY,
+    "thread_calls": THREAD_CALLS,
+}
+
+# #define name in probe_maps.h -> value here.
+CONSTANTS: dict[str, int] = {
+    "COUNTER_RING_FULL": COUNTERS["ring_full"],
+    "COUNTER_TABLE_FULL": COUNTERS["table_full"],
+    "COUNTER_NO_ENTRY": COUNTERS["return_without_entry"],
+    "COUNTER_READ_FAILED": COUNTERS["read_failed"],
+    "COUNTER_EMITTED": COUNTERS["emitted"],
+    "COUNTER_NET_EMITTED": COUNTERS["net_emitted"],
+    "COUNTER_NET_RING_FULL": COUNTERS["net_ring_full"],
+    "COUNTER_SLOTS": COUNTER_SLOTS,
+    "SITE_ENTRY": SITE_ENTRY,
+    "SITE_RETURN": SITE_RETURN,
+    "SITE_FLAG_HTTP": SITE_FLAG_HTTP,
+    "SITE_FLAG_HTTP_FINISH": SITE_FLAG_HTTP_FINISH,
+    "CALL_FINISH_EXPECTED": CALL_FINISH_EXPECTED,
+    "CALL_HANDLER_RETURNED": CALL_HANDLER_RETURNED,
+    "MAX_THREAD_DEPTH": MAX_THREAD_DEPTH,
+}
