@@ -14,7 +14,8 @@ need_root() {
 }
 need_root
 
-DEB_PACKAGES=(python3-bpfcc linux-headers-amd64 golang-1.19-go postgresql)
+# prometheus, chromium and stunnel4 are test parts: a real scraper, a real browser, a TLS front.
+DEB_PACKAGES=(python3-bpfcc linux-headers-amd64 golang-1.19-go postgresql prometheus chromium stunnel4)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
