@@ -6,7 +6,9 @@ settings apply to all of them and aiokafka's quirks are handled once:
 - its lz4 compresses at level 9 (LZ4 HC), which cost half the agent's CPU at 1.2M spans/s
   for ~2% smaller messages: batches are compressed at level 1 (`use_fast_lz4`);
 - its 16 KiB default batch would send each of our (already batched) messages in a request
-  of its own: batches go up to 1 MiB.
+  of its own: batches go up to 1 MiB;
+- a failed start says only "Unable to bootstrap": the clients made here find out whether TLS
+  or SASL was the cause (`ebpf_apm.kafka.handshake`) and raise that instead.
 aiokafka is pinned below 0.15: `use_fast_lz4` and the publisher's stop reach into it.
 """
 
@@ -15,13 +17,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka import codec as aiokafka_codec
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import KafkaConnectionError
 
 from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.handshake import diagnose
 
 MiB = 1 << 20
 MAX_BATCH_BYTES = 1 * MiB
@@ -48,8 +53,8 @@ def new_producer(
         "max_batch_size": min(max_request_size, MAX_BATCH_BYTES),
     }
     settings.update(options)
-    return AIOKafkaProducer(
-        **connection.client_options(),
+    return _Producer(
+        connection,
         client_id=client_id,
         compression_type=None if compression in (None, "none") else compression,
         linger_ms=linger_ms,
@@ -69,20 +74,58 @@ def new_consumer(
         "max_partition_fetch_bytes": MAX_REQUEST_BYTES,
     }
     settings.update(options)
-    return AIOKafkaConsumer(
-        **connection.client_options(), client_id=client_id, group_id=group_id, **settings
-    )
+    return _Consumer(connection, client_id=client_id, group_id=group_id, **settings)
 
 
 def new_admin(
     connection: KafkaConnection, client_id: str = "ebpf-apm-admin", timeout_s: float = 30.0
 ) -> AIOKafkaAdminClient:
     quiet_aiokafka_logs()
-    return AIOKafkaAdminClient(
-        **connection.client_options(),
+    return _Admin(
+        connection,
         client_id=client_id,
         request_timeout_ms=int(timeout_s * 1000),
     )
+
+
+async def _start_explained(
+    connection: KafkaConnection, start: Callable[[], Awaitable[None]]
+) -> None:
+    """Start a client; a failure caused by TLS or SASL is raised as what it is."""
+    try:
+        await start()
+    except KafkaConnectionError as exc:
+        explained = await diagnose(connection)
+        if explained is None:
+            raise
+        raise explained from exc
+
+
+class _Producer(AIOKafkaProducer):
+    def __init__(self, connection: KafkaConnection, **options: Any) -> None:
+        super().__init__(**connection.client_options(), **options)
+        self._apm_connection = connection
+
+    async def start(self) -> None:
+        await _start_explained(self._apm_connection, super().start)
+
+
+class _Consumer(AIOKafkaConsumer):
+    def __init__(self, connection: KafkaConnection, **options: Any) -> None:
+        super().__init__(**connection.client_options(), **options)
+        self._apm_connection = connection
+
+    async def start(self) -> None:
+        await _start_explained(self._apm_connection, super().start)
+
+
+class _Admin(AIOKafkaAdminClient):
+    def __init__(self, connection: KafkaConnection, **options: Any) -> None:
+        super().__init__(**connection.client_options(), **options)
+        self._apm_connection = connection
+
+    async def start(self) -> None:
+        await _start_explained(self._apm_connection, super().start)
 
 
 class _RepeatFilter(logging.Filter):

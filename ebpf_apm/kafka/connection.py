@@ -1,8 +1,9 @@
 """Where Kafka is and how to reach it: one flag set and one settings object for every client.
 
 Every command that talks to Kafka takes `--bootstrap-servers` (else $KAFKA_BOOTSTRAP_SERVERS,
-else the local default) through `add_connection_arguments`, and turns it into a validated
-`KafkaConnection` with `connection_from_args`. Clients are built from the connection by
+else the local default) and the TLS/SASL flags of `ebpf_apm.kafka.security` through
+`add_connection_arguments`, and turns them into a validated `KafkaConnection` with
+`connection_from_args`. Clients are built from the connection by
 `ebpf_apm.kafka.clients`, so a setting added here reaches every producer, consumer and admin.
 """
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ebpf_apm.kafka.errors import KafkaConfigError
+from ebpf_apm.kafka.security import KafkaSecurity, add_security_arguments, security_from_args
 
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -50,6 +52,7 @@ class KafkaConnection:
     """Validated connection settings shared by every client of one command."""
 
     bootstrap_servers: str
+    security: KafkaSecurity = field(default_factory=KafkaSecurity)
 
     def __post_init__(self) -> None:
         parse_bootstrap_servers(self.bootstrap_servers)
@@ -60,7 +63,7 @@ class KafkaConnection:
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments every aiokafka client of this connection gets."""
-        return {"bootstrap_servers": self.bootstrap_servers}
+        return {"bootstrap_servers": self.bootstrap_servers, **self.security.client_options()}
 
     def __str__(self) -> str:
         return self.bootstrap_servers
@@ -74,9 +77,11 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"Kafka brokers (default: ${BOOTSTRAP_ENV}, else {DEFAULT_BOOTSTRAP})",
     )
+    add_security_arguments(parser)
 
 
 def connection_from_args(args: argparse.Namespace) -> KafkaConnection:
-    """The flag's value, else $KAFKA_BOOTSTRAP_SERVERS, else the local default; validated."""
+    """The flags' values, else the KAFKA_* environment, else the local defaults; validated
+    (TLS files are loaded and passwords read here, so a bad one stops the command at start)."""
     servers = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
-    return KafkaConnection(servers)
+    return KafkaConnection(servers, security_from_args(args))

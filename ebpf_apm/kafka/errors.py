@@ -24,6 +24,8 @@ class TopicSetupError(KafkaEdgeError):
 def describe_error(exc: BaseException) -> str:
     """ "TypeName: message", for error messages that say what failed."""
     name, text = type(exc).__name__, str(exc)
+    if getattr(exc, "self_describing", False):  # handshake errors are whole sentences
+        return text
     # aiokafka's messages often start with the class name already.
     return text if text.startswith(name) else f"{name}: {text}" if text else name
 

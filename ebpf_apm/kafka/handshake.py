@@ -1,0 +1,148 @@
+"""Why a client could not connect: TLS and SASL failures told apart from an absent broker.
+
+aiokafka logs the cause of a failed bootstrap and raises only "Unable to bootstrap from
+[...]", which reads like an outage. When a client of the edge fails to start, `diagnose`
+repeats the handshake with one broker connection per bootstrap server, step by step
+(TCP and TLS, then SASL), and turns the first real cause into a `KafkaHandshakeError` that
+says what failed and what to do. An unreachable broker stays what it was (None: the
+original error is kept, and retrying is right).
+
+    client.start() fails --> diagnose(connection) --> KafkaHandshakeError (not retriable)
+                                                  --> None (outage: keep the original)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+from aiokafka.conn import create_conn
+from aiokafka.errors import (
+    AuthenticationFailedError,
+    IllegalSaslStateError,
+    KafkaConnectionError,
+    KafkaError,
+    SaslAuthenticationFailed,
+    UnsupportedSaslMechanismError,
+)
+
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.security import KafkaSecurity
+
+_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+_TIMEOUT_S = 10.0
+
+
+class KafkaHandshakeError(KafkaError):
+    """The broker answers, but TLS or SASL fails: retrying with these settings cannot help."""
+
+    retriable = False
+    self_describing = True  # describe_error shows the message alone
+
+
+async def diagnose(connection: KafkaConnection) -> KafkaHandshakeError | None:
+    """The TLS or SASL failure at the first bootstrap server that has one, else None."""
+    security = connection.security
+    for host, port in connection.servers:
+        where = f"Kafka at {host}:{port}"
+        transport: dict[str, Any] = {
+            "security_protocol": "SSL" if security.uses_tls else "PLAINTEXT"
+        }
+        if security.uses_tls:
+            transport["ssl_context"] = security.ssl_context
+        problem = await _attempt(host, port, transport)
+        if isinstance(problem, ssl.SSLError):
+            return KafkaHandshakeError(_tls_failure(where, host, security, problem))
+        if isinstance(problem, KafkaConnectionError) and not security.uses_tls:
+            return KafkaHandshakeError(
+                f"{where} accepted the connection but closed it at the first request "
+                f"({problem}): if that is a TLS listener, set --kafka-security-protocol SSL "
+                "or SASL_SSL (KAFKA_SECURITY_PROTOCOL) and --kafka-ca-file"
+            )
+        if problem is not None or not security.uses_sasl:
+            continue  # unreachable (an outage, not a setting), or fine without SASL
+        problem = await _attempt(host, port, security.client_options())
+        if problem is not None and not isinstance(problem, OSError | TimeoutError):
+            return KafkaHandshakeError(_sasl_failure(where, security, problem))
+    return None
+
+
+async def _attempt(host: str, port: int, options: dict[str, Any]) -> BaseException | None:
+    try:
+        conn = await asyncio.wait_for(
+            create_conn(
+                host,
+                port,
+                client_id="ebpf-apm-handshake-check",
+                request_timeout_ms=int(_TIMEOUT_S * 1000),
+                **options,
+            ),
+            _TIMEOUT_S,
+        )
+    except (TimeoutError, OSError, KafkaError) as exc:
+        return exc
+    conn.close()
+    return None
+
+
+def _tls_failure(where: str, host: str, security: KafkaSecurity, exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or str(exc)
+        if exc.verify_code == _HOSTNAME_MISMATCH:
+            return (
+                f"TLS handshake with {where} failed: the broker's certificate is not issued "
+                f"for the name {host!r} ({detail}); connect with a name the certificate lists "
+                "in its subject alternative names (--bootstrap-servers and the broker's "
+                "advertised listeners), or reissue the certificate"
+            )
+        return (
+            f"TLS handshake with {where} failed: the broker's certificate cannot be verified "
+            f"({detail}) with the CA of {_ca(security)}; give --kafka-ca-file / KAFKA_CA_FILE "
+            "the CA certificate that signed the broker's"
+        )
+    reason = exc.reason or str(exc)
+    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNEXPECTED_EOF_WHILE_READING"):
+        return (
+            f"TLS handshake with {where} failed ({reason}): nothing speaks TLS there; use the "
+            "broker's TLS listener port, or --kafka-security-protocol PLAINTEXT for a plain one"
+        )
+    client_cert = (
+        f"this client sent the certificate {security.cert_file}"
+        if security.cert_file
+        else "this client sent no certificate"
+    )
+    return (
+        f"TLS handshake with {where} failed: the broker refused the handshake ({reason}); "
+        f"{client_cert}: if the listener requires client certificates (mutual TLS), give "
+        "--kafka-cert-file and --kafka-key-file with one its CA signed"
+    )
+
+
+def _sasl_failure(where: str, security: KafkaSecurity, exc: BaseException) -> str:
+    who = f"user {security.sasl_username!r} with {security.sasl_mechanism}"
+    if isinstance(exc, SaslAuthenticationFailed | AuthenticationFailedError):
+        return (
+            f"SASL authentication of {who} failed at {where} ({exc}): check the user name "
+            "(--kafka-sasl-username / KAFKA_SASL_USERNAME), the password "
+            "(--kafka-sasl-password-file / KAFKA_SASL_PASSWORD_FILE) and that the user exists "
+            "for this mechanism"
+        )
+    if isinstance(exc, UnsupportedSaslMechanismError):
+        return (
+            f"{where} does not offer SASL {security.sasl_mechanism} ({exc}); choose a "
+            "mechanism it offers with --kafka-sasl-mechanism / KAFKA_SASL_MECHANISM"
+        )
+    if isinstance(exc, IllegalSaslStateError):
+        return (
+            f"{where} refused the SASL handshake of {who} ({exc}); check the listener's SASL set-up"
+        )
+    return (
+        f"the SASL handshake of {who} with {where} failed ({type(exc).__name__}: {exc}): the "
+        "listener may not support SASL (the embedded broker, Tansu, has none); use the "
+        "protocol the listener speaks (--kafka-security-protocol SSL or PLAINTEXT)"
+    )
+
+
+def _ca(security: KafkaSecurity) -> str:
+    return security.ca_file or "the system store"
