@@ -139,7 +139,7 @@ class GroupInput:
             await consumer.stop()
             raise ConsumerKafkaError(
                 f"cannot join the consumer group {self.group!r} on Kafka at {self.connection}: "
-                f"{describe_error(exc)}; {unreachable_hint()}"
+                f"{describe_error(exc)}; {unreachable_hint(exc)}"
             ) from exc
         consumer.subscribe(list(self.topics), listener=self._listener)
 
@@ -264,7 +264,7 @@ class AckedOutput:
             await producer.stop()
             raise ConsumerKafkaError(
                 f"cannot start a producer on Kafka at {self.connection}: "
-                f"{describe_error(exc)}; {unreachable_hint()}"
+                f"{describe_error(exc)}; {unreachable_hint(exc)}"
             ) from exc
 
     async def flush(self, timeout_s: float) -> bool:
@@ -389,7 +389,7 @@ class TopicReader:
         except KafkaError as exc:
             raise ConsumerKafkaError(
                 f"cannot reach Kafka at {self.connection}: {describe_error(exc)}; "
-                f"{unreachable_hint()}"
+                f"{unreachable_hint(exc)}"
             ) from exc
         partitions = consumer.partitions_for_topic(self.topic) if self.topic in existing else None
         if not partitions:

@@ -83,7 +83,7 @@ async def _start(admin: AIOKafkaAdminClient, connection: KafkaConnection, purpos
     except KafkaError as exc:
         raise KafkaUnavailableError(
             f"cannot reach Kafka at {connection} to {purpose}: {describe_error(exc)}; "
-            f"{unreachable_hint()}"
+            f"{unreachable_hint(exc)}"
         ) from exc
 
 

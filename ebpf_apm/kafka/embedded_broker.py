@@ -114,6 +114,7 @@ class EmbeddedBroker:
         port: int = 0,
         *,
         advertised_host: str | None = None,
+        advertised_port: int | None = None,
         start_timeout_s: float = 10.0,
         stop_grace_s: float = 3.0,
         binary: str | None = None,
@@ -124,6 +125,9 @@ class EmbeddedBroker:
             # Clients connect to the advertised name, and a wildcard address is not one.
             advertised_host = socket.getfqdn() if host in _WILDCARD_HOSTS else host
         self.advertised_host = advertised_host
+        # A TLS terminator in front of the broker (stunnel in the tests) listens elsewhere:
+        # clients must be told its port, not the broker's.
+        self.advertised_port = advertised_port
         self.start_timeout_s = start_timeout_s
         self.stop_grace_s = stop_grace_s
         self._binary = binary
@@ -146,7 +150,7 @@ class EmbeddedBroker:
                 )
         binary = self._binary or broker_binary()
         listener = f"tcp://{_url_host(self.host)}:{self.port}"
-        advertised = f"tcp://{_url_host(self.advertised_host)}:{self.port}"
+        advertised = f"tcp://{_url_host(self.advertised_host)}:{self.advertised_port or self.port}"
         command = [
             binary,
             "broker",
@@ -249,7 +253,7 @@ class EmbeddedBroker:
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"{_url_host(self.advertised_host)}:{self.port}"
+        return f"{_url_host(self.advertised_host)}:{self.advertised_port or self.port}"
 
     @property
     def pid(self) -> int:

@@ -14,6 +14,7 @@ original error is kept, and retrying is right).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from typing import Any
 
@@ -30,15 +31,19 @@ from aiokafka.errors import (
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.security import KafkaSecurity
 
-_HOSTNAME_MISMATCH = 62  # X509_V_ERR_HOSTNAME_MISMATCH
+_NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 _TIMEOUT_S = 10.0
+_ALERT_WAIT_S = 0.5
 
 
 class KafkaHandshakeError(KafkaError):
     """The broker answers, but TLS or SASL fails: retrying with these settings cannot help."""
 
     retriable = False
-    self_describing = True  # describe_error shows the message alone
+    self_describing = True  # a whole sentence: describe_error shows it alone
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "TLS or SASL handshake failed"
 
 
 async def diagnose(connection: KafkaConnection) -> KafkaHandshakeError | None:
@@ -46,29 +51,51 @@ async def diagnose(connection: KafkaConnection) -> KafkaHandshakeError | None:
     security = connection.security
     for host, port in connection.servers:
         where = f"Kafka at {host}:{port}"
+        if security.uses_tls:
+            problem = await _tls_attempt(host, port, security)
+            if isinstance(problem, ssl.SSLError):
+                return KafkaHandshakeError(_tls_failure(where, host, security, problem))
+            if problem is not None:
+                continue  # unreachable: an outage, not a setting
         transport: dict[str, Any] = {
             "security_protocol": "SSL" if security.uses_tls else "PLAINTEXT"
         }
         if security.uses_tls:
             transport["ssl_context"] = security.ssl_context
-        problem = await _attempt(host, port, transport)
-        if isinstance(problem, ssl.SSLError):
-            return KafkaHandshakeError(_tls_failure(where, host, security, problem))
-        if isinstance(problem, KafkaConnectionError) and not security.uses_tls:
-            return KafkaHandshakeError(
-                f"{where} accepted the connection but closed it at the first request "
-                f"({problem}): if that is a TLS listener, set --kafka-security-protocol SSL "
-                "or SASL_SSL (KAFKA_SECURITY_PROTOCOL) and --kafka-ca-file"
-            )
+        problem = await _kafka_attempt(host, port, transport)
+        if isinstance(problem, KafkaConnectionError):
+            return KafkaHandshakeError(_closed(where, security, problem))
         if problem is not None or not security.uses_sasl:
-            continue  # unreachable (an outage, not a setting), or fine without SASL
-        problem = await _attempt(host, port, security.client_options())
+            continue
+        problem = await _kafka_attempt(host, port, security.client_options())
         if problem is not None and not isinstance(problem, OSError | TimeoutError):
             return KafkaHandshakeError(_sasl_failure(where, security, problem))
     return None
 
 
-async def _attempt(host: str, port: int, options: dict[str, Any]) -> BaseException | None:
+async def _tls_attempt(host: str, port: int, security: KafkaSecurity) -> BaseException | None:
+    """A TLS handshake, then a short read: a TLS 1.3 server that wants a client certificate
+    sends its refusal (an alert) only after the handshake has completed."""
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=security.ssl_context), _TIMEOUT_S
+        )
+    except (TimeoutError, OSError) as exc:
+        return exc
+    try:
+        await asyncio.wait_for(reader.read(1), _ALERT_WAIT_S)
+    except TimeoutError:
+        pass  # nothing to read and no alert: the handshake was accepted
+    except OSError as exc:
+        return exc
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return None
+
+
+async def _kafka_attempt(host: str, port: int, options: dict[str, Any]) -> BaseException | None:
     try:
         conn = await asyncio.wait_for(
             create_conn(
@@ -86,10 +113,30 @@ async def _attempt(host: str, port: int, options: dict[str, Any]) -> BaseExcepti
     return None
 
 
+def _closed(where: str, security: KafkaSecurity, exc: KafkaConnectionError) -> str:
+    if not security.uses_tls:
+        return (
+            f"{where} accepted the connection but closed it at the first request ({exc}): if "
+            "that is a TLS listener, set --kafka-security-protocol SSL or SASL_SSL "
+            "(KAFKA_SECURITY_PROTOCOL) and --kafka-ca-file"
+        )
+    return (
+        f"{where} completed the TLS handshake but closed the connection at the first request "
+        f"({exc}): {_client_cert(security)}; if the listener requires client certificates "
+        "(mutual TLS), give --kafka-cert-file and --kafka-key-file with one its CA signed"
+    )
+
+
+def _client_cert(security: KafkaSecurity) -> str:
+    if security.cert_file:
+        return f"this client sent the certificate {security.cert_file}"
+    return "this client sent no certificate"
+
+
 def _tls_failure(where: str, host: str, security: KafkaSecurity, exc: ssl.SSLError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         detail = exc.verify_message or exc.reason or str(exc)
-        if exc.verify_code == _HOSTNAME_MISMATCH:
+        if exc.verify_code in _NAME_MISMATCH:
             return (
                 f"TLS handshake with {where} failed: the broker's certificate is not issued "
                 f"for the name {host!r} ({detail}); connect with a name the certificate lists "
@@ -107,15 +154,10 @@ def _tls_failure(where: str, host: str, security: KafkaSecurity, exc: ssl.SSLErr
             f"TLS handshake with {where} failed ({reason}): nothing speaks TLS there; use the "
             "broker's TLS listener port, or --kafka-security-protocol PLAINTEXT for a plain one"
         )
-    client_cert = (
-        f"this client sent the certificate {security.cert_file}"
-        if security.cert_file
-        else "this client sent no certificate"
-    )
     return (
         f"TLS handshake with {where} failed: the broker refused the handshake ({reason}); "
-        f"{client_cert}: if the listener requires client certificates (mutual TLS), give "
-        "--kafka-cert-file and --kafka-key-file with one its CA signed"
+        f"{_client_cert(security)}: if the listener requires client certificates (mutual "
+        "TLS), give --kafka-cert-file and --kafka-key-file with one its CA signed"
     )
 
 
@@ -123,25 +165,35 @@ def _sasl_failure(where: str, security: KafkaSecurity, exc: BaseException) -> st
     who = f"user {security.sasl_username!r} with {security.sasl_mechanism}"
     if isinstance(exc, SaslAuthenticationFailed | AuthenticationFailedError):
         return (
-            f"SASL authentication of {who} failed at {where} ({exc}): check the user name "
+            f"SASL authentication of {who} failed at {where} ({_said(exc)}): check the user name "
             "(--kafka-sasl-username / KAFKA_SASL_USERNAME), the password "
             "(--kafka-sasl-password-file / KAFKA_SASL_PASSWORD_FILE) and that the user exists "
             "for this mechanism"
         )
     if isinstance(exc, UnsupportedSaslMechanismError):
         return (
-            f"{where} does not offer SASL {security.sasl_mechanism} ({exc}); choose a "
-            "mechanism it offers with --kafka-sasl-mechanism / KAFKA_SASL_MECHANISM"
+            f"{where} does not offer SASL {security.sasl_mechanism} ({_said(exc)}); choose a "
+            "mechanism it offers with --kafka-sasl-mechanism / KAFKA_SASL_MECHANISM, or, if it "
+            "offers none (the embedded broker, Tansu, has no SASL), the protocol its listener "
+            "speaks: --kafka-security-protocol SSL or PLAINTEXT"
         )
     if isinstance(exc, IllegalSaslStateError):
         return (
-            f"{where} refused the SASL handshake of {who} ({exc}); check the listener's SASL set-up"
+            f"{where} refused the SASL handshake of {who} ({_said(exc)}); check the "
+            "listener's SASL set-up"
         )
     return (
         f"the SASL handshake of {who} with {where} failed ({type(exc).__name__}: {exc}): the "
         "listener may not support SASL (the embedded broker, Tansu, has none); use the "
         "protocol the listener speaks (--kafka-security-protocol SSL or PLAINTEXT)"
     )
+
+
+def _said(exc: BaseException) -> str:
+    """A broker error's text; aiokafka builds some from the connection object (unreadable)."""
+    if exc.args and isinstance(exc.args[0], str):
+        return str(exc)
+    return str(getattr(exc, "message", None) or type(exc).__name__)
 
 
 def _ca(security: KafkaSecurity) -> str:
