@@ -10,12 +10,15 @@ else the local default) and the TLS/SASL flags of `ebpf_apm.kafka.security` thro
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from ebpf_apm.kafka.errors import KafkaConfigError
 from ebpf_apm.kafka.security import KafkaSecurity, add_security_arguments, security_from_args
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -84,4 +87,7 @@ def connection_from_args(args: argparse.Namespace) -> KafkaConnection:
     """The flags' values, else the KAFKA_* environment, else the local defaults; validated
     (TLS files are loaded and passwords read here, so a bad one stops the command at start)."""
     servers = args.bootstrap_servers or os.environ.get(BOOTSTRAP_ENV) or DEFAULT_BOOTSTRAP
-    return KafkaConnection(servers, security_from_args(args))
+    connection = KafkaConnection(servers, security_from_args(args))
+    if connection.security.protocol != "PLAINTEXT":
+        log.info("Kafka at %s: %s", servers, connection.security.describe())
+    return connection
