@@ -48,6 +48,16 @@ BASE_OBJECTS = {
     ("KafkaTopic", "apm-latency"),
     ("KafkaTopic", "apm-alerts"),
     ("KafkaTopic", "apm-deadletter"),
+    ("KafkaUser", "ebpf-apm-agent"),
+    ("KafkaUser", "ebpf-apm-join"),
+    ("KafkaUser", "ebpf-apm-aggregate"),
+    ("KafkaUser", "ebpf-apm-alert"),
+    ("KafkaUser", "ebpf-apm-export"),
+    ("NetworkPolicy", "ebpf-apm-default-deny"),
+    ("NetworkPolicy", "ebpf-apm-kafka-dns-metrics"),
+    ("NetworkPolicy", "ebpf-apm-agent-kube-api"),
+    ("NetworkPolicy", "ebpf-apm-postgresql"),
+    ("NetworkPolicy", "ebpf-apm-export-otlp"),
 }
 EXPECTED_OBJECTS = {
     "base": BASE_OBJECTS,
@@ -160,6 +170,87 @@ STRIMZI_SCHEMAS: dict[str, Doc] = {
             },
         },
     },
+    "KafkaUser": {
+        "type": "object",
+        "required": ["spec"],
+        "properties": {
+            "metadata": {
+                "type": "object",
+                "required": ["labels"],
+                "properties": {
+                    "labels": {"type": "object", "required": ["strimzi.io/cluster"]},
+                },
+            },
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "authentication": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["type"],
+                        "properties": {"type": {"enum": ["tls", "tls-external", "scram-sha-512"]}},
+                    },
+                    "authorization": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["type", "acls"],
+                        "properties": {
+                            "type": {"enum": ["simple"]},
+                            "acls": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["resource", "operations"],
+                                    "properties": {
+                                        "resource": {
+                                            "type": "object",
+                                            "additionalProperties": False,
+                                            "required": ["type"],
+                                            "properties": {
+                                                "type": {
+                                                    "enum": [
+                                                        "topic",
+                                                        "group",
+                                                        "cluster",
+                                                        "transactionalId",
+                                                    ]
+                                                },
+                                                "name": {"type": "string"},
+                                                "patternType": {"enum": ["literal", "prefix"]},
+                                            },
+                                        },
+                                        "operations": {
+                                            "type": "array",
+                                            "minItems": 1,
+                                            "items": {
+                                                "enum": [
+                                                    "Read",
+                                                    "Write",
+                                                    "Create",
+                                                    "Delete",
+                                                    "Alter",
+                                                    "Describe",
+                                                    "ClusterAction",
+                                                    "AlterConfigs",
+                                                    "DescribeConfigs",
+                                                    "IdempotentWrite",
+                                                    "All",
+                                                ]
+                                            },
+                                        },
+                                        "host": {"type": "string"},
+                                        "type": {"enum": ["allow", "deny"]},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
     "KafkaNodePool": {
         "type": "object",
         "required": ["spec"],
@@ -218,13 +309,42 @@ STRIMZI_SCHEMAS: dict[str, Doc] = {
                                             ]
                                         },
                                         "tls": {"type": "boolean"},
+                                        "authentication": {
+                                            "type": "object",
+                                            "required": ["type"],
+                                            "properties": {
+                                                "type": {
+                                                    "enum": [
+                                                        "tls",
+                                                        "scram-sha-512",
+                                                        "oauth",
+                                                        "custom",
+                                                    ]
+                                                }
+                                            },
+                                        },
+                                        "networkPolicyPeers": {"type": "array"},
                                     },
                                 },
                             },
                             "config": {"type": "object"},
+                            "authorization": {
+                                "type": "object",
+                                "required": ["type"],
+                                "properties": {
+                                    "type": {"enum": ["simple", "opa", "keycloak", "custom"]}
+                                },
+                            },
                         },
                     },
-                    "entityOperator": {"type": "object"},
+                    "entityOperator": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "topicOperator": {"type": "object"},
+                            "userOperator": {"type": "object"},
+                        },
+                    },
                 },
             }
         },
@@ -451,3 +571,222 @@ def test_the_images_install_only_the_wheel(image: str) -> None:
     assert "pip install --no-cache-dir /wheels/*.whl" in final_runs
     assert "ebpf-apm --help" in final_runs
     assert ("ENTRYPOINT", '["ebpf-apm"]') in final
+
+
+# --- Kafka security and network policy -----------------------------------------------------
+
+# What each component may do on Kafka: the topics it reads, the topics it writes (CONTRACT.md)
+# and its consumer group (its command's --group default; the agent has none).
+KAFKA_RIGHTS: dict[str, tuple[set[str], set[str], str | None]] = {
+    "ebpf-apm-agent": (set(), {"apm.uprobe.events", "apm.kprobe.events"}, None),
+    "ebpf-apm-join": (
+        {"apm.uprobe.events", "apm.kprobe.events"},
+        {"apm.spans", "apm.deadletter"},
+        "ebpf-apm-join",
+    ),
+    "ebpf-apm-aggregate": (
+        {"apm.spans"},
+        {"apm.latency", "apm.deadletter"},
+        "ebpf-apm-aggregate",
+    ),
+    "ebpf-apm-alert": ({"apm.latency"}, {"apm.alerts", "apm.deadletter"}, "ebpf-apm-alert"),
+    "ebpf-apm-export": ({"apm.spans"}, {"apm.deadletter"}, "ebpf-apm-export"),
+}
+KAFKA_PORT = 9093
+CA_SECRET = "apm-kafka-cluster-ca-cert"
+# Where each component may connect besides DNS and Kafka ("any" host: outside the pod network
+# or wherever the operator puts it), and what may connect to it.
+EXTRA_EGRESS: dict[str, set[tuple[str, str, int | str]]] = {
+    "ebpf-apm-agent": {("any", "TCP", 443), ("any", "TCP", 6443)},
+    "ebpf-apm-join": set(),
+    "ebpf-apm-aggregate": {("any", "TCP", 5432)},
+    "ebpf-apm-alert": {("any", "TCP", 5432)},
+    "ebpf-apm-export": {("any", "TCP", 4317), ("any", "TCP", 4318)},
+}
+BASE_EGRESS = {("dns", "UDP", 53), ("dns", "TCP", 53), ("kafka", "TCP", KAFKA_PORT)}
+METRICS_INGRESS = {("monitoring", "TCP", "metrics")}
+
+
+def _workloads(rendered: list[Doc]) -> dict[str, Doc]:
+    return {d["metadata"]["name"]: d for d in rendered if d["kind"] in POD_TEMPLATE_KINDS}
+
+
+def _command_group(command: str) -> str | None:
+    """The --group default of the command, as its own parser has it."""
+    import argparse  # noqa: PLC0415
+    import importlib  # noqa: PLC0415
+
+    from ebpf_apm.cli import COMMANDS  # noqa: PLC0415
+
+    if command not in COMMANDS:
+        return None
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    return next((a.default for a in parser._actions if a.dest == "group"), None)
+
+
+def test_each_kafka_user_may_use_only_its_topics_and_group(rendered: list[Doc]) -> None:
+    users = {d["metadata"]["name"]: d for d in rendered if d["kind"] == "KafkaUser"}
+    assert set(users) == set(KAFKA_RIGHTS)
+    for name, (reads, writes, group) in KAFKA_RIGHTS.items():
+        spec = users[name]["spec"]
+        assert users[name]["metadata"]["labels"]["strimzi.io/cluster"] == "apm-kafka"
+        assert spec["authentication"] == {"type": "scram-sha-512"}
+        assert spec["authorization"]["type"] == "simple"
+        granted = {
+            (acl["resource"]["type"], acl["resource"]["name"], op)
+            for acl in spec["authorization"]["acls"]
+            for op in acl["operations"]
+        }
+        for acl in spec["authorization"]["acls"]:
+            assert acl["resource"]["patternType"] == "literal", (name, acl)
+            assert acl.get("type", "allow") == "allow" and acl.get("host", "*") == "*"
+        expected = {("topic", t, op) for t in reads for op in ("Describe", "Read")}
+        expected |= {("topic", t, op) for t in writes for op in ("Describe", "Write")}
+        if group is not None:
+            expected.add(("group", group, "Read"))
+            command_group = _command_group(name.removeprefix("ebpf-apm-"))
+            assert command_group in (None, group), (name, command_group)
+        assert granted == expected, name
+
+
+def test_every_component_authenticates_as_its_own_user(rendered: list[Doc]) -> None:
+    (kafka,) = [d for d in rendered if d["kind"] == "ConfigMap" and "KAFKA_BOOTSTRAP_SERVERS"
+                in d.get("data", {})]  # fmt: skip
+    settings = kafka["data"]
+    assert settings["KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL"
+    assert settings["KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+    assert settings["KAFKA_BOOTSTRAP_SERVERS"].endswith(f":{KAFKA_PORT}")
+    assert not any("PASSWORD" in key and not key.endswith("_FILE") for key in settings)
+    files = {
+        "kafka-ca": (CA_SECRET, "ca.crt", settings["KAFKA_CA_FILE"]),
+        "kafka-user": (None, "password", settings["KAFKA_SASL_PASSWORD_FILE"]),
+    }
+    workloads = _workloads(rendered)
+    assert set(workloads) <= set(KAFKA_RIGHTS)
+    for name, doc in workloads.items():
+        spec = _pod_spec(doc)
+        assert spec is not None
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env["KAFKA_SASL_USERNAME"] == name, name
+        assert {"configMapRef": {"name": kafka["metadata"]["name"]}} in container["envFrom"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["name"]: m for m in container["volumeMounts"]}
+        for volume, (secret, key, path) in files.items():
+            source = volumes[volume]["secret"]
+            assert source["secretName"] == (secret or name), (name, volume)
+            assert source["items"] == [{"key": key, "path": Path(path).name}], (name, volume)
+            assert source["defaultMode"] == 0o440, (name, volume)
+            assert mounts[volume]["mountPath"] == str(Path(path).parent), (name, volume)
+            assert mounts[volume]["readOnly"] is True, (name, volume)
+        run_as = (spec.get("securityContext") or {}).get("runAsUser", 0)
+        if run_as != 0:  # 0440 files owned by root: a non-root user reads them as the group
+            assert spec["securityContext"]["fsGroup"] == spec["securityContext"]["runAsGroup"]
+
+
+def test_the_kafka_settings_of_the_configmap_are_accepted(
+    rendered: list[Doc], tmp_path: Path
+) -> None:
+    """The edge reads them as they are, with the mounted files in place (under tmp_path)."""
+    import argparse  # noqa: PLC0415
+
+    from tls_fixtures import make_pki  # noqa: PLC0415
+
+    from ebpf_apm.kafka.security import security_from_args  # noqa: PLC0415
+
+    (kafka,) = [d for d in rendered if d["kind"] == "ConfigMap" and "KAFKA_BOOTSTRAP_SERVERS"
+                in d.get("data", {})]  # fmt: skip
+    env = {k: v for k, v in kafka["data"].items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    pki = make_pki(tmp_path)
+    for key, source in (("KAFKA_CA_FILE", pki.ca.read_bytes()), ("KAFKA_SASL_PASSWORD_FILE",
+                                                                 b"from-the-secret")):  # fmt: skip
+        moved = tmp_path / env[key].lstrip("/")
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        moved.write_bytes(source)
+        env[key] = str(moved)
+    env["KAFKA_SASL_USERNAME"] = "ebpf-apm-join"
+    security = security_from_args(argparse.Namespace(), env)
+    assert security.describe().startswith("SASL_SSL, CA ")
+    assert security.describe().endswith("SCRAM-SHA-512 as 'ebpf-apm-join'")
+    assert security.client_options()["sasl_plain_password"] == "from-the-secret"
+
+
+def _selects(selector: Doc, labels: dict[str, str]) -> bool:
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr  # the only operator deploy/ uses
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def _peer(peer: Doc | None) -> str:
+    if peer is None:
+        return "any"
+    namespace = peer.get("namespaceSelector", {}).get("matchLabels", {})
+    pods = peer.get("podSelector", {}).get("matchLabels", {})
+    if namespace == {"kubernetes.io/metadata.name": "kube-system"} and pods == {
+        "k8s-app": "kube-dns"
+    }:
+        return "dns"
+    if not namespace and pods == {"strimzi.io/cluster": "apm-kafka", "strimzi.io/kind": "Kafka"}:
+        return "kafka"
+    if namespace == {"kubernetes.io/metadata.name": "monitoring"} and "podSelector" not in peer:
+        return "monitoring"
+    raise AssertionError(f"unexpected peer {peer}")
+
+
+def _allowed(policies: list[Doc], labels: dict[str, str], direction: str) -> set[tuple]:
+    side = "to" if direction == "egress" else "from"
+    allowed: set[tuple] = set()
+    for policy in policies:
+        if _selects(policy["spec"]["podSelector"], labels):
+            for rule in policy["spec"].get(direction, []):
+                for peer in rule.get(side) or [None]:
+                    for port in rule["ports"]:
+                        allowed.add((_peer(peer), port["protocol"], port["port"]))
+    return allowed
+
+
+def test_network_policies_let_each_component_reach_only_what_it_needs(
+    rendered: list[Doc],
+) -> None:
+    policies = [d for d in rendered if d["kind"] == "NetworkPolicy"]
+    (deny,) = [p for p in policies if p["metadata"]["name"] == "ebpf-apm-default-deny"]
+    assert deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in deny["spec"] and "egress" not in deny["spec"]
+    for policy in policies:  # every policy is about the pipeline's components only
+        for name in KAFKA_RIGHTS:
+            labels = {"app.kubernetes.io/name": name}
+            if _selects(policy["spec"]["podSelector"], labels):
+                assert _selects(deny["spec"]["podSelector"], labels)
+        assert _selects(policy["spec"]["podSelector"], {}) is False, policy["metadata"]["name"]
+    for name in KAFKA_RIGHTS:  # including the exporter, whose Deployment may come later
+        labels = {"app.kubernetes.io/name": name}
+        assert _selects(deny["spec"]["podSelector"], labels), name
+        assert _allowed(policies, labels, "egress") == BASE_EGRESS | EXTRA_EGRESS[name], name
+        assert _allowed(policies, labels, "ingress") == METRICS_INGRESS, name
+    for name, doc in _workloads(rendered).items():  # the labels the policies select on
+        assert doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"] == name
+
+
+def test_the_local_kafka_listens_with_tls_and_scram_only(tree: str, rendered: list[Doc]) -> None:
+    clusters = [d for d in rendered if d["kind"] == "Kafka"]
+    if tree == "base":
+        assert clusters == []  # bring your own, with a listener like the local one
+        return
+    (cluster,) = clusters
+    kafka = cluster["spec"]["kafka"]
+    (listener,) = kafka["listeners"]  # no plaintext listener beside it
+    assert (listener["port"], listener["tls"], listener["authentication"]) == (
+        KAFKA_PORT,
+        True,
+        {"type": "scram-sha-512"},
+    )
+    assert kafka["authorization"] == {"type": "simple"}
+    assert "userOperator" in cluster["spec"]["entityOperator"]
+    (peers,) = listener["networkPolicyPeers"]
+    (deny,) = [d for d in rendered if d["metadata"]["name"] == "ebpf-apm-default-deny"]
+    assert peers["podSelector"] == deny["spec"]["podSelector"]
