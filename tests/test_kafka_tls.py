@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, go_server, plan_requests, send_concurrently
+from aiokafka.errors import KafkaConnectionError
 from join_harness import start_join, wait_for
-from tls_fixtures import BROKER_NAME, KEY_PASSWORD, Pki, make_pki, tls_broker
+from tls_fixtures import BROKER_NAME, KEY_PASSWORD, Pki, Stunnel, make_pki, tls_broker
 
 from ebpf_apm.consumers.latency_store import StorageError, open_store
 from ebpf_apm.kafka.admin import ensure_topics
@@ -31,6 +32,7 @@ from ebpf_apm.kafka.connection import (
     add_connection_arguments,
     connection_from_args,
 )
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker, free_port
 from ebpf_apm.kafka.errors import KafkaConfigError, KafkaUnavailableError
 from ebpf_apm.kafka.security import KafkaSecurity, Secret, security_from_args
 
@@ -217,7 +219,7 @@ def test_tls_failures_say_what_to_do(pki: Pki, tmp_path: Path) -> None:
             "plaintext client": (
                 bootstrap,
                 {},
-                ["closed it at the first request", "if that is a TLS listener, set "
+                [f"Kafka at {bootstrap} speaks TLS and this client does not: set "
                  "--kafka-security-protocol SSL"],
             ),
         }  # fmt: skip
@@ -286,6 +288,32 @@ def test_tls_without_client_certificates(pki: Pki, tmp_path: Path) -> None:
         with pytest.raises(KafkaUnavailableError, match="cannot be verified"):
             other = KafkaSecurity("SSL", ca_file=str(pki.other_ca))
             asyncio.run(ensure_topics(KafkaConnection(bootstrap, other), {"t.tls": 3}))
+
+
+@pytest.mark.integration
+def test_a_tls_client_at_a_plaintext_port_and_an_outage_behind_tls(
+    pki: Pki, tmp_path: Path, kafka_broker: EmbeddedBroker
+) -> None:
+    """A TLS client at a plaintext listener is told so. A TLS terminator whose broker is
+    down is an outage, not a setting: the error stays the retriable "cannot reach"."""
+    security = KafkaSecurity("SSL", ca_file=str(pki.ca), check_hostname=False)
+    with pytest.raises(KafkaUnavailableError) as failure:
+        plain = KafkaConnection(kafka_broker.bootstrap_servers, security)
+        asyncio.run(ensure_topics(plain, {}, timeout_s=5))
+    assert "it is a plaintext Kafka listener; use the broker's TLS listener" in str(failure.value)
+    stunnel = Stunnel(pki, free_port(), tmp_path, require_client_cert=False)
+    try:
+        behind = KafkaConnection(f"{BROKER_NAME}:{stunnel.port}", security)
+        with pytest.raises(KafkaUnavailableError) as failure:
+            asyncio.run(ensure_topics(behind, {}, timeout_s=5))
+    finally:
+        stunnel.stop()
+    assert "Unable to bootstrap" in str(failure.value), failure.value
+    assert "TLS" not in str(failure.value) and "start one with `ebpf-apm broker`" in str(
+        failure.value
+    )
+    assert isinstance(failure.value.__cause__, KafkaConnectionError)
+    assert failure.value.__cause__.retriable
 
 
 # --- the pipeline over mutual TLS ----------------------------------------------------------

@@ -32,8 +32,15 @@ from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.security import KafkaSecurity
 
 _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
-_TIMEOUT_S = 10.0
+_TIMEOUT_S = 5.0
 _ALERT_WAIT_S = 0.5
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNEXPECTED_EOF_WHILE_READING")
+_SASL_ERRORS = (
+    SaslAuthenticationFailed,
+    AuthenticationFailedError,
+    UnsupportedSaslMechanismError,
+    IllegalSaslStateError,
+)
 
 
 class KafkaHandshakeError(KafkaError):
@@ -47,38 +54,51 @@ class KafkaHandshakeError(KafkaError):
 
 
 async def diagnose(connection: KafkaConnection) -> KafkaHandshakeError | None:
-    """The TLS or SASL failure at the first bootstrap server that has one, else None."""
+    """The TLS or SASL failure at the first bootstrap server that has one, else None.
+
+    Only a failure that repeats for a reason of its own counts: a connection closed for no
+    stated reason (a broker going away, or behind a TLS terminator whose broker is down) is
+    an outage unless a second look shows the protocol is wrong, so retrying stays possible.
+    """
     security = connection.security
     for host, port in connection.servers:
         where = f"Kafka at {host}:{port}"
         if security.uses_tls:
-            problem = await _tls_attempt(host, port, security)
+            problem = await _tls_attempt(host, port, security.ssl_context)
+            # A plaintext listener hangs up on a ClientHello (Kafka) or waits for the rest of
+            # what it takes for a huge request (Tansu): is a plaintext Kafka there?
+            if isinstance(problem, TimeoutError) or (
+                isinstance(problem, ssl.SSLError) and _ended_early(problem)
+            ):
+                if await _kafka_attempt(host, port, {"security_protocol": "PLAINTEXT"}) is None:
+                    return KafkaHandshakeError(_plaintext_listener(where))
+                continue
             if isinstance(problem, ssl.SSLError):
                 return KafkaHandshakeError(_tls_failure(where, host, security, problem))
-            if problem is not None:
-                continue  # unreachable: an outage, not a setting
-        transport: dict[str, Any] = {
-            "security_protocol": "SSL" if security.uses_tls else "PLAINTEXT"
-        }
-        if security.uses_tls:
-            transport["ssl_context"] = security.ssl_context
-        problem = await _kafka_attempt(host, port, transport)
-        if isinstance(problem, KafkaConnectionError):
-            return KafkaHandshakeError(_closed(where, security, problem))
+        else:
+            problem = await _kafka_attempt(host, port, {"security_protocol": "PLAINTEXT"})
+            if isinstance(problem, KafkaConnectionError) and await _speaks_tls(host, port):
+                return KafkaHandshakeError(
+                    f"{where} speaks TLS and this client does not: set "
+                    "--kafka-security-protocol SSL or SASL_SSL (KAFKA_SECURITY_PROTOCOL) and "
+                    "--kafka-ca-file"
+                )
         if problem is not None or not security.uses_sasl:
-            continue
+            continue  # unreachable (an outage, not a setting), or fine without SASL
         problem = await _kafka_attempt(host, port, security.client_options())
-        if problem is not None and not isinstance(problem, OSError | TimeoutError):
+        if isinstance(problem, _SASL_ERRORS):
             return KafkaHandshakeError(_sasl_failure(where, security, problem))
     return None
 
 
-async def _tls_attempt(host: str, port: int, security: KafkaSecurity) -> BaseException | None:
+async def _tls_attempt(
+    host: str, port: int, context: ssl.SSLContext | None
+) -> BaseException | None:
     """A TLS handshake, then a short read: a TLS 1.3 server that wants a client certificate
     sends its refusal (an alert) only after the handshake has completed."""
     try:
         reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=security.ssl_context), _TIMEOUT_S
+            asyncio.open_connection(host, port, ssl=context), _TIMEOUT_S
         )
     except (TimeoutError, OSError) as exc:
         return exc
@@ -113,17 +133,26 @@ async def _kafka_attempt(host: str, port: int, options: dict[str, Any]) -> BaseE
     return None
 
 
-def _closed(where: str, security: KafkaSecurity, exc: KafkaConnectionError) -> str:
-    if not security.uses_tls:
-        return (
-            f"{where} accepted the connection but closed it at the first request ({exc}): if "
-            "that is a TLS listener, set --kafka-security-protocol SSL or SASL_SSL "
-            "(KAFKA_SECURITY_PROTOCOL) and --kafka-ca-file"
-        )
+async def _speaks_tls(host: str, port: int) -> bool:
+    """Whether a TLS handshake succeeds there, whoever's certificate it shows."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only asking whether it is TLS at all
+    problem = await _tls_attempt(host, port, context)
+    # A refusal in TLS (an alert: "certificate required") is TLS too.
+    return problem is None or (isinstance(problem, ssl.SSLError) and not _ended_early(problem))
+
+
+def _ended_early(exc: ssl.SSLError) -> bool:
+    """The server hung up on the ClientHello, or answered something that is not TLS."""
+    return exc.reason in _NOT_TLS or isinstance(exc, ssl.SSLEOFError)
+
+
+def _plaintext_listener(where: str) -> str:
     return (
-        f"{where} completed the TLS handshake but closed the connection at the first request "
-        f"({exc}): {_client_cert(security)}; if the listener requires client certificates "
-        "(mutual TLS), give --kafka-cert-file and --kafka-key-file with one its CA signed"
+        f"TLS handshake with {where} failed: it is a plaintext Kafka listener; use the "
+        "broker's TLS listener (its port), or --kafka-security-protocol PLAINTEXT "
+        "(SASL_PLAINTEXT) if plaintext is what you mean"
     )
 
 
@@ -149,11 +178,6 @@ def _tls_failure(where: str, host: str, security: KafkaSecurity, exc: ssl.SSLErr
             "the CA certificate that signed the broker's"
         )
     reason = exc.reason or str(exc)
-    if reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNEXPECTED_EOF_WHILE_READING"):
-        return (
-            f"TLS handshake with {where} failed ({reason}): nothing speaks TLS there; use the "
-            "broker's TLS listener port, or --kafka-security-protocol PLAINTEXT for a plain one"
-        )
     return (
         f"TLS handshake with {where} failed: the broker refused the handshake ({reason}); "
         f"{_client_cert(security)}: if the listener requires client certificates (mutual "
@@ -177,15 +201,9 @@ def _sasl_failure(where: str, security: KafkaSecurity, exc: BaseException) -> st
             "offers none (the embedded broker, Tansu, has no SASL), the protocol its listener "
             "speaks: --kafka-security-protocol SSL or PLAINTEXT"
         )
-    if isinstance(exc, IllegalSaslStateError):
-        return (
-            f"{where} refused the SASL handshake of {who} ({_said(exc)}); check the "
-            "listener's SASL set-up"
-        )
     return (
-        f"the SASL handshake of {who} with {where} failed ({type(exc).__name__}: {exc}): the "
-        "listener may not support SASL (the embedded broker, Tansu, has none); use the "
-        "protocol the listener speaks (--kafka-security-protocol SSL or PLAINTEXT)"
+        f"{where} refused the SASL handshake of {who} ({_said(exc)}); check the "
+        "listener's SASL set-up"
     )
 
 
