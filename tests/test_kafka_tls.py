@@ -398,3 +398,19 @@ def test_agent_join_aggregate_over_mutual_tls(
     spans = [json.loads(line) for line in tail.stdout.splitlines()]
     assert sorted(s["http_path"] for s in spans) == sorted(r.path for r in requests)
     assert f"Kafka at {bootstrap}: SSL, CA {pki.ca}, client certificate" in agent.log
+
+
+def test_every_problem_is_named_at_once_by_the_command(pki: Pki) -> None:
+    env = {"KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "KAFKA_CERT_FILE": str(pki.client_cert)}
+    out = run_cli("tail", "apm.spans", env=env)
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: a client certificate needs both --kafka-cert-file and --kafka-key-file "
+        "(KAFKA_CERT_FILE / KAFKA_KEY_FILE); only one was given",
+        "error: SASL needs a mechanism (--kafka-sasl-mechanism / KAFKA_SASL_MECHANISM), one of "
+        "PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+        "error: SASL needs a user name (--kafka-sasl-username / KAFKA_SASL_USERNAME)",
+        "error: SASL needs a password: --kafka-sasl-password-file FILE, KAFKA_SASL_PASSWORD_FILE "
+        "or KAFKA_SASL_PASSWORD",
+    ]

@@ -87,8 +87,9 @@ class KafkaSecurity:
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for problem in self._problems():
-            raise KafkaConfigError(problem)
+        problems = self._problems()
+        if problems:  # all of them at once, a line each
+            raise KafkaConfigError("\n".join(problems))
         if self.uses_tls and self.ssl_context is None:
             object.__setattr__(self, "ssl_context", self._load_ssl_context())
 
@@ -130,9 +131,10 @@ class KafkaSecurity:
             )
         if self.uses_sasl:
             if self.sasl_mechanism not in SASL_MECHANISMS:
+                got = f"; got {self.sasl_mechanism!r}" if self.sasl_mechanism else ""
                 problems.append(
                     f"SASL needs a mechanism (--kafka-sasl-mechanism / KAFKA_SASL_MECHANISM), "
-                    f"one of {', '.join(SASL_MECHANISMS)}; got {self.sasl_mechanism!r}"
+                    f"one of {', '.join(SASL_MECHANISMS)}{got}"
                 )
             if not self.sasl_username:
                 problems.append(
