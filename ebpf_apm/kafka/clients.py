@@ -101,6 +101,8 @@ async def _start_explained(
         raise explained from exc
 
 
+# aiokafka's three clients, each with a start() that explains a TLS or SASL failure. Subclasses
+# rather than a wrapper: callers keep using (and typing) them as aiokafka's own clients.
 class _Producer(AIOKafkaProducer):
     def __init__(self, connection: KafkaConnection, **options: Any) -> None:
         super().__init__(**connection.client_options(), **options)
