@@ -173,9 +173,9 @@ def format_rates(rates: list[CostRate], limit: int = 5) -> str:
 
 
 def format_totals(costs: Mapping[int, ProcessCost], limit: int = 5) -> str:
-    """`pid 1234 hits 51k cpu 2.31 s, ...` for the final totals line."""
+    """`pid 1234 hits 51234 cpu 2.310 s, ...` for the final totals line (exact counts)."""
     ordered = sorted(costs.values(), key=lambda c: (-c.cpu_ns, c.pid))
-    parts = [f"pid {c.pid} hits {_si(c.hits)} cpu {c.cpu_ns / 1e9:.3f} s" for c in ordered[:limit]]
+    parts = [f"pid {c.pid} hits {c.hits} cpu {c.cpu_ns / 1e9:.3f} s" for c in ordered[:limit]]
     if len(ordered) > limit:
         parts.append(f"{len(ordered) - limit} more")
     return ", ".join(parts)

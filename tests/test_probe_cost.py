@@ -93,7 +93,7 @@ def test_rates_and_the_stats_line_figures() -> None:
     assert format_rates(rates, limit=2) == (
         "pid 1 hits 5.1k/s cpu 4.6%, pid 2 hits 20/s cpu 0.0%, 1 more"
     )
-    assert format_totals(now, limit=1) == "pid 1 hits 52.0k cpu 1.460 s, 2 more"
+    assert format_totals(now, limit=1) == "pid 1 hits 52000 cpu 1.460 s, 2 more"
 
 
 class FixedSource:
