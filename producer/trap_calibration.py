@@ -135,7 +135,7 @@ def _libc_of(pid: int) -> str:
     with open(f"/proc/{pid}/maps") as maps:
         for line in maps:
             path = line.split(maxsplit=5)[-1].strip()
-            if "/libc.so" in path or "/libc-" in path:
+            if "/libc.so" in path or "/libc-" in path or "/ld-musl-" in path:  # glibc, musl
                 return path
     raise CalibrationError(
         f"the calibration helper (pid {pid}, {sys.executable}) maps no libc to probe"
