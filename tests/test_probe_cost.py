@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,34 @@ def test_agent_reports_the_cost_per_process(go_targets: dict, kafka_broker) -> N
     assert totals is not None, agent.log
     assert int(totals.group(1)) == REQUESTS * sum(HITS_PER_REQUEST.values())
     assert float(totals.group(2)) > 0
+
+
+@pytest.mark.bpf
+def test_without_cap_sys_admin_run_time_statistics_stay_off_and_say_so() -> None:
+    """BPF_ENABLE_STATS needs CAP_SYS_ADMIN (the DaemonSet does not grant it): the agent
+    goes on with the trap cost only, and says what to do."""
+    code = (
+        "import logging; logging.basicConfig()\n"
+        "from ebpf_apm.producer.bpf_run_stats import RunTimeStats\n"
+        "stats = RunTimeStats().open(); print(stats.enabled, stats.how)\n"
+    )
+    result = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-sys_admin",
+            "--inh-caps=-sys_admin",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    if Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip() == "1":
+        assert result.stdout.split() == ["True", "/proc/sys/kernel/bpf_stats_enabled", "=", "1"]
+    else:
+        assert result.stdout.split() == ["False", "off"]
+        assert "BPF_ENABLE_STATS: Operation not permitted" in result.stderr
+        assert "sysctl kernel.bpf_stats_enabled=1" in result.stderr
