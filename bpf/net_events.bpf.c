@@ -66,7 +66,14 @@ static __always_inline void emit_net(void *ctx, struct sock *sk, u16 family, s64
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
     struct process_layout *layout = process_layouts.lookup(&tgid);
-    if (!layout || bytes <= 0)
+    if (!layout)
+        return;
+#ifndef NET_KPROBES
+    struct probe_hits *hits = hits_of(tgid); /* kprobes count where they fire */
+    if (hits)
+        hits->net += 1;
+#endif
+    if (bytes <= 0)
         return;
     if (family != AF_INET && family != AF_INET6)
         return; /* unix sockets, netlink...: not network I/O */
@@ -109,8 +116,12 @@ int kprobe__tcp_sendmsg(struct pt_regs *ctx, struct sock *sk)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
-    if (process_layouts.lookup(&tgid))
+    if (process_layouts.lookup(&tgid)) {
+        struct probe_hits *hits = hits_of(tgid);
+        if (hits)
+            hits->net += 1;
         net_calls.update(&pid_tgid, &sk);
+    }
     return 0;
 }
 
@@ -125,6 +136,10 @@ static __always_inline int net_return(struct pt_regs *ctx, u8 direction)
     struct sock **skp = net_calls.lookup(&pid_tgid);
     if (!skp)
         return 0;
+    u32 tgid = pid_tgid >> 32;
+    struct probe_hits *hits = probe_hits.lookup(&tgid); /* counted at entry: never created here */
+    if (hits)
+        hits->net += 1;
     struct sock *sk = *skp;
     net_calls.delete(&pid_tgid);
     u16 family = 0;

@@ -85,4 +85,16 @@ struct thread_calls {
     __u64 start_ns[MAX_THREAD_DEPTH];
 };
 
+/* probe_hits (per CPU, by tgid): how often each program ran for a traced process. The agent
+ * multiplies them by each program's mean run time (the kernel's BPF run-time statistics)
+ * and the uprobe hits by the trap cost it calibrates at start: the CPU the probes cost the
+ * process (producer/probe_cost.py). Counted only while the process has a layout, so the
+ * entry the agent deletes when the process exits is not created again by a late hit. */
+struct probe_hits {
+    __u64 entry;         /* span_entry: a uprobe trap each */
+    __u64 ret;           /* span_return: a uprobe trap each */
+    __u64 uretprobe;     /* span_uretprobe: a uretprobe trap each (non-Go) */
+    __u64 net;           /* network programs (tracepoints or kprobes) for its socket I/O */
+};
+
 #endif

@@ -44,6 +44,7 @@ BPF_HASH(process_layouts, u32, struct process_layout, MAX_PROCESSES);
 BPF_HASH(calls_in_flight, struct call_key, struct call_start, MAX_CALLS_IN_FLIGHT);
 BPF_HASH(thread_stacks, struct thread_key, struct thread_calls, MAX_CALLS_IN_FLIGHT);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
+BPF_PERCPU_HASH(probe_hits, u32, struct probe_hits, MAX_PROCESSES);
 BPF_PERCPU_ARRAY(unwoken, u64, 3); /* spans, http, net */
 
 #ifdef USE_PERF_BUFFER
@@ -74,6 +75,13 @@ static __always_inline u64 wakeup_flag(u32 ring)
         return BPF_RB_NO_WAKEUP;
     *pending = 0;
     return BPF_RB_FORCE_WAKEUP;
+}
+
+/* The hit counters of a traced process (NULL when the table is full). */
+static __always_inline struct probe_hits *hits_of(u32 tgid)
+{
+    struct probe_hits zero = {};
+    return probe_hits.lookup_or_try_init(&tgid, &zero);
 }
 
 static __always_inline struct site *site_at(struct pt_regs *ctx, u32 tgid)
@@ -218,11 +226,14 @@ int span_entry(struct pt_regs *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
-    struct site *site = site_at(ctx, tgid);
-    if (!site || site->role != SITE_ENTRY)
-        return 0;
     struct process_layout *layout = process_layouts.lookup(&tgid);
     if (!layout)
+        return 0;
+    struct probe_hits *hits = hits_of(tgid);
+    if (hits)
+        hits->entry += 1;
+    struct site *site = site_at(ctx, tgid);
+    if (!site || site->role != SITE_ENTRY)
         return 0;
     u64 now = bpf_ktime_get_boot_ns();
 
@@ -276,11 +287,14 @@ int span_entry(struct pt_regs *ctx)
 int span_return(struct pt_regs *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct site *site = site_at(ctx, tgid);
-    if (!site || site->role != SITE_RETURN)
-        return 0;
     struct process_layout *layout = process_layouts.lookup(&tgid);
     if (!layout)
+        return 0;
+    struct probe_hits *hits = hits_of(tgid);
+    if (hits)
+        hits->ret += 1;
+    struct site *site = site_at(ctx, tgid);
+    if (!site || site->role != SITE_RETURN)
         return 0;
     struct call_key key = {.tgid = tgid, .func_id = site->func_id};
     if (read_goid(ctx, layout, &key.id) != 0)
@@ -312,6 +326,11 @@ int span_uretprobe(struct pt_regs *ctx)
 {
     u64 pid_tgid = bpf_get_current_pid_tgid();
     u32 tgid = pid_tgid >> 32;
+    if (process_layouts.lookup(&tgid)) {
+        struct probe_hits *hits = hits_of(tgid);
+        if (hits)
+            hits->uretprobe += 1;
+    }
     struct thread_key tkey = {.tgid = tgid, .tid = (u32)pid_tgid};
     struct thread_calls *calls = thread_stacks.lookup(&tkey);
     if (!calls || calls->depth == 0) {
@@ -327,6 +346,13 @@ int span_uretprobe(struct pt_regs *ctx)
     if (depth == 0)
         thread_stacks.delete(&tkey);
     emit_span(ctx, tgid, func_id, -1, start_ns, (u32)pid_tgid);
+    return 0;
+}
+
+/* Attached by the agent's trap calibration (producer/trap_calibration.py) to a helper
+ * process: an empty program, so a hit costs the trap and nothing else measurable. */
+int trap_calibration(struct pt_regs *ctx)
+{
     return 0;
 }
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
-from ebpf_apm.producer.errors import TargetError
+from ebpf_apm.producer.errors import AgentError, TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
 from ebpf_apm.producer.pipeline import (
     AgentPipeline,
@@ -25,6 +25,7 @@ from ebpf_apm.producer.pipeline import (
     RecordStream,
     boot_to_epoch_offset_ns,
 )
+from ebpf_apm.producer.probe_cost import ProbeCostMeter
 from ebpf_apm.producer.rule_targets import (
     KubernetesSettings,
     RuleTargets,
@@ -39,6 +40,7 @@ from ebpf_apm.producer.targets import (
     pids_of_executable,
     resolve_target,
 )
+from ebpf_apm.producer.trap_calibration import calibrate_trap_cost
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,9 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
         ProbeOptions(use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks)
     )
     try:
+        # What the probes cost each process: hits x run time + trap cost measured here.
+        # The metrics server exports it with ProbeCostCollector(cost_meter, process_info).
+        cost_meter = ProbeCostMeter(probes, _trap_cost_ns(probes))
         process_info: dict[int, ProcessInfo] = {}
         streams = _record_streams(config, probes, names, process_info)
         pipeline = AgentPipeline(
@@ -98,6 +103,7 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
                 exit_when_targets_gone=rules is None,
                 health_file=config.health_file,
             ),
+            cost_meter,
         )
         for target in targets:
             pipeline.attach(target)
@@ -127,6 +133,18 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
                 await metadata.stop()
     finally:
         probes.close()
+
+
+def _trap_cost_ns(probes: AgentProbes) -> float | None:
+    """The uprobe trap cost on this node, calibrated now (None if that failed: the probe
+    CPU estimate then holds the BPF run time only)."""
+    try:
+        cost = calibrate_trap_cost(probes)
+    except AgentError as exc:
+        log.warning("uprobe trap cost not measured: %s; the probe CPU estimate leaves it out", exc)
+        return None
+    log.info("uprobe trap cost on this node: %s", cost.describe())
+    return cost.ns_per_hit
 
 
 def _static_targets(config: AgentConfig, names: FunctionNames) -> list[TargetProcess]:

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from ebpf_apm import bpf as bpf_sources
+from ebpf_apm.producer.bpf_run_stats import RunStats, RunTimeStats, program_run_stats
 from ebpf_apm.producer.errors import KernelSupportError, PrivilegeError, TargetError
 from ebpf_apm.producer.event_layout import HTTP_SPAN_EVENT, NET_EVENT, SPAN_EVENT
 from ebpf_apm.producer.map_layout import (
     COUNTERS,
+    PROBE_HITS,
     PROCESS_LAYOUT,
     SITE_ENTRY,
     SITE_FLAG_HTTP,
@@ -154,7 +156,11 @@ class AgentProbes:
                 f"could not compile or load the BPF probes: {exc}. Check that kernel "
                 "headers are installed and linked (`make setup`) and tracefs is mounted"
             ) from exc
+        # On for as long as the probes are loaded: the probe CPU estimate needs each
+        # program's run time (producer/probe_cost.py).
+        self.run_time_stats = RunTimeStats().open()
         self._processes: dict[int, _AttachedProcess] = {}
+        self._calibration_events: set[bytes] = set()
         self._sites = self._bpf[b"probe_sites"]
         self._layouts = self._bpf[b"process_layouts"]
         self.span_reader: Reader
@@ -270,6 +276,7 @@ class AgentProbes:
         for ip in proc.sites:
             self._sites.pop(self._sites.Key(pid, 0, ip), None)
         self._layouts.pop(ctypes.c_uint32(pid), None)
+        self._bpf[b"probe_hits"].pop(ctypes.c_uint32(pid), None)
         self._forget_calls(pid)
 
     def _forget_calls(self, pid: int) -> None:
@@ -296,6 +303,52 @@ class AgentProbes:
         table = self._bpf[b"counters"]
         return {name: int(table.sum(slot).value) for name, slot in COUNTERS.items()}
 
+    def probe_hits(self) -> dict[int, np.ndarray]:
+        """Per traced process, how often each program ran for it (a PROBE_HITS record,
+        summed over CPUs)."""
+        table = self._bpf[b"probe_hits"]
+        hits = {}
+        for key in list(table.keys()):
+            try:
+                per_cpu = table.getvalue(key)
+            except KeyError:  # the process was detached meanwhile
+                continue
+            values = np.frombuffer(bytes(per_cpu), dtype=PROBE_HITS)
+            total = np.zeros(1, dtype=PROBE_HITS)
+            for name in PROBE_HITS.names or ():
+                total[name] = values[name].sum()
+            hits[int(key.value)] = total[0]
+        return hits
+
+    def program_run_stats(self) -> dict[str, RunStats]:
+        """Run time and count of every loaded program, by its name in the BPF source."""
+        return {
+            name.decode(): program_run_stats(function.fd)
+            for name, function in list(self._bpf.funcs.items())
+        }
+
+    def attach_trap_calibration(self, binary: str, symbol: str, pid: int) -> None:
+        """The empty `trap_calibration` program on `symbol` of `binary`, in `pid` only."""
+        known = set(self._bpf.uprobe_fds)
+        try:
+            self._bpf.attach_uprobe(
+                name=binary.encode(), sym=symbol.encode(), fn_name=b"trap_calibration", pid=pid
+            )
+        except Exception as exc:  # BCC raises bare Exception
+            raise KernelSupportError(
+                f"attaching the calibration uprobe to {symbol} in {binary} failed: {exc}"
+            ) from exc
+        finally:
+            self._calibration_events |= set(self._bpf.uprobe_fds) - known
+
+    def detach_trap_calibration(self) -> None:
+        for event in self._calibration_events:
+            try:
+                self._bpf.detach_uprobe_event(event)
+            except Exception as exc:  # BCC raises bare Exception
+                log.debug("detaching calibration probe %s: %s", event.decode(), exc)
+        self._calibration_events.clear()
+
     @property
     def attached_uprobes(self) -> int:
         """Uprobes currently attached, all processes (a leak shows here)."""
@@ -311,7 +364,9 @@ class AgentProbes:
         for reader in (self.span_reader, self.http_reader, self.net_reader):
             if reader is not None:
                 reader.close()
+        self.detach_trap_calibration()
         self._bpf.cleanup()
+        self.run_time_stats.close()
 
 
 # CAP_SYS_ADMIN(21), CAP_PERFMON(38), CAP_BPF(39)

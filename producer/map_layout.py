@@ -64,6 +64,10 @@ THREAD_CALLS = np.dtype(
     ],
     align=True,
 )
+# Per process, how often each program ran for it (BPF_PERCPU_HASH: one value per CPU).
+PROBE_HITS = np.dtype(
+    [("entry", "<u8"), ("ret", "<u8"), ("uretprobe", "<u8"), ("net", "<u8")], align=True
+)
 
 # struct name in probe_maps.h -> its mirror; every field of the mirror but padding is checked.
 STRUCTS: dict[str, np.dtype] = {
@@ -74,6 +78,7 @@ STRUCTS: dict[str, np.dtype] = {
     "call_start": CALL_START,
     "thread_key": THREAD_KEY,
     "thread_calls": THREAD_CALLS,
+    "probe_hits": PROBE_HITS,
 }
 
 # #define name in probe_maps.h -> value here.

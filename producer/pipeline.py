@@ -10,7 +10,8 @@ treats them alike. The agent is assembled in ebpf_apm.producer.agent.
 The reader drains when the kernel forces a wakeup (enough records wait on a CPU) and on a
 short timer, so a quiet process's records still leave within the batch delay. Every loss is
 counted where it happens: in the kernel (ring full, in-flight table full), in a publisher
-(buffer full while the broker is away). A stats line reports them.
+(buffer full while the broker is away). A stats line reports them, and what the probes cost
+each traced process (hits per second and CPU share, from the ProbeCostMeter).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.producer.bpf_loader import AgentProbes, Reader
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherStats
+from ebpf_apm.producer.probe_cost import (
+    ProbeCostMeter,
+    ProcessCost,
+    cost_rates,
+    format_rates,
+    format_totals,
+)
 from ebpf_apm.producer.span_batcher import OutgoingBatch, ProcessBatcher, ProcessInfo
 from ebpf_apm.producer.targets import TargetProcess, attach_target
 
@@ -80,9 +88,11 @@ class AgentPipeline:
         process_info: dict[int, ProcessInfo],
         connection: KafkaConnection,
         settings: PipelineSettings,
+        cost_meter: ProbeCostMeter | None = None,
     ) -> None:
         """`process_info` is the table the batchers name processes from: the pipeline keeps
-        it as processes are attached and detached."""
+        it as processes are attached and detached. `cost_meter` puts the probes' cost per
+        process in the stats line."""
         self.probes = probes
         self.streams = streams
         self.targets: dict[int, TargetProcess] = {}
@@ -95,6 +105,9 @@ class AgentPipeline:
         self._running = False
         self._retired: set[int] = set()  # detached; names kept until their last batch is cut
         self._health_at = 0.0
+        self.cost_meter = cost_meter
+        self._costs: dict[int, ProcessCost] = {}  # at the previous stats line
+        self._costs_at = time.monotonic()
 
     def attach(self, target: TargetProcess, k8s: dict[str, str | None] | None = None) -> None:
         """Attach one resolved target (called before `run`, or as processes appear)."""
@@ -142,6 +155,8 @@ class AgentPipeline:
                 self._wakeup.clear()
                 await self._drain_once()
                 self._touch_health()
+            if self.cost_meter is not None:  # the last figures, before detaching clears them
+                self._costs = self.cost_meter.sample()
             # Detach first, so the last drain sees every record the probes will ever write.
             for pid in list(self.targets):
                 self.probes.detach_process(pid)
@@ -292,8 +307,19 @@ class AgentPipeline:
                 f"{net_pub.acked_events}, dropped {net_pub.dropped_events}, "
                 f"failed {net_pub.failed_events}"
             )
+        if self.cost_meter is not None:
+            line += "; probe cost: " + (self._cost_summary(final) or "no traced process")
         level = logging.WARNING if final and lost else logging.INFO
         log.log(level, "%s: %s", "totals" if final else "stats", line)
+
+    def _cost_summary(self, final: bool) -> str:
+        assert self.cost_meter is not None
+        if final:
+            return format_totals(self._costs)
+        now, costs = time.monotonic(), self.cost_meter.sample()
+        rates = cost_rates(self._costs, costs, now - self._costs_at)
+        self._costs, self._costs_at = costs, now
+        return format_rates(rates)
 
 
 def _dropped(stats: PublisherStats) -> int:
