@@ -2,7 +2,9 @@
 
     targets (--pid/--exe, or rules as processes start) -> AgentProbes (BCC: uprobes, sock
     tracepoints) -> RecordStreams: rings -> batchers -> publishers -> AgentPipeline (drain
-    loop) ; pod names from the Kubernetes API when in a cluster
+    loop) ; pod names from the Kubernetes API when in a cluster ; MetricsServer (/metrics
+    from AgentCollector, /healthz from the drain loop, /readyz: probes loaded, loop turning,
+    broker answering)
 
 `serve` builds every part with what it needs, in order, and runs the pipeline until asked
 to stop. Nothing is patched after construction.
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.reachability import broker_unreachable
+from ebpf_apm.producer.agent_metrics import AgentCollector
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
 from ebpf_apm.producer.errors import TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
@@ -39,6 +43,7 @@ from ebpf_apm.producer.targets import (
     pids_of_executable,
     resolve_target,
 )
+from ebpf_apm.telemetry import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +77,19 @@ class AgentConfig:
     config: str | None
     kubernetes: KubernetesSettings | None
     health_file: str | None
+    metrics_address: str | None = None
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
     """Trace until `stop` is set (or, without rules, every target has exited)."""
     require_privileges()  # before any target is touched
+    # First, so that /healthz answers while the probes compile (seconds).
+    async with MetricsServer("agent", config.metrics_address) as server:
+        server.probe("kafka", lambda: broker_unreachable(config.connection, server.probe_timeout_s))
+        return await _trace(config, stop, server)
+
+
+async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer) -> int:
     names = FunctionNames()
     rules_file = TargetRulesFile(Path(config.config)) if config.config else None
     rules = rules_file.load() if rules_file else None
@@ -98,6 +111,11 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
                 exit_when_targets_gone=rules is None,
                 health_file=config.health_file,
             ),
+            on_turn=server.turned,
+        )
+        server.register(AgentCollector(pipeline))
+        server.require(
+            "probes", lambda: None if pipeline.running else "probes: not loaded or drain stopped"
         )
         for target in targets:
             pipeline.attach(target)

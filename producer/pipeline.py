@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,9 +81,11 @@ class AgentPipeline:
         process_info: dict[int, ProcessInfo],
         connection: KafkaConnection,
         settings: PipelineSettings,
+        on_turn: Callable[[], None] = lambda: None,
     ) -> None:
         """`process_info` is the table the batchers name processes from: the pipeline keeps
-        it as processes are attached and detached."""
+        it as processes are attached and detached. `on_turn` is called each time the drain
+        loop goes round (liveness)."""
         self.probes = probes
         self.streams = streams
         self.targets: dict[int, TargetProcess] = {}
@@ -95,6 +98,7 @@ class AgentPipeline:
         self._running = False
         self._retired: set[int] = set()  # detached; names kept until their last batch is cut
         self._health_at = 0.0
+        self._on_turn = on_turn
 
     def attach(self, target: TargetProcess, k8s: dict[str, str | None] | None = None) -> None:
         """Attach one resolved target (called before `run`, or as processes appear)."""
@@ -142,6 +146,7 @@ class AgentPipeline:
                 self._wakeup.clear()
                 await self._drain_once()
                 self._touch_health()
+                self._on_turn()
             # Detach first, so the last drain sees every record the probes will ever write.
             for pid in list(self.targets):
                 self.probes.detach_process(pid)
@@ -173,6 +178,11 @@ class AgentPipeline:
             )
             return 1
         return 0
+
+    @property
+    def running(self) -> bool:
+        """Between the start of `run` and its end: probes loaded, the drain loop turning."""
+        return self._running and not self._stop.is_set()
 
     def stop(self, reason: str) -> None:
         if not self._stop.is_set():
