@@ -219,6 +219,7 @@ class MetricsServer:
         limit = self.probe_timeout_s + 1.0
         try:
             answer = await asyncio.wait_for(self._probes[name](), limit)
+            answer = answer and f"{name}: {answer}"
         except TimeoutError:
             answer = f"{name}: no answer within {limit:g} s"
         except Exception as exc:

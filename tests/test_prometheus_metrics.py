@@ -133,9 +133,7 @@ def test_prometheus_sees_acked_spans_and_route_latency_and_readiness_follows_the
         )
         assert prom.scalar('ebpf_apm_agent_events_total{stream="spans",outcome="dropped"}') == 0
         assert prom.scalar("ebpf_apm_agent_traced_processes") == 1
-        joined = (
-            'ebpf_apm_consumer_records_total{service="join",topic="apm.spans",outcome="acked"}'
-        )
+        joined = 'ebpf_apm_consumer_records_total{service="join",topic="apm.spans",outcome="acked"}'
         wait_until(lambda: prom.scalar(joined) == REQUESTS, 60, f"{joined} == {REQUESTS}")
 
         route = 'operation=~"GET /sleep.*"'
@@ -159,7 +157,7 @@ def test_prometheus_sees_acked_spans_and_route_latency_and_readiness_follows_the
         try:
             for name, address in addresses.items():
                 status, body = wait_until(
-                    lambda a=address: (r := ready(a))[0] == 503 and "kafka" in r[1] and r,
+                    lambda a=address: (r := ready(a))[0] == 503 and "kafka: " in r[1] and r,
                     20,
                     f"{name} not ready while the broker is frozen",
                 )
