@@ -135,6 +135,10 @@ def test_prometheus_sees_acked_spans_and_route_latency_and_readiness_follows_the
         assert prom.scalar("ebpf_apm_agent_traced_processes") == 1
         joined = 'ebpf_apm_consumer_records_total{service="join",topic="apm.spans",outcome="acked"}'
         wait_until(lambda: prom.scalar(joined) == REQUESTS, 60, f"{joined} == {REQUESTS}")
+        aggregated = (
+            'ebpf_apm_consumer_records_total{service="aggregate",topic="apm.spans",outcome="read"}'
+        )
+        wait_until(lambda: prom.scalar(aggregated) == REQUESTS, 60, f"{aggregated} == {REQUESTS}")
 
         route = 'operation=~"GET /sleep.*"'
         spans = f"sum(ebpf_apm_latency_window_spans{{{route}}})"
@@ -169,5 +173,14 @@ def test_prometheus_sees_acked_spans_and_route_latency_and_readiness_follows_the
             wait_until(
                 lambda a=address: ready(a)[0] == 200, 60, f"{name} ready again: {ready(address)}"
             )
-        down = "min(ebpf_apm_dependency_up)"
-        assert prom.scalar(down) in (0.0, 1.0)
+        # Prometheus saw it too: each service reported Kafka down during the freeze, up now.
+        seen = 'min by (service) (min_over_time(ebpf_apm_dependency_up{dependency="kafka"}[2m]))'
+        assert {r[0]["service"]: r[1] for r in prom.query(seen)} == dict.fromkeys(SERVICES, 0.0)
+        now = 'min by (service) (ebpf_apm_dependency_up{dependency="kafka"})'
+        wait_until(
+            lambda: (
+                {r[0]["service"]: r[1] for r in prom.query(now)} == dict.fromkeys(SERVICES, 1.0)
+            ),
+            30,
+            "Prometheus to scrape Kafka up again from every service",
+        )
