@@ -21,6 +21,7 @@ test: setup lint
 bench: setup
 	$(PY) benchmarks/agent_throughput.py
 	$(PY) benchmarks/probe_overhead.py
+	$(PY) benchmarks/metrics_scrape_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
