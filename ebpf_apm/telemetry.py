@@ -28,7 +28,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge
@@ -252,7 +251,3 @@ class MetricsServer:
             return web.Response(status=503, text="".join(f"not ready: {r}\n" for r in reasons))
         return web.Response(text="ready\n")
 
-
-def labelled(**labels: Any) -> dict[str, str]:
-    """Label values as Prometheus wants them (strings; None as empty)."""
-    return {k: "" if v is None else str(v) for k, v in labels.items()}
