@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 METRICS_ADDRESS_ENV = "EBPF_APM_METRICS_ADDRESS"
 DEFAULT_METRICS_PORT = 9464  # the port the deploy/ manifests name `metrics`
+
+# Counters would each carry a `_created` timestamp series: noise for every dashboard here.
+disable_created_metrics()
 
 Check = Callable[[], str | None]
 Probe = Callable[[], Awaitable[str | None]]

@@ -97,6 +97,7 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
     probes = AgentProbes(
         ProbeOptions(use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks)
     )
+    collector: AgentCollector | None = None
     try:
         process_info: dict[int, ProcessInfo] = {}
         streams = _record_streams(config, probes, names, process_info)
@@ -113,7 +114,8 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
             ),
             on_turn=server.turned,
         )
-        server.register(AgentCollector(pipeline))
+        collector = AgentCollector(pipeline)
+        server.register(collector)
         server.require(
             "probes", lambda: None if pipeline.running else "probes: not loaded or drain stopped"
         )
@@ -144,6 +146,8 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
             if metadata is not None:
                 await metadata.stop()
     finally:
+        if collector is not None:  # a scrape must not read the BPF maps once they are gone
+            server.registry.unregister(collector)
         probes.close()
 
 
