@@ -152,6 +152,7 @@ def test_prometheus_sees_acked_spans_and_route_latency_and_readiness_follows_the
             # At least the sleep (less the sketch's 1% relative error), at most a loaded
             # machine's scheduling on top of it.
             assert sleep_s * 0.99 <= found[0][1] <= sleep_s + 0.060, (quantile, found)
+            print(f"p{quantile} of the route in Prometheus: {found[0][1] * 1000:.2f} ms")
         written = prom.scalar("ebpf_apm_windows_written_total")
         assert written is not None and written >= 1
         assert all(prom.targets_up().values()), prom.targets_up()
