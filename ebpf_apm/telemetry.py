@@ -28,13 +28,16 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from ebpf_apm.errors import InputError
+
+if TYPE_CHECKING:  # aiohttp's server is imported only when something is served
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +170,8 @@ class MetricsServer:
         self._probing = asyncio.create_task(self._probe_forever())
         if self.address is None:
             return
+        from aiohttp import web  # noqa: PLC0415 (costly; `--help` and unserved runs skip it)
+
         host, port = parse_metrics_address(self.address)
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
@@ -239,18 +244,23 @@ class MetricsServer:
     # -- HTTP --------------------------------------------------------------------------------
 
     async def _metrics(self, _: web.Request) -> web.Response:
+        from aiohttp import web  # noqa: PLC0415 (loaded by start(): a dictionary lookup)
+
         body = generate_latest(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, _: web.Request) -> web.Response:
+        from aiohttp import web  # noqa: PLC0415
+
         reason = self.live()
         if reason:
             return web.Response(status=503, text=f"not alive: {reason}\n")
         return web.Response(text="alive\n")
 
     async def _readyz(self, _: web.Request) -> web.Response:
+        from aiohttp import web  # noqa: PLC0415
+
         reasons = self.not_ready()
         if reasons:
             return web.Response(status=503, text="".join(f"not ready: {r}\n" for r in reasons))
         return web.Response(text="ready\n")
-
