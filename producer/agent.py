@@ -83,7 +83,8 @@ class AgentConfig:
 async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
     """Trace until `stop` is set (or, without rules, every target has exited)."""
     require_privileges()  # before any target is touched
-    # First, so that /healthz answers while the probes compile (seconds).
+    # Bound first: the address is checked before the probes compile. The compile blocks
+    # the loop for seconds; the Kubernetes start-up probe (--health-file) covers it.
     async with MetricsServer("agent", config.metrics_address) as server:
         server.probe("kafka", lambda: broker_unreachable(config.connection, server.probe_timeout_s))
         return await _trace(config, stop, server)
