@@ -8,14 +8,17 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiohttp
 import numpy as np
 import pytest
+import yaml
 from kafka_fixtures import unique_topic
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from ebpf_apm import cli
 from ebpf_apm.consumers.aggregate_metrics import STALE_WINDOWS, LatestWindows
 from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput
@@ -27,9 +30,15 @@ from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.embedded_broker import EmbeddedBroker, free_port
 from ebpf_apm.kafka.reachability import broker_unreachable
-from ebpf_apm.telemetry import MetricsAddressError, MetricsServer, parse_metrics_address
+from ebpf_apm.telemetry import (
+    METRICS_ADDRESS_ENV,
+    MetricsAddressError,
+    MetricsServer,
+    parse_metrics_address,
+)
 
 S = 1_000_000_000
+REPO = Path(__file__).resolve().parent.parent
 
 
 async def get(server: MetricsServer, path: str) -> tuple[int, str]:
@@ -219,3 +228,23 @@ def test_latest_windows_show_each_series_newest_window_in_seconds_and_forget_sta
     assert len(latest) == 2
     latest.update([_row("GET /a", STALE_WINDOWS + 1, [5])])
     assert len(latest) == 1
+
+
+@pytest.mark.parametrize("command", ["agent", "join", "aggregate", "alert"])
+def test_every_long_running_command_refuses_a_bad_metrics_address(
+    command: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """From the flag or, without it, from $EBPF_APM_METRICS_ADDRESS: exit 2 before starting."""
+    config = yaml.safe_load_all((REPO / "deploy" / "base" / "config.yaml").read_text())
+    rules = next(d["data"]["alert-rules.yaml"] for d in config if "alert-rules.yaml" in d["data"])
+    (tmp_path / "rules.yaml").write_text(rules)
+    extra = {"agent": ["--pid", "1"], "alert": ["--rules", str(tmp_path / "rules.yaml")]}
+    argv = [command, *extra.get(command, [])]
+    assert cli.main([*argv, "--metrics-address", "9464"]) == 2
+    assert "error: bad metrics address '9464': expected HOST:PORT" in capsys.readouterr().err
+    monkeypatch.setenv(METRICS_ADDRESS_ENV, "localhost")
+    assert cli.main(argv) == 2
+    assert "error: bad metrics address 'localhost'" in capsys.readouterr().err
