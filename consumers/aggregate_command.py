@@ -11,6 +11,11 @@ import asyncio
 
 from ebpf_apm import runner
 from ebpf_apm.consumers.aggregate_service import AggregateConfig, AggregateService
+from ebpf_apm.consumers.consumer_telemetry import (
+    add_telemetry_arguments,
+    served_telemetry,
+    telemetry_settings_from_args,
+)
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.latency_store import DEFAULT_STORAGE, STORAGE_ENV, open_store, storage_url
 from ebpf_apm.consumers.time_spec import parse_duration_ns
@@ -72,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_STORAGE})",
     )
     add_connection_arguments(parser)
+    add_telemetry_arguments(parser)
     parser.add_argument("--group", default="ebpf-apm-aggregate", help="Kafka consumer group")
     parser.add_argument(
         "--spans-topic", default=topics.SPANS, help=f"input (default: {topics.SPANS})"
@@ -104,13 +110,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    telemetry_settings = telemetry_settings_from_args(args)
 
     async def serve(stop: asyncio.Event) -> None:
-        store = await open_store(config.storage)
-        try:
-            service = await AggregateService.resume(config, store)
-            await service.run(stop)
-        finally:
-            await store.close()
+        async with served_telemetry("aggregate", telemetry_settings, config.connection) as tm:
+            store = await open_store(config.storage)
+            try:
+                service = await AggregateService.resume(config, store, tm)
+                await service.run(stop)
+            finally:
+                await store.close()
 
     return runner.run(serve)

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ebpf_apm.consumers.aggregate_metrics import AggregateMetrics, SeriesFigures
+from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY
@@ -82,12 +84,21 @@ class AggregateService:
         store: LatencyStore,
         registry: SeriesRegistry,
         aggregator: WindowAggregator,
+        telemetry: ConsumerTelemetry | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.registry = registry
         self.resolver = SeriesResolver(registry)
         self.aggregator = aggregator
+        self.telemetry = telemetry or ConsumerTelemetry.unserved("aggregate")
+        self.metrics = AggregateMetrics(
+            self.telemetry.server,
+            config.window_ns,
+            stats=lambda: self.aggregator.stats,
+            series=lambda: SeriesFigures(len(self.registry), sum(self.registry.refused.values())),
+        )
+        self.telemetry.server.probe("storage", self._storage_unreachable)
         self.input = GroupInput(
             config.connection,
             group=config.group,
@@ -107,7 +118,12 @@ class AggregateService:
         self.generation = 0  # counts revocations
 
     @classmethod
-    async def resume(cls, config: AggregateConfig, store: LatencyStore) -> AggregateService:
+    async def resume(
+        cls,
+        config: AggregateConfig,
+        store: LatencyStore,
+        telemetry: ConsumerTelemetry | None = None,
+    ) -> AggregateService:
         """The service as storage left it: the watermark and series of the last write."""
         progress = await store.progress(config.group)
         if progress is not None and progress.window_ns != config.window_ns:
@@ -127,7 +143,7 @@ class AggregateService:
             watermark_ns=progress.watermark_ns if progress else None,
             max_future_ns=config.max_future_ns,
         )
-        return cls(config, store, registry, aggregator)
+        return cls(config, store, registry, aggregator, telemetry)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -154,6 +170,7 @@ class AggregateService:
         except BaseException:
             await self.output.stop(0)
             raise
+        self.telemetry.watch(self.input)
         watermark = self.aggregator.watermark_ns
         log.info(
             "aggregating %s into %s and %s: windows of %s, lateness %s, group %s%s",
@@ -167,8 +184,13 @@ class AggregateService:
         )
 
     async def close(self) -> None:
+        await self.telemetry.stop()
         await self.input.stop()
         await self.output.stop(5.0)
+
+    async def _storage_unreachable(self) -> str | None:
+        await self.store.ping()  # raises StorageError, which readiness reports
+        return None
 
     async def _on_revoked(self, revoked: list[TopicPart]) -> None:
         # The open windows hold spans of partitions we may lose; whoever owns them next
@@ -183,6 +205,7 @@ class AggregateService:
     async def loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             batches = await self.input.poll(200)
+            self.telemetry.turned()
             now_ns = time.time_ns()
             if batches:
                 await self.ingest(batches, now_ns)
@@ -199,6 +222,7 @@ class AggregateService:
         parts = [batches[tp] for tp in sorted(batches) if batches[tp]]
         if not parts:
             return
+        self.telemetry.read(self.config.spans_topic, sum(map(len, parts)))
         values: list[bytes | None] = []
         for part in parts:
             values.extend(map(_value, part))
@@ -262,6 +286,7 @@ class AggregateService:
         ]
         await self.output.deliver_dead_letters(letters)
         self.deadlettered += len(letters)
+        self.telemetry.dead_lettered(self.config.spans_topic, "undecodable", len(letters))
 
     async def emit(self, closed: list[ClosedWindow]) -> None:
         """Publish, then store (durably), the closed windows; offsets are committed after."""
@@ -269,8 +294,10 @@ class AggregateService:
         await self.output.deliver(
             self.config.latency_topic, [(row.series.encode(), self.encode(row)) for row in rows]
         )
+        self.telemetry.acked(self.config.latency_topic, len(rows))
         await self.write(rows)
         self.writes += 1
+        self.metrics.written(rows)
         stats = self.aggregator.stats
         log.info(
             "wrote %d windows (%d series, up to %s); spans %d, late %d, from the future %d, "

@@ -12,6 +12,11 @@ import asyncio
 from ebpf_apm import runner
 from ebpf_apm.consumers.alert_rules import load_rules
 from ebpf_apm.consumers.alert_service import AlertConfig, AlertService
+from ebpf_apm.consumers.consumer_telemetry import (
+    add_telemetry_arguments,
+    served_telemetry,
+    telemetry_settings_from_args,
+)
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.time_spec import parse_duration_ns
 from ebpf_apm.kafka import topics
@@ -22,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rules", required=True, metavar="FILE", help="rules file (YAML)")
     parser.add_argument("--check", action="store_true", help="only check the rules file, then exit")
     add_connection_arguments(parser)
+    add_telemetry_arguments(parser)
     parser.add_argument("--group", default="ebpf-apm-alert", help="Kafka consumer group")
     parser.add_argument("--latency-topic", default=topics.LATENCY, help="input windows")
     parser.add_argument("--alerts-topic", default=topics.ALERTS, help="output transitions")
@@ -58,11 +64,13 @@ def config_from_args(args: argparse.Namespace) -> AlertConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    telemetry_settings = telemetry_settings_from_args(args)
     if args.check:
         print(f"{args.rules}: {len(config.rules)} rules, all valid")
         return 0
 
     async def serve(stop: asyncio.Event) -> None:
-        await AlertService(config).run(stop)
+        async with served_telemetry("alert", telemetry_settings, config.connection) as tm:
+            await AlertService(config, tm).run(stop)
 
     return runner.run(serve)

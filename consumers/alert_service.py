@@ -22,7 +22,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import Counter
+
 from ebpf_apm.consumers.alert_rules import AlertEngine, Rule, Transition
+from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.admin import ensure_topics
@@ -49,8 +52,17 @@ class AlertConfig:
 
 
 class AlertService:
-    def __init__(self, config: AlertConfig) -> None:
+    def __init__(self, config: AlertConfig, telemetry: ConsumerTelemetry | None = None) -> None:
         self.config = config
+        self.telemetry = telemetry or ConsumerTelemetry.unserved("alert")
+        self._alerts = Counter(
+            "ebpf_apm_alerts",
+            "Alert transitions published to the alerts topic, by state (firing, resolved)",
+            ["state"],
+            registry=self.telemetry.server.registry,
+        )
+        for state in ("firing", "resolved"):  # both series exist from the start, at 0
+            self._alerts.labels(state)
         self.engine = AlertEngine(config.rules)
         self.latency_codec = codec("latency.avsc")
         self.alert_codec = codec("alert.avsc")
@@ -74,6 +86,7 @@ class AlertService:
         try:
             await self.loop(stop)
         finally:
+            await self.telemetry.stop()
             await self.input.stop()
             await self.output.stop(5.0)
 
@@ -92,6 +105,7 @@ class AlertService:
         except BaseException:
             await self.output.stop(0)
             raise
+        self.telemetry.watch(self.input)
         log.info(
             "evaluating %d rules from %s on %s, publishing to %s",
             len(config.rules),
@@ -106,8 +120,10 @@ class AlertService:
         window_ns = 0
         while not stop.is_set():
             batches = await self.input.poll(200)
+            self.telemetry.turned()
             rejected: list[DeadLetter] = []
             for records in batches.values():
+                self.telemetry.read(self.config.latency_topic, len(records))
                 for record in records:
                     window = self._decode(record, rejected)
                     if window is None:
@@ -122,6 +138,9 @@ class AlertService:
             if rejected:
                 await self.output.deliver_dead_letters(rejected)
                 self.deadlettered += len(rejected)
+                self.telemetry.dead_lettered(
+                    self.config.latency_topic, "undecodable", len(rejected)
+                )
             now = time.monotonic_ns()
             if batches:
                 last_input = now
@@ -157,5 +176,7 @@ class AlertService:
             [(t.key.encode(), self.alert_codec.encode(t.as_record())) for t in transitions],
         )
         self.transitions += len(transitions)
+        self.telemetry.acked(self.config.alerts_topic, len(transitions))
         for t in transitions:
+            self._alerts.labels(t.state).inc()
             log.info("%s", t.message())

@@ -11,6 +11,11 @@ import argparse
 import asyncio
 
 from ebpf_apm import runner
+from ebpf_apm.consumers.consumer_telemetry import (
+    add_telemetry_arguments,
+    served_telemetry,
+    telemetry_settings_from_args,
+)
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.join_service import JoinConfig, JoinService
 from ebpf_apm.consumers.span_joiner import MS, JoinSettings
@@ -53,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> JoinConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
+    add_telemetry_arguments(parser)
     parser.add_argument(
         "--group", default="ebpf-apm-join", help="consumer group (default: ebpf-apm-join)"
     )
@@ -106,8 +112,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    telemetry_settings = telemetry_settings_from_args(args)
 
     async def serve(stop: asyncio.Event) -> int:
-        return await JoinService(config).run(stop)
+        async with served_telemetry("join", telemetry_settings, config.connection) as telemetry:
+            return await JoinService(config, telemetry=telemetry).run(stop)
 
     return runner.run(serve)

@@ -22,8 +22,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.errors import ConsumerError, ConsumerKafkaError, TopicLayoutError
 from ebpf_apm.consumers.join_input import read_net_message, read_span_message
+from ebpf_apm.consumers.join_metrics import JoinCollector
 from ebpf_apm.consumers.kafka_io import (
     AckedOutput,
     GroupInput,
@@ -127,9 +129,15 @@ class _Delivery:
 
 
 class JoinService:
-    def __init__(self, config: JoinConfig, clock: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        config: JoinConfig,
+        clock: Callable[[], int] = time.time_ns,
+        telemetry: ConsumerTelemetry | None = None,
+    ) -> None:
         self.config = config
         self._clock = clock
+        self.telemetry = telemetry or ConsumerTelemetry.unserved("join")
         self._output = AckedOutput(
             config.connection, client_id=CLIENT_ID, compression=OUTPUT_COMPRESSION
         )
@@ -152,11 +160,15 @@ class JoinService:
         self._failure: ConsumerError | None = None
         self._dead: list[tuple[DeadLetter, InputMessage]] = []
         self.totals = JoinTotals()
+        self.telemetry.server.register(JoinCollector(self))
 
     @property
     def partitions(self) -> list[int]:
         """Partition numbers (of both input topics) this instance holds now."""
         return sorted(self._partitions)
+
+    def live_partitions(self) -> list[_Partition]:
+        return list(self._partitions.values())
 
     def input_counters(self) -> JoinCounters:
         """Spans and network events read so far (every partition ever held)."""
@@ -176,6 +188,7 @@ class JoinService:
         except BaseException:
             await self._output.stop(0)
             raise
+        self.telemetry.watch(self._input)
         log.info(
             "joining %s and %s (%d partitions each) into %s on %s as group %r",
             SPAN_TOPIC,
@@ -206,6 +219,9 @@ class JoinService:
         last_commit = last_stats = time.monotonic()
         while not self._stop.is_set():
             polled = await self._input.poll(self.config.poll_ms)
+            self.telemetry.turned()
+            for (topic, _), polled_records in polled.items():
+                self.telemetry.read(topic, len(polled_records))
             records = [record for part in polled.values() for record in part]
             # aiokafka returns no records while a rebalance is under way, but one may start
             # while this loop waits for the lock below.
@@ -248,6 +264,7 @@ class JoinService:
             for part in parts:
                 self._forget(part)
         await self._input.stop()
+        await self.telemetry.stop()
         if not delivered:
             log.error(
                 "some spans were not acknowledged by Kafka within %g s; their input was not "
@@ -333,6 +350,7 @@ class JoinService:
     async def _send_dead_letters(self) -> None:
         for letter, message in self._dead:
             self.totals.dead_letters += 1
+            self.telemetry.dead_lettered(letter.source.rsplit("/", 2)[0], "undecodable")
             delivery = _Delivery(None, None)
             delivery.sources[message] = 1
             try:
@@ -412,6 +430,7 @@ class JoinService:
         for message, count in delivery.sources.items():
             message.outstanding -= count
         self.totals.spans_acked += delivery.spans
+        self.telemetry.acked(OUTPUT_TOPIC, delivery.spans)
         self.totals.last_acked_at = time.monotonic()
         if delivery.step is not None and delivery.steps is not None:
             delivery.steps.acked(delivery.step)

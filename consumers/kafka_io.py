@@ -182,7 +182,26 @@ class GroupInput:
         return True
 
     def assignment(self) -> set[TopicPart]:
-        return {(tp.topic, tp.partition) for tp in self._started.assignment()}
+        if self._consumer is None:  # not started yet: nothing assigned
+            return set()
+        return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+
+    async def lag(self) -> dict[TopicPart, int | None]:
+        """Records behind the high watermark of the last fetch, per assigned partition
+        (None until a fetch of that partition has been answered)."""
+        lags: dict[TopicPart, int | None] = {}
+        if self._consumer is None:
+            return lags
+        for tp in self._consumer.assignment():
+            try:
+                highwater = self._consumer.highwater(tp)
+                position = await self._consumer.position(tp) if highwater is not None else None
+            except (AssertionError, IllegalStateError):  # revoked meanwhile
+                continue
+            lags[(tp.topic, tp.partition)] = (
+                None if highwater is None or position is None else max(0, highwater - position)
+            )
+        return lags
 
     async def commit(self, offsets: dict[TopicPart, int]) -> bool:
         """Commit; False (logged) when Kafka refused, e.g. the group moved on and the

@@ -196,6 +196,10 @@ class LatencyStore(ABC):
         """Rows whose window starts in [since_ns, until_ns), by series and start."""
 
     @abstractmethod
+    async def ping(self) -> None:
+        """Raise StorageError unless the storage answers a trivial query (readiness)."""
+
+    @abstractmethod
     async def close(self) -> None: ...
 
 
@@ -274,6 +278,12 @@ class SqliteStore(LatencyStore):
             return [_row(r) for r in self._db.execute(query, args).fetchall()]
         except sqlite3.Error as exc:
             raise self._fail("reading windows", exc) from exc
+
+    async def ping(self) -> None:
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise self._fail("ping", exc) from exc
 
     async def close(self) -> None:
         self._db.close()
@@ -363,6 +373,20 @@ class PostgresStore(LatencyStore):
             return list(await self._db.fetch(query, *args))
         except (asyncpg.PostgresError, OSError) as exc:
             raise self._fail(action, exc) from exc
+
+    async def ping(self) -> None:
+        import asyncpg
+
+        try:
+            await self._db.fetchval("SELECT 1", timeout=2.0)
+        except asyncpg.InterfaceError as exc:
+            # One connection serves the aggregator too: asyncpg refuses a second operation
+            # while one is under way, before sending anything. A busy connection is alive.
+            if "another operation is in progress" in str(exc):
+                return
+            raise self._fail("ping", exc) from exc
+        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+            raise self._fail("ping", exc) from exc
 
     async def close(self) -> None:
         await self._db.close()

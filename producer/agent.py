@@ -2,7 +2,9 @@
 
     targets (--pid/--exe, or rules as processes start) -> AgentProbes (BCC: uprobes, sock
     tracepoints) -> RecordStreams: rings -> batchers -> publishers -> AgentPipeline (drain
-    loop) ; pod names from the Kubernetes API when in a cluster
+    loop) ; pod names from the Kubernetes API when in a cluster ; MetricsServer (/metrics
+    from AgentCollector, /healthz from the drain loop, /readyz: probes loaded, loop turning,
+    broker answering)
 
 `serve` builds every part with what it needs, in order, and runs the pipeline until asked
 to stop. Nothing is patched after construction.
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.reachability import broker_unreachable
+from ebpf_apm.producer.agent_metrics import AgentCollector
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
 from ebpf_apm.producer.errors import AgentError, TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
@@ -25,7 +29,7 @@ from ebpf_apm.producer.pipeline import (
     RecordStream,
     boot_to_epoch_offset_ns,
 )
-from ebpf_apm.producer.probe_cost import ProbeCostMeter
+from ebpf_apm.producer.probe_cost import ProbeCostCollector, ProbeCostMeter
 from ebpf_apm.producer.rule_targets import (
     KubernetesSettings,
     RuleTargets,
@@ -41,6 +45,7 @@ from ebpf_apm.producer.targets import (
     resolve_target,
 )
 from ebpf_apm.producer.trap_calibration import calibrate_trap_cost
+from ebpf_apm.telemetry import MetricsServer
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +79,20 @@ class AgentConfig:
     config: str | None
     kubernetes: KubernetesSettings | None
     health_file: str | None
+    metrics_address: str | None = None
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
     """Trace until `stop` is set (or, without rules, every target has exited)."""
     require_privileges()  # before any target is touched
+    # Bound first: the address is checked before the probes compile. The compile blocks
+    # the loop for seconds; the Kubernetes start-up probe (--health-file) covers it.
+    async with MetricsServer("agent", config.metrics_address) as server:
+        server.probe("kafka", lambda: broker_unreachable(config.connection, server.probe_timeout_s))
+        return await _trace(config, stop, server)
+
+
+async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer) -> int:
     names = FunctionNames()
     rules_file = TargetRulesFile(Path(config.config)) if config.config else None
     rules = rules_file.load() if rules_file else None
@@ -86,9 +100,10 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
     probes = AgentProbes(
         ProbeOptions(use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks)
     )
+    collector: AgentCollector | None = None
     try:
         # What the probes cost each process: hits x run time + trap cost measured here.
-        # The metrics server exports it with ProbeCostCollector(cost_meter, process_info).
+        # The metrics server exports it per process (ProbeCostCollector).
         cost_meter = ProbeCostMeter(probes, _trap_cost_ns(probes))
         process_info: dict[int, ProcessInfo] = {}
         streams = _record_streams(config, probes, names, process_info)
@@ -104,6 +119,13 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
                 health_file=config.health_file,
             ),
             cost_meter,
+            on_turn=server.turned,
+        )
+        collector = AgentCollector(pipeline)
+        server.register(collector)
+        server.register(ProbeCostCollector(cost_meter, process_info))
+        server.require(
+            "probes", lambda: None if pipeline.running else "probes: not loaded or drain stopped"
         )
         for target in targets:
             pipeline.attach(target)
@@ -132,6 +154,8 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
             if metadata is not None:
                 await metadata.stop()
     finally:
+        if collector is not None:  # a scrape must not read the BPF maps once they are gone
+            server.registry.unregister(collector)
         probes.close()
 
 

@@ -19,6 +19,7 @@ from ebpf_apm.producer.agent import COMPRESSIONS, AgentConfig, serve
 from ebpf_apm.producer.bpf_loader import NET_HOOKS
 from ebpf_apm.producer.errors import TargetError
 from ebpf_apm.producer.rule_targets import KubernetesSettings
+from ebpf_apm.telemetry import add_metrics_arguments, metrics_address_from_args
 
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
@@ -58,6 +59,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         config=args.config,
         kubernetes=kubernetes,
         health_file=args.health_file,
+        metrics_address=metrics_address_from_args(args),
     )
 
 
@@ -84,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--health-file", metavar="PATH", help="touched every second while the agent is healthy"
     )
+    add_metrics_arguments(parser)
     parser.add_argument(
         "--pid", type=int, action="append", metavar="PID", help="process to trace (repeatable)"
     )

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,12 @@ class AgentPipeline:
         connection: KafkaConnection,
         settings: PipelineSettings,
         cost_meter: ProbeCostMeter | None = None,
+        on_turn: Callable[[], None] = lambda: None,
     ) -> None:
         """`process_info` is the table the batchers name processes from: the pipeline keeps
         it as processes are attached and detached. `cost_meter` puts the probes' cost per
-        process in the stats line."""
+        process in the stats line. `on_turn` is called each time the drain loop goes round
+        (liveness)."""
         self.probes = probes
         self.streams = streams
         self.targets: dict[int, TargetProcess] = {}
@@ -108,6 +111,7 @@ class AgentPipeline:
         self.cost_meter = cost_meter
         self._costs: dict[int, ProcessCost] = {}  # at the previous stats line
         self._costs_at = time.monotonic()
+        self._on_turn = on_turn
 
     def attach(self, target: TargetProcess, k8s: dict[str, str | None] | None = None) -> None:
         """Attach one resolved target (called before `run`, or as processes appear)."""
@@ -155,6 +159,7 @@ class AgentPipeline:
                 self._wakeup.clear()
                 await self._drain_once()
                 self._touch_health()
+                self._on_turn()
             if self.cost_meter is not None:  # the last figures, before detaching clears them
                 self._costs = self.cost_meter.sample()
             # Detach first, so the last drain sees every record the probes will ever write.
@@ -188,6 +193,11 @@ class AgentPipeline:
             )
             return 1
         return 0
+
+    @property
+    def running(self) -> bool:
+        """Between the start of `run` and its end: probes loaded, the drain loop turning."""
+        return self._running and not self._stop.is_set()
 
     def stop(self, reason: str) -> None:
         if not self._stop.is_set():

@@ -6,12 +6,14 @@ import asyncio
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
 from kafka_fixtures import read_topic, unique_topic
+from prometheus_client.parser import text_string_to_metric_families
 
 from ebpf_apm import cli
 from ebpf_apm.consumers import tail_command as topic_tail
@@ -20,7 +22,7 @@ from ebpf_apm.consumers.name_pattern import NamePattern
 from ebpf_apm.consumers.route_template import SeriesKey
 from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
-from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
+from ebpf_apm.kafka.embedded_broker import EmbeddedBroker, free_port
 from ebpf_apm.schemas.avro_codec import codec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,6 +260,7 @@ def test_the_service_publishes_each_transition_once(
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     records = scripted_windows()
+    metrics_address = f"127.0.0.1:{free_port()}"
 
     async def publish(batch: list[dict[str, Any]]) -> None:
         await ensure_topics(KafkaConnection(bootstrap), {latency: 6})
@@ -292,6 +295,8 @@ def test_the_service_publishes_each_transition_once(
                 "--from-beginning",
                 "--settle",
                 "500ms",
+                "--metrics-address",
+                metrics_address,
             ],
             cwd=REPO,
             stdout=out,
@@ -304,6 +309,12 @@ def test_the_service_publishes_each_transition_once(
             time.sleep(0.2)
         asyncio.run(publish(records[: 3 * 4]))  # a replay of old windows
         published = asyncio.run(read_topic(bootstrap, alerts, len(EXPECTED), timeout_s=30))
+        with urllib.request.urlopen(f"http://{metrics_address}/metrics", timeout=5) as response:
+            metrics = {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(response.read().decode())
+                for s in family.samples
+            }
     finally:
         process.terminate()
         code = process.wait(20)
@@ -318,6 +329,11 @@ def test_the_service_publishes_each_transition_once(
     keys = sorted(r.key.decode() for r in published if r.key)
     assert keys == sorted(f"{e[0]}/{e[2]}" for e in EXPECTED)
     assert "slow-user-lookups firing" in output
+    for state in ("firing", "resolved"):  # one count per transition published
+        expected = sum(1 for e in EXPECTED if e[1] == state)
+        assert metrics[("ebpf_apm_alerts_total", (("state", state),))] == expected
+    acked = (("outcome", "acked"), ("service", "alert"), ("topic", alerts))
+    assert metrics[("ebpf_apm_consumer_records_total", acked)] == len(EXPECTED)
     (shown,) = topic_tail.TOPICS["apm.alerts"].decode(published[0].value or b"")
     assert shown == decoded[0]  # `ebpf-apm tail apm.alerts`
 

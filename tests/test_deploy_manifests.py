@@ -58,6 +58,8 @@ BASE_OBJECTS = {
     ("NetworkPolicy", "ebpf-apm-agent-kube-api"),
     ("NetworkPolicy", "ebpf-apm-postgresql"),
     ("NetworkPolicy", "ebpf-apm-export-otlp"),
+    ("PodMonitor", "ebpf-apm-agent"),
+    ("PodMonitor", "ebpf-apm-consumers"),
 }
 EXPECTED_OBJECTS = {
     "base": BASE_OBJECTS,
@@ -352,6 +354,70 @@ STRIMZI_SCHEMAS: dict[str, Doc] = {
 }
 
 
+# The fields deploy/ uses of the Prometheus Operator's PodMonitor (monitoring.coreos.com/v1).
+POD_MONITOR_SCHEMA: Doc = {
+    "type": "object",
+    "required": ["kind", "spec"],
+    "properties": {
+        "kind": {"const": "PodMonitor"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {"type": "object"},
+                        "matchExpressions": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["key", "operator"],
+                                "properties": {
+                                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]}
+                                },
+                            },
+                        },
+                    },
+                },
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "honorLabels": {"type": "boolean"},
+                            "relabelings": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "sourceLabels": {"type": "array"},
+                                        "targetLabel": {"type": "string"},
+                                        "action": {"type": "string"},
+                                        "regex": {"type": "string"},
+                                        "replacement": {"type": "string"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
 def test_every_manifest_validates_offline(tree: str, rendered: list[Doc]) -> None:
     assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
         EXPECTED_OBJECTS[tree]
@@ -363,6 +429,10 @@ def test_every_manifest_validates_offline(tree: str, rendered: list[Doc]) -> Non
             # of them above instead.
             assert doc["apiVersion"] == "kafka.strimzi.io/v1beta2", where
             jsonschema.validate(doc, STRIMZI_SCHEMAS[doc["kind"]])
+            continue
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            assert doc["apiVersion"] == "monitoring.coreos.com/v1", where
+            jsonschema.validate(doc, POD_MONITOR_SCHEMA)
             continue
         for version in KUBERNETES_VERSIONS:
             try:
@@ -418,19 +488,8 @@ def test_the_agent_has_exactly_the_listed_capabilities(rendered: list[Doc]) -> N
     assert security["capabilities"]["drop"] == ["ALL"]
     assert security["allowPrivilegeEscalation"] is False
     assert security["readOnlyRootFilesystem"] is True
-    # Liveness: the health file is younger than 60 s; start-up: it exists (compilation done).
-    assert container["livenessProbe"] == {
-        "exec": {
-            "command": [
-                "sh",
-                "-c",
-                "test $(( $(date +%s) - $(stat -c %Y /run/ebpf-apm/alive) )) -lt 60",
-            ]
-        },
-        "periodSeconds": 20,
-        "timeoutSeconds": 5,
-        "failureThreshold": 3,
-    }
+    # Start-up: the health file exists (compilation done); liveness and readiness are the
+    # agent's /healthz and /readyz (test_every_service_has_http_probes_on_its_metrics_port).
     assert container["startupProbe"] == {
         "exec": {"command": ["sh", "-c", "test -f /run/ebpf-apm/alive"]},
         "periodSeconds": 5,
@@ -790,3 +849,52 @@ def test_the_local_kafka_listens_with_tls_and_scram_only(tree: str, rendered: li
     (peers,) = listener["networkPolicyPeers"]
     (deny,) = [d for d in rendered if d["metadata"]["name"] == "ebpf-apm-default-deny"]
     assert peers["podSelector"] == deny["spec"]["podSelector"]
+
+# --- metrics and probes ------------------------------------------------------------------------
+
+METRICS_PORT = 9464
+
+
+def test_every_service_has_http_probes_on_its_metrics_port(rendered: list[Doc]) -> None:
+    """Every container serves --metrics-address on the port named `metrics`, and Kubernetes
+    asks /healthz (liveness) and /readyz (readiness) there."""
+    containers = [(doc, c) for doc in rendered for c in _containers(doc)]
+    assert {c["name"] for _, c in containers} == {"agent", "join", "aggregate", "alert"}
+    for doc, container in containers:
+        where = f"{_key(doc)} container {container['name']}"
+        assert f"--metrics-address=0.0.0.0:{METRICS_PORT}" in container["args"], where
+        assert {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"} in container[
+            "ports"
+        ], where
+        for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+            assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, where
+            assert container[probe]["timeoutSeconds"] >= 1, where
+
+
+def test_the_pod_monitors_select_every_component(rendered: list[Doc]) -> None:
+    """Each pod that serves metrics is picked by exactly one PodMonitor, on its metrics port."""
+    monitors = [d for d in rendered if d["kind"] == "PodMonitor"]
+    assert len(monitors) == 2
+
+    def selects(monitor: Doc, labels: dict[str, str]) -> bool:
+        selector = monitor["spec"]["selector"]
+        if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+            return False
+        for expr in selector.get("matchExpressions", []):
+            assert expr["operator"] == "In", expr
+            if labels.get(expr["key"]) not in expr["values"]:
+                return False
+        return True
+
+    pods = [d for d in rendered if d["kind"] in POD_TEMPLATE_KINDS]
+    assert len(pods) == 4
+    for doc in pods:
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        picked = [m["metadata"]["name"] for m in monitors if selects(m, labels)]
+        assert len(picked) == 1, (_key(doc), picked)
+    # The exporter (`ebpf-apm export`, component "export") is picked when it arrives.
+    export = {"app.kubernetes.io/name": "ebpf-apm-export", "app.kubernetes.io/component": "export"}
+    assert [m["metadata"]["name"] for m in monitors if selects(m, export)] == ["ebpf-apm-consumers"]
+    for monitor in monitors:
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"

@@ -126,3 +126,24 @@ def test_bad_urls_say_what_to_use(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="cannot connect") as info:
         asyncio.run(open_store(nobody))
     assert "secret" not in str(info.value)
+
+
+def test_ping_answers_while_the_store_is_open_and_fails_once_it_is_closed(store_url: str) -> None:
+    """Readiness asks `ping()` every few seconds, also while the aggregator writes."""
+
+    async def main() -> None:
+        store = await open_store(store_url)
+        try:
+            await store.ping()
+            # A write under way on the same connection: the ping does not get in its way.
+            await asyncio.gather(
+                store.write(make_rows(3), consumer="ping", window_ns=10 * S, watermark_ns=T0),
+                store.ping(),
+            )
+            assert len(await store.rows(T0, T0 + 100 * S)) == len(make_rows(3))
+        finally:
+            await store.close()
+        with pytest.raises(StorageError, match="ping failed"):
+            await store.ping()
+
+    asyncio.run(main())
