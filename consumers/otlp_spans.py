@@ -26,7 +26,7 @@ from typing import Any
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationScope, KeyValue
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
-from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span, Status
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from ebpf_apm.consumers.route_template import route_of
 
@@ -63,6 +63,21 @@ def _str(key: str, value: str) -> KeyValue:
 
 def _int(key: str, value: int) -> KeyValue:
     return KeyValue(key=key, value=AnyValue(int_value=value))
+
+
+# Attributes with few distinct values (function names, methods, statuses, peers) are built
+# once and reused: building a KeyValue costs more than copying one into a span. Bounded.
+_CACHE: dict[tuple[str, object], KeyValue] = {}
+CACHE_LIMIT = 65536
+
+
+def _cached(key: str, value: str | int) -> KeyValue:
+    kv = _CACHE.get((key, value))
+    if kv is None:
+        if len(_CACHE) >= CACHE_LIMIT:
+            _CACHE.clear()
+        kv = _CACHE[(key, value)] = _str(key, value) if isinstance(value, str) else _int(key, value)
+    return kv
 
 
 def service_name(span: Mapping[str, Any]) -> str:
@@ -146,10 +161,21 @@ def _host_and_port(host: str) -> tuple[str, int | None]:
 
 def to_span(span: Mapping[str, Any]) -> Span:
     """One apm.spans record as an OTLP span (semantic conventions in schemas/otlp_export.md)."""
+    out = Span()
+    fill_span(out, span)
+    return out
+
+
+def fill_span(out: Span, span: Mapping[str, Any]) -> None:
+    """Write one record into `out`, a span already inside its request: a span built apart
+    and then added would be copied once more (protobuf messages are copied on assignment)."""
     trace_id, span_id, parent = span_ids(span)
     kind = _kind(span)
     client = kind == Span.SPAN_KIND_CLIENT
-    attributes = [_str("code.function.name", span["func"]), _int("thread.id", int(span["tid"]))]
+    attributes = [
+        _cached("code.function.name", span["func"]),
+        _cached("thread.id", int(span["tid"])),
+    ]
     name = span["func"]
     status = Status()
 
@@ -161,32 +187,32 @@ def to_span(span: Mapping[str, Any]) -> Span:
         full = str(rpc_method).lstrip("/")
         service, _, rpc_name = full.rpartition("/")
         name = full
-        attributes.append(_str("rpc.system", "grpc"))
+        attributes.append(_cached("rpc.system", "grpc"))
         if service:
-            attributes.append(_str("rpc.service", service))
-        attributes.append(_str("rpc.method", rpc_name or full))
+            attributes.append(_cached("rpc.service", service))
+        attributes.append(_cached("rpc.method", rpc_name or full))
         code = span.get("rpc_status")
         if code is not None:
-            attributes.append(_int("rpc.grpc.status_code", int(code)))
+            attributes.append(_cached("rpc.grpc.status_code", int(code)))
             if (client and code != 0) or (not client and code in GRPC_SERVER_ERRORS):
                 status = Status(code=Status.STATUS_CODE_ERROR, message=f"gRPC status {code}")
     elif db_system:
-        attributes.append(_str("db.system.name", db_system))
-        attributes.append(_str("db.system", db_system))  # the name before semconv 1.30
+        attributes.append(_cached("db.system.name", db_system))
+        attributes.append(_cached("db.system", db_system))  # the name before semconv 1.30
         operation, statement = span.get("db_operation"), span.get("db_statement")
         if operation:
-            attributes.append(_str("db.operation.name", operation))
+            attributes.append(_cached("db.operation.name", operation))
         if statement:
             attributes.append(_str("db.query.text", statement))
         name = operation or db_system
     elif method:
         path = span.get("http_path") or ""
-        attributes.append(_str("http.request.method", method))
+        attributes.append(_cached("http.request.method", method))
         if path:
             attributes.append(_str("url.path", path))
         code = int(span.get("http_status") or 0)
         if code:
-            attributes.append(_int("http.response.status_code", code))
+            attributes.append(_cached("http.response.status_code", code))
             if code >= 500 or (client and code >= 400):
                 status = Status(code=Status.STATUS_CODE_ERROR, message=f"HTTP {code}")
         # Server spans are named by the route (low cardinality, as the aggregator's series);
@@ -195,17 +221,17 @@ def to_span(span: Mapping[str, Any]) -> Span:
 
     if host:
         address, port = _host_and_port(str(host))
-        attributes.append(_str("server.address", address))
+        attributes.append(_cached("server.address", address))
         if port is not None:
-            attributes.append(_int("server.port", port))
+            attributes.append(_cached("server.port", port))
     elif client and peer:
-        attributes.append(_str("server.address", peer))
+        attributes.append(_cached("server.address", peer))
         if peer_port:
-            attributes.append(_int("server.port", int(peer_port)))
+            attributes.append(_cached("server.port", int(peer_port)))
     if peer:
-        attributes.append(_str("network.peer.address", peer))
+        attributes.append(_cached("network.peer.address", peer))
         if peer_port:
-            attributes.append(_int("network.peer.port", int(peer_port)))
+            attributes.append(_cached("network.peer.port", int(peer_port)))
 
     goid = span.get("goid")
     if goid is not None:
@@ -213,38 +239,33 @@ def to_span(span: Mapping[str, Any]) -> Span:
     for field in ("bytes_sent", "bytes_received", "net_sends", "net_recvs"):
         value = span.get(field)
         if value is not None:
-            attributes.append(_int(f"ebpf_apm.{field}", int(value)))
+            attributes.append(_cached(f"ebpf_apm.{field}", int(value)))
 
-    return Span(
-        trace_id=trace_id,
-        span_id=span_id,
-        parent_span_id=parent,
-        name=name,
-        kind=kind,  # type: ignore[arg-type]
-        start_time_unix_nano=int(span["start_ns"]),
-        end_time_unix_nano=int(span["end_ns"]),
-        attributes=attributes,
-        status=status,
-    )
+    out.trace_id = trace_id
+    out.span_id = span_id
+    if parent:
+        out.parent_span_id = parent
+    out.name = name
+    out.kind = kind  # type: ignore[assignment]
+    out.start_time_unix_nano = int(span["start_ns"])
+    out.end_time_unix_nano = int(span["end_ns"])
+    out.attributes.extend(attributes)
+    if status.code:
+        out.status.CopyFrom(status)
 
 
 def export_request(spans: Iterable[Mapping[str, Any]]) -> ExportTraceServiceRequest:
     """One request; spans of one process (and pod) share one ResourceSpans, in input order."""
-    groups: dict[tuple[Any, ...], list[Span]] = {}
-    firsts: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+    request = ExportTraceServiceRequest()
+    groups: dict[tuple[Any, ...], Any] = {}  # resource -> its ScopeSpans' repeated spans
     for span in spans:
         key = tuple(span.get(f) for f in RESOURCE_FIELDS)
         group = groups.get(key)
         if group is None:
-            group = groups[key] = []
-            firsts[key] = span
-        group.append(to_span(span))
-    return ExportTraceServiceRequest(
-        resource_spans=[
-            ResourceSpans(
-                resource=resource_of(firsts[key]),
-                scope_spans=[ScopeSpans(scope=SCOPE, spans=group)],
-            )
-            for key, group in groups.items()
-        ]
-    )
+            resource_spans = request.resource_spans.add()
+            resource_spans.resource.CopyFrom(resource_of(span))
+            scope_spans = resource_spans.scope_spans.add()
+            scope_spans.scope.CopyFrom(SCOPE)
+            group = groups[key] = scope_spans.spans
+        fill_span(group.add(), span)
+    return request
