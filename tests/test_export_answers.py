@@ -6,19 +6,22 @@ a real OTLP/HTTP endpoint whose answers the test scripts (tests/otlp_collector.T
 - 400: the batch's messages go to apm.deadletter unchanged with the collector's answer as
   the reason, and are committed;
 - 401: the service stops with an error and commits nothing;
-- partial success: counted; undecodable messages: dead-lettered beside the exported spans.
+- partial success: counted; undecodable messages: dead-lettered beside the exported spans;
+- grpc to a collector that is not there yet (UNAVAILABLE): retried until it starts (rotel).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka_fixtures import read_topic, topic_partitions, unique_topic
-from otlp_collector import Answer, TraceSink
+from otlp_collector import Answer, Rotel, TraceSink
 
 from ebpf_apm.consumers.export_service import ExportConfig, ExportRefusedError, ExportService
 from ebpf_apm.consumers.otlp_client import new_client
@@ -192,3 +195,39 @@ def test_a_refusing_collector_stops_the_service_and_nothing_is_committed(
         assert sink.count() == SPANS
         assert again.counts.partial_rejected >= 2
     assert asyncio.run(committed(bootstrap, "g-partial", spans_topic)) == SPANS
+
+
+def test_grpc_waits_for_a_collector_that_is_not_there_yet(
+    kafka_broker: EmbeddedBroker, spans_topic: str, tmp_path: Path
+) -> None:
+    bootstrap = kafka_broker.bootstrap_servers
+    with TraceSink() as sink:
+        rotel = Rotel(sink.url, tmp_path)
+        settings = resolve(endpoint=rotel.grpc_endpoint, protocol="grpc", environ={})
+        service = ExportService(
+            replace(config(bootstrap, spans_topic, sink, "g-grpc"), otlp=settings),
+            new_client(settings),
+        )
+
+        async def scenario() -> None:
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            try:
+                while service.counts.retries < 2:
+                    assert not task.done() and service.counts.exported == 0
+                    await asyncio.sleep(0.05)
+                assert sink.count() == 0
+                await asyncio.to_thread(rotel.start)
+                deadline = time.monotonic() + 30
+                while sink.count() < SPANS:
+                    assert not task.done() and time.monotonic() < deadline, service.counts
+                    await asyncio.sleep(0.05)
+            finally:
+                stop.set()
+                await task
+                rotel.stop()
+
+        asyncio.run(scenario())
+    assert sorted(r.span.span_id.hex() for r in sink.spans) == sorted(
+        f"{i + 1:016x}" for i in range(SPANS)
+    )
