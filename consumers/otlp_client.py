@@ -28,6 +28,7 @@ from typing import Protocol
 import aiohttp
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from ebpf_apm.consumers.otlp_settings import GRPC, OtlpSettings
@@ -62,8 +63,7 @@ MAX_RETRY_AFTER_S = 300.0
 class Answer:
     outcome: str  # ACCEPTED, RETRY, REJECTED or REFUSED
     detail: str = ""  # the status and the collector's message, for logs and dead letters
-    rejected_spans: int = 0  # partial success: spans the collector accepted the request
-    # but dropped
+    rejected_spans: int = 0  # partial success: spans of an accepted request it dropped
     retry_after_s: float | None = None
 
 
@@ -131,7 +131,7 @@ class HttpClient:
         if 200 <= status < 300:
             try:
                 return _partial(ExportTraceServiceResponse.FromString(payload))
-            except Exception:  # noqa: BLE001 - a collector that answers 2xx without a body
+            except DecodeError:  # a 2xx that is not an OTLP answer: accepted all the same
                 return Answer(ACCEPTED)
         text = payload[:300].decode("utf-8", "replace").strip()
         detail = f"HTTP {status}" + (f": {text}" if text else "")

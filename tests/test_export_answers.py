@@ -6,7 +6,8 @@ a real OTLP/HTTP endpoint whose answers the test scripts (tests/otlp_collector.T
 - 400: the batch's messages go to apm.deadletter unchanged with the collector's answer as
   the reason, and are committed;
 - 401: the service stops with an error and commits nothing;
-- partial success: counted; undecodable messages: dead-lettered beside the exported spans;
+- partial success: counted; headers and gzip as OTEL_EXPORTER_OTLP_* ask;
+- undecodable messages: dead-lettered beside the exported spans;
 - grpc to a collector that is not there yet (UNAVAILABLE): retried until it starts (rotel).
 """
 
@@ -187,13 +188,23 @@ def test_a_refusing_collector_stops_the_service_and_nothing_is_committed(
         assert asyncio.run(committed(bootstrap, "g-401", spans_topic)) == 0
         sink.partial_rejected = 2
         # (Another group: a member of the first one would wait for the group to settle.)
+        # Headers and gzip from the standard environment this time.
+        settings = resolve(
+            endpoint=sink.url,
+            environ={
+                "OTEL_EXPORTER_OTLP_HEADERS": "authorization=Bearer%20t0ken",
+                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "gzip",
+            },
+        )
         again = ExportService(
-            config(bootstrap, spans_topic, sink, "g-partial"),
-            new_client(resolve(endpoint=sink.url)),
+            replace(config(bootstrap, spans_topic, sink, "g-partial"), otlp=settings),
+            new_client(settings),
         )
         asyncio.run(run_until(again, lambda: sink.count() >= SPANS))
         assert sink.count() == SPANS
         assert again.counts.partial_rejected >= 2
+        last = sink.headers[-1]
+        assert last["Authorization"] == "Bearer t0ken" and last["Content-Encoding"] == "gzip"
     assert asyncio.run(committed(bootstrap, "g-partial", spans_topic)) == SPANS
 
 
