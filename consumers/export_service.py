@@ -118,6 +118,8 @@ class ExportService:
         )
         self.pending: list[Pending] = []
         self.due = 0.0  # monotonic time by which the oldest pending span goes out
+        self.in_flight = 0  # spans of the batch being sent
+        self.next_stats = 0.0
         self.abandoned = False  # a batch was left unsettled at a stop: commit nothing after it
 
     # -- life cycle -----------------------------------------------------------------------
@@ -169,7 +171,7 @@ class ExportService:
 
     async def loop(self, stop: asyncio.Event) -> None:
         config = self.config
-        next_stats = time.monotonic() + config.stats_interval_s
+        self.next_stats = time.monotonic() + config.stats_interval_s
         while not stop.is_set():
             wait_s = 0.2 if not self.pending else min(0.2, self.due - time.monotonic())
             batches = await self.input.poll(
@@ -181,9 +183,12 @@ class ExportService:
                 if not await self.export_batch(stop):
                     break
                 now = time.monotonic()
-            if now >= next_stats:
-                self.log_stats()
-                next_stats = now + config.stats_interval_s
+            self.maybe_log_stats(now)
+
+    def maybe_log_stats(self, now: float) -> None:
+        if now >= self.next_stats:
+            self.log_stats()
+            self.next_stats = now + self.config.stats_interval_s
 
     def take(self, batches: dict[TopicPart, list[InputRecord]]) -> None:
         if not batches:
@@ -204,12 +209,16 @@ class ExportService:
         rejected); False when `stop` came first (nothing is committed then)."""
         size = self.config.max_batch_spans
         batch, self.pending = self.pending[:size], self.pending[size:]
-        if self.pending:
-            self.due = time.monotonic()  # the rest waited as long: send it next
-        else:
+        if not self.pending:
             self.due = time.monotonic() + self.config.max_batch_delay_s
+        # else: the rest keeps the batch's due time (it arrived no earlier), so under load
+        # full batches go out and a remainder waits to fill, at most --max-batch-delay.
         spans = [p.span for p in batch if p.span is not None]
-        answer = await self._send_until_settled(spans, stop) if spans else Answer(ACCEPTED)
+        self.in_flight = len(batch)
+        try:
+            answer = await self._send_until_settled(spans, stop) if spans else Answer(ACCEPTED)
+        finally:
+            self.in_flight = 0
         if answer is None:
             self.abandoned = True
             self.pending[:0] = batch  # for the stop's count; never committed
@@ -282,7 +291,9 @@ class ExportService:
         while not stop.is_set():
             self.input.pause()  # partitions assigned by a rebalance meanwhile, too
             self.take(await self.input.poll(0, max_records=self.config.max_batch_spans))
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            self.maybe_log_stats(now)  # the stats go on while the collector is away
+            remaining = deadline - now
             if remaining <= 0:
                 return True
             await sleep_or_stop(min(remaining, PAUSED_POLL_S), stop)
@@ -340,7 +351,7 @@ class ExportService:
         c = self.counts
         log.info(
             "spans read %d, exported %d (requests %d, retries %d), dropped by the collector "
-            "%d, dead-lettered: rejected %d, undecodable %d; pending %d",
+            "%d, dead-lettered: rejected %d, undecodable %d; in flight %d, pending %d",
             c.read,
             c.exported,
             c.requests,
@@ -348,5 +359,6 @@ class ExportService:
             c.partial_rejected,
             c.rejected,
             c.undecodable,
+            self.in_flight,
             len(self.pending),
         )
