@@ -31,6 +31,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
+from ebpf_apm import __version__
 from ebpf_apm.consumers.otlp_settings import GRPC, OtlpSettings
 
 ACCEPTED, RETRY, REJECTED, REFUSED = "accepted", "retry", "rejected", "refused"
@@ -104,7 +105,7 @@ class HttpClient:
         self._headers = {
             **dict(settings.headers),
             "Content-Type": "application/x-protobuf",
-            "User-Agent": "ebpf-apm-export/0.1.0",
+            "User-Agent": f"ebpf-apm-export/{__version__}",
         }
         if settings.compression == "gzip":
             self._headers["Content-Encoding"] = "gzip"

@@ -28,9 +28,10 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, InstrumentationSc
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from ebpf_apm import __version__
 from ebpf_apm.consumers.route_template import route_of
 
-SCOPE = InstrumentationScope(name="ebpf-apm", version="0.1.0")
+SCOPE = InstrumentationScope(name="ebpf-apm", version=__version__)
 
 KINDS = {
     "server": Span.SPAN_KIND_SERVER,
@@ -52,6 +53,11 @@ WORKLOAD_ATTRIBUTES = {
 # UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
 GRPC_SERVER_ERRORS = frozenset({2, 4, 12, 13, 14, 15})
 
+_BYTE_FIELDS = (
+    ("bytes_sent", "ebpf_apm.bytes_sent"),
+    ("bytes_received", "ebpf_apm.bytes_received"),
+)
+_COUNT_FIELDS = (("net_sends", "ebpf_apm.net_sends"), ("net_recvs", "ebpf_apm.net_recvs"))
 RESOURCE_FIELDS = (
     "node", "pid", "exe", "k8s_namespace", "k8s_pod", "k8s_container", "k8s_workload",
 )  # fmt: skip
@@ -236,10 +242,14 @@ def fill_span(out: Span, span: Mapping[str, Any]) -> None:
     goid = span.get("goid")
     if goid is not None:
         attributes.append(_int("ebpf_apm.goroutine.id", int(goid)))
-    for field in ("bytes_sent", "bytes_received", "net_sends", "net_recvs"):
+    for field, key in _BYTE_FIELDS:  # many distinct values: not worth caching
         value = span.get(field)
         if value is not None:
-            attributes.append(_cached(f"ebpf_apm.{field}", int(value)))
+            attributes.append(_int(key, int(value)))
+    for field, key in _COUNT_FIELDS:
+        value = span.get(field)
+        if value is not None:
+            attributes.append(_cached(key, int(value)))
 
     out.trace_id = trace_id
     out.span_id = span_id
