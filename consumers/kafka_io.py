@@ -62,9 +62,10 @@ async def _fetch(
     connection: KafkaConnection,
     topics: Sequence[str],
     timeout_ms: int,
+    max_records: int | None = None,
 ) -> dict[TopicPartition, list[Any]]:
     try:
-        return await consumer.getmany(timeout_ms=timeout_ms)
+        return await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
     except KafkaError as exc:
         raise ConsumerKafkaError(
             f"reading {', '.join(topics)} from Kafka at {connection} failed: "
@@ -156,10 +157,23 @@ class GroupInput:
             except KafkaError as exc:
                 log.warning("leaving group %r: %s", self.group, describe_error(exc))
 
-    async def poll(self, timeout_ms: int) -> dict[TopicPart, list[InputRecord]]:
-        """Records fetched since the last poll, per partition in offset order."""
-        batches = await _fetch(self._started, self.connection, self.topics, timeout_ms)
+    async def poll(
+        self, timeout_ms: int, max_records: int | None = None
+    ) -> dict[TopicPart, list[InputRecord]]:
+        """Records fetched since the last poll (at most `max_records`), per partition in
+        offset order."""
+        batches = await _fetch(self._started, self.connection, self.topics, timeout_ms, max_records)
         return {(tp.topic, tp.partition): list(records) for tp, records in batches.items()}
+
+    def pause(self) -> None:
+        """Stop fetching every assigned partition (polls keep the membership alive and return
+        nothing of them). Partitions assigned later start unpaused: call again after a poll."""
+        consumer = self._started
+        consumer.pause(*consumer.assignment())
+
+    def resume(self) -> None:
+        consumer = self._started
+        consumer.resume(*consumer.paused())
 
     async def caught_up(self, topic: str, partition: int) -> bool:
         """Whether everything Kafka had for the partition at the last fetch has been read."""

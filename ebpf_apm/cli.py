@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ebpf_apm.consumers.alert_command",
         "consumer: rules over closed windows -> apm.alerts",
     ),
+    "export": (
+        "ebpf_apm.consumers.export_command",
+        "consumer: apm.spans -> OpenTelemetry traces over OTLP (http/protobuf or grpc)",
+    ),
     "query": ("ebpf_apm.consumers.query_command", "percentiles for any time range, from storage"),
     "tail": ("ebpf_apm.consumers.tail_command", "print a topic's events as JSON lines"),
 }

@@ -18,6 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from ebpf_apm.consumers.otlp_settings import resolve
 from ebpf_apm.producer.target_rules import parse_target_rules
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,7 @@ BASE_OBJECTS = {
     ("Deployment", "ebpf-apm-join"),
     ("Deployment", "ebpf-apm-aggregate"),
     ("Deployment", "ebpf-apm-alert"),
+    ("Deployment", "ebpf-apm-export"),
     ("PersistentVolumeClaim", "ebpf-apm-latency"),
     ("KafkaTopic", "apm-uprobe-events"),
     ("KafkaTopic", "apm-kprobe-events"),
@@ -467,7 +469,7 @@ def test_nothing_is_privileged(rendered: list[Doc]) -> None:
 
 def test_every_container_has_requests_and_limits(rendered: list[Doc]) -> None:
     containers = [(doc, c) for doc in rendered for c in _containers(doc)]
-    assert len(containers) == 4  # agent, join, aggregate, alert
+    assert len(containers) == 5  # agent, join, aggregate, alert, export
     for doc, container in containers:
         resources = container.get("resources", {})
         for kind in ("requests", "limits"):
@@ -564,6 +566,17 @@ def test_the_configmap_targets_load(rendered: list[Doc]) -> None:
     assert {"name": "config", "configMap": {"name": config["metadata"]["name"]}} in volumes
 
 
+def test_the_exporter_is_configured_by_the_standard_otlp_variables(rendered: list[Doc]) -> None:
+    export = next(d for d in rendered if d["metadata"]["name"] == "ebpf-apm-export")
+    (container,) = _containers(export)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert container["args"] == ["export"]
+    assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http")
+    # The command accepts what the manifest gives it.
+    assert resolve(environ=env).url.endswith("/v1/traces")
+
+
 def test_the_images_are_the_ones_of_the_tree(tree: str, rendered: list[Doc]) -> None:
     images = {
         (doc["kind"], doc["metadata"]["name"], c["name"]): c["image"]
@@ -576,6 +589,7 @@ def test_the_images_are_the_ones_of_the_tree(tree: str, rendered: list[Doc]) -> 
         ("Deployment", "ebpf-apm-join", "join"): f"ebpf-apm-consumer:{tag}",
         ("Deployment", "ebpf-apm-aggregate", "aggregate"): f"ebpf-apm-consumer:{tag}",
         ("Deployment", "ebpf-apm-alert", "alert"): f"ebpf-apm-consumer:{tag}",
+        ("Deployment", "ebpf-apm-export", "export"): f"ebpf-apm-consumer:{tag}",
     }
 
 

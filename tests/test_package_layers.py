@@ -80,6 +80,7 @@ def modules_loaded_by(argv: list[str]) -> set[str]:
         (["tail", "--help"], HEAVY),
         (["query", "--help"], ("capstone", "elftools", "aiohttp", "bcc", "aiokafka")),
         (["join", "--help"], HEAVY),
+        (["export", "--help"], ("capstone", "elftools", "bcc", "asyncpg", "aiosqlite", "yaml")),
     ],
 )
 def test_the_cli_imports_only_the_chosen_subcommand(argv: list[str], absent: tuple) -> None:
