@@ -11,6 +11,11 @@ import argparse
 import asyncio
 
 from ebpf_apm import runner
+from ebpf_apm.consumers.consumer_telemetry import (
+    add_telemetry_arguments,
+    served_telemetry,
+    telemetry_settings_from_args,
+)
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.export_service import ExportConfig, ExportService
 from ebpf_apm.consumers.otlp_client import new_client
@@ -68,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> ExportConfig:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_telemetry_arguments(parser)
     parser.add_argument(
         "--otlp-endpoint",
         metavar="URL",
@@ -152,7 +158,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
 
+    telemetry_settings = telemetry_settings_from_args(args)
+
     async def serve(stop: asyncio.Event) -> None:
-        await ExportService(config, new_client(config.otlp)).run(stop)
+        async with served_telemetry("export", telemetry_settings, config.connection) as tm:
+            await ExportService(config, new_client(config.otlp), tm).run(stop)
 
     return runner.run(serve)

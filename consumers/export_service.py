@@ -24,10 +24,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.errors import ConsumerError
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.consumers.otlp_client import (
@@ -90,6 +95,40 @@ class ExportCounts:
         return asdict(self)
 
 
+class ExportCollector(Collector):
+    """The exporter's counts as Prometheus counters, read at scrape time."""
+
+    def __init__(self, counts: ExportCounts) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
+
+    def collect(self) -> Iterator[Metric]:
+        c = self.counts
+        spans = CounterMetricFamily(
+            "ebpf_apm_export_spans",
+            "Spans by what became of them: exported (the collector accepted the request), "
+            "partial_rejected (accepted requests' spans the collector said it dropped), "
+            "rejected and undecodable (dead-lettered), retried (sent again)",
+            labels=["outcome"],
+        )
+        for outcome, value in (
+            ("exported", c.exported),
+            ("partial_rejected", c.partial_rejected),
+            ("rejected", c.rejected),
+            ("undecodable", c.undecodable),
+            ("retried", c.retried_spans),
+        ):
+            spans.add_metric([outcome], value)
+        yield spans
+        yield CounterMetricFamily(
+            "ebpf_apm_export_requests",
+            "OTLP export requests sent, retries included",
+            value=c.requests,
+        )
+
+
 @dataclass
 class Pending:
     record: InputRecord
@@ -98,10 +137,19 @@ class Pending:
 
 
 class ExportService:
-    def __init__(self, config: ExportConfig, client: OtlpClient) -> None:
+    def __init__(
+        self,
+        config: ExportConfig,
+        client: OtlpClient,
+        telemetry: ConsumerTelemetry | None = None,
+    ) -> None:
         self.config = config
         self.client = client
         self.counts = ExportCounts()
+        self.telemetry = telemetry or ConsumerTelemetry.unserved("export")
+        self.telemetry.server.register(ExportCollector(self.counts))
+        self.telemetry.server.require("collector", self._collector_ready)
+        self.retrying_since: float | None = None  # monotonic; the collector is not accepting
         self.codec = codec("span.avsc")
         self.backoff = Backoff(config.retry_initial_s, config.retry_max_s)
         self.input = GroupInput(
@@ -142,6 +190,7 @@ class ExportService:
         try:
             await self.client.start()
             await self.input.start()
+            self.telemetry.watch(self.input)
         except BaseException:
             await self.client.close()
             await self.output.stop(0)
@@ -158,6 +207,7 @@ class ExportService:
 
     async def close(self) -> None:
         self.log_stats()
+        await self.telemetry.stop()
         await self.input.stop()
         await self.client.close()
         await self.output.stop(5.0)
@@ -178,6 +228,7 @@ class ExportService:
                 max(0, int(wait_s * 1000)), max_records=config.max_batch_spans
             )
             self.take(batches)
+            self.telemetry.turned()
             now = time.monotonic()
             while self.pending and (len(self.pending) >= config.max_batch_spans or now >= self.due):
                 if not await self.export_batch(stop):
@@ -196,7 +247,8 @@ class ExportService:
         if not self.pending:
             self.due = time.monotonic() + self.config.max_batch_delay_s
         decode = self.codec.decode
-        for records in batches.values():
+        for (topic, _), records in batches.items():
+            self.telemetry.read(topic, len(records))
             for record in records:
                 try:
                     self.pending.append(Pending(record, decode(record.value or b"")))
@@ -230,6 +282,7 @@ class ExportService:
             )
             letters += [self._letter(p, reason) for p in batch if p.span is not None]
             self.counts.rejected += len(spans)
+            self.telemetry.dead_lettered(self.config.spans_topic, "rejected", len(spans))
             log.error(
                 "%s; its %d spans go to %s (no retry: the same request would be refused again)",
                 reason,
@@ -238,7 +291,9 @@ class ExportService:
             )
         if letters:
             await self.output.deliver_dead_letters(letters)
-            self.counts.undecodable += sum(p.span is None for p in batch)
+            undecodable = sum(p.span is None for p in batch)
+            self.counts.undecodable += undecodable
+            self.telemetry.dead_lettered(self.config.spans_topic, "undecodable", undecodable)
         await self.commit(batch)
         return True
 
@@ -266,6 +321,7 @@ class ExportService:
                 delay = self.backoff.delay(attempt, answer.retry_after_s)
                 if attempt == 0:
                     self.input.pause()
+                    self.retrying_since = time.monotonic()
                 if attempt == 0 or attempt % 10 == 9:
                     log.warning(
                         "OTLP collector %s: %s; %d spans wait, retry %d in %.1f s (input paused)",
@@ -281,6 +337,7 @@ class ExportService:
                 self.counts.retries += 1
                 self.counts.retried_spans += len(spans)
         finally:
+            self.retrying_since = None
             if attempt:
                 self.input.resume()
                 log.info("OTLP collector %s: back after %d retries", self.config.otlp.url, attempt)
@@ -291,6 +348,7 @@ class ExportService:
         while not stop.is_set():
             self.input.pause()  # partitions assigned by a rebalance meanwhile, too
             self.take(await self.input.poll(0, max_records=self.config.max_batch_spans))
+            self.telemetry.turned()  # waiting on the collector is alive, not stuck
             now = time.monotonic()
             self.maybe_log_stats(now)  # the stats go on while the collector is away
             remaining = deadline - now
@@ -310,6 +368,12 @@ class ExportService:
                 answer.rejected_spans,
                 answer.detail or "(no message)",
             )
+
+    def _collector_ready(self) -> str | None:
+        if self.retrying_since is None:
+            return None
+        waited = time.monotonic() - self.retrying_since
+        return f"collector: not accepting spans for {waited:.0f} s ({self.config.otlp.url})"
 
     def _letter(self, pending: Pending, reason: str) -> DeadLetter:
         r = pending.record

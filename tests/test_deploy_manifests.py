@@ -570,7 +570,7 @@ def test_the_exporter_is_configured_by_the_standard_otlp_variables(rendered: lis
     export = next(d for d in rendered if d["metadata"]["name"] == "ebpf-apm-export")
     (container,) = _containers(export)
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert container["args"] == ["export"]
+    assert container["args"] == ["export", "--metrics-address=0.0.0.0:9464"]
     assert env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http")
     # The command accepts what the manifest gives it.
@@ -873,7 +873,7 @@ def test_every_service_has_http_probes_on_its_metrics_port(rendered: list[Doc]) 
     """Every container serves --metrics-address on the port named `metrics`, and Kubernetes
     asks /healthz (liveness) and /readyz (readiness) there."""
     containers = [(doc, c) for doc in rendered for c in _containers(doc)]
-    assert {c["name"] for _, c in containers} == {"agent", "join", "aggregate", "alert"}
+    assert {c["name"] for _, c in containers} == {"agent", "join", "aggregate", "alert", "export"}
     for doc, container in containers:
         where = f"{_key(doc)} container {container['name']}"
         assert f"--metrics-address=0.0.0.0:{METRICS_PORT}" in container["args"], where
@@ -901,7 +901,7 @@ def test_the_pod_monitors_select_every_component(rendered: list[Doc]) -> None:
         return True
 
     pods = [d for d in rendered if d["kind"] in POD_TEMPLATE_KINDS]
-    assert len(pods) == 4
+    assert len(pods) == 5
     for doc in pods:
         labels = doc["spec"]["template"]["metadata"]["labels"]
         picked = [m["metadata"]["name"] for m in monitors if selects(m, labels)]

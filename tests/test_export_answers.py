@@ -133,6 +133,16 @@ def test_retryable_answers_are_retried_with_retry_after_and_committed_after(
         assert service.counts.retries == 3
         assert service.counts.exported == SPANS
         assert sink.requests == 4
+        # The same counts as the metrics endpoint exposes them.
+        metrics = service.telemetry.server.registry
+        assert metrics.get_sample_value(
+            "ebpf_apm_export_spans_total", {"outcome": "exported"}
+        ) == SPANS
+        assert metrics.get_sample_value("ebpf_apm_export_requests_total") == 4
+        assert metrics.get_sample_value(
+            "ebpf_apm_consumer_records_total",
+            {"service": "export", "topic": spans_topic, "outcome": "read"},
+        ) == SPANS
         assert elapsed >= 1.0, "Retry-After: 1 was not waited"
 
         assert asyncio.run(committed(bootstrap, "g-retry", spans_topic)) == SPANS
