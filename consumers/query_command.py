@@ -17,11 +17,13 @@ from datetime import datetime
 
 from ebpf_apm.consumers.latency_store import DEFAULT_STORAGE, STORAGE_ENV, redact_url, storage_url
 from ebpf_apm.consumers.name_pattern import NamePattern
-from ebpf_apm.consumers.range_figures import RangeFigures, TimeRange, read_rows, summarise
-
-
-def _ms(ns: int) -> str:
-    return f"{ns / 1e6:.3f}" if ns < 10_000_000 else f"{ns / 1e6:.1f}"
+from ebpf_apm.consumers.range_figures import (
+    RangeFigures,
+    TimeRange,
+    format_ms,
+    read_rows,
+    summarise,
+)
 
 
 def table(results: Sequence[RangeFigures], *, by_status: bool) -> str:
@@ -31,8 +33,8 @@ def table(results: Sequence[RangeFigures], *, by_status: bool) -> str:
     for r in results:
         f = r.figures
         line = [r.workload, r.operation] + ([r.status_class or "-"] if by_status else [])
-        line += [str(f["count"])] + [_ms(f[k]) for k in ("p50", "p90", "p95", "p99", "p999")]
-        line.append(_ms(f["max"]))
+        line += [str(f["count"])] + [format_ms(f[k]) for k in ("p50", "p90", "p95", "p99", "p999")]
+        line.append(format_ms(f["max"]))
         lines.append(line)
     text_columns = len(head) - 7
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

@@ -28,6 +28,11 @@ FIGURES = ("count", "sum", "min", "max", "p50", "p90", "p95", "p99", "p999")
 ERROR_CLASSES = frozenset({"5xx"})  # a 4xx is the client's mistake, not the service's
 
 
+def format_ms(ns: int) -> str:
+    """A duration in ms as the query table and the dashboard print it."""
+    return f"{ns / 1e6:.3f}" if ns < 10_000_000 else f"{ns / 1e6:.1f}"
+
+
 @dataclass(frozen=True)
 class TimeRange:
     """[since_ns, until_ns), Unix epoch ns."""
