@@ -68,7 +68,7 @@ class Dashboard:
             return self._html(PageView(**{**view.__dict__, "problem": str(exc)}), 400)
         try:
             rows = await read_rows(self.storage_url, span)
-            results = summarise(rows, span)
+            results = summarise(rows)
             chosen = _chosen(results, request.query.get("workload"), request.query.get("operation"))
             choice = None
             if chosen is not None:

@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     url = storage_url(args.storage)
     workload = NamePattern(args.workload) if args.workload else None
     operation = NamePattern(args.operation) if args.operation else None
-    rows = asyncio.run(read_rows(url, span, workload, operation))
-    results = summarise(rows, span, by_status=args.by_status)
+    rows = asyncio.run(read_rows(url, span, workload))
+    results = summarise(rows, by_status=args.by_status, operation=operation)
     if args.json:
         print(json.dumps([r.as_json(args.by_status) for r in results], indent=None))
         return 0

@@ -1,15 +1,16 @@
 """The figures of a time range, from the stored windows: what `ebpf-apm query` prints and
 what `ebpf-apm dashboard` shows, computed here once so the two can never differ.
 
-    store.rows(since, until) -> matching(pattern) -> summarise -> RangeFigures per operation
-                                                  -> window_points -> one WindowPoint per window
+    store.rows(since, until) -> summarise -> RangeFigures per operation
+                             -> window_points -> one WindowPoint per window of one operation
 
 The windows whose start lies in [since, until) are merged per workload and operation (and
 status class with `by_status`) by adding their sketches: percentiles of a range are the
 percentiles of all its spans, within the sketch's relative error, never an average of the
 windows' percentiles. Count, sum, min and max are exact. Rate is calls per second of the
-whole range; error share is the share of calls answered with a 5xx status, for operations
-that have a status (None for functions).
+workload's stored time in the range (its first window's start to its last window's end: a
+range that reaches past the stored data does not dilute it); error share is the share of
+calls answered with a 5xx status, for operations that have one (None for functions).
 """
 
 from __future__ import annotations
@@ -51,10 +52,6 @@ class TimeRange:
         if span.since_ns >= span.until_ns:
             raise ConsumerConfigError(f"since {since} is not before until {until}")
         return span
-
-    @property
-    def seconds(self) -> float:
-        return (self.until_ns - self.since_ns) / 1e9
 
 
 @dataclass(frozen=True)
@@ -111,15 +108,26 @@ def merged_sketch(rows: Sequence[LatencyRow]) -> LatencySketch:
 
 
 def summarise(
-    rows: Sequence[LatencyRow], span: TimeRange, *, by_status: bool = False
+    rows: Sequence[LatencyRow],
+    *,
+    by_status: bool = False,
+    operation: NamePattern | None = None,
 ) -> list[RangeFigures]:
-    """Merge the rows per workload and operation (and status class), sorted by those."""
+    """Merge the rows per workload and operation (and status class), sorted by those.
+
+    `rows` are all the stored windows of the range of each workload shown: a workload's rate
+    is per second of its stored time, from the start of its first window in the range to the
+    end of its last, whichever operations are shown (`operation` picks those)."""
+    stored: dict[str, tuple[int, int]] = {}
     groups: dict[tuple[str, str, str | None], list[LatencyRow]] = {}
     for row in rows:
-        key = (row.workload, row.operation, row.status_class if by_status else None)
-        groups.setdefault(key, []).append(row)
+        first, last = stored.get(row.workload, (row.window_start_ns, row.window_end_ns))
+        stored[row.workload] = (min(first, row.window_start_ns), max(last, row.window_end_ns))
+        if operation is None or operation.matches(row.operation):
+            key = (row.workload, row.operation, row.status_class if by_status else None)
+            groups.setdefault(key, []).append(row)
     out = []
-    for (workload, operation, status), members in sorted(
+    for (workload, op, status), members in sorted(
         groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or "")
     ):
         sketch = merged_sketch(members)
@@ -138,15 +146,16 @@ def summarise(
         has_status = any(r.status_class is not None for r in members)
         errors = sum(r.count for r in members if r.status_class in ERROR_CLASSES)
         windows = len({r.window_start_ns for r in members})
+        first, last = stored[workload]
         out.append(
             RangeFigures(
                 workload,
-                operation,
+                op,
                 status,
                 windows,
                 figures,
                 errors if has_status else None,
-                sketch.count / span.seconds,
+                sketch.count / ((last - first) / 1e9),
             )
         )
     return out
@@ -166,32 +175,16 @@ def window_points(rows: Sequence[LatencyRow]) -> list[WindowPoint]:
     return out
 
 
-def matching(
-    rows: Sequence[LatencyRow], workload: NamePattern | None, operation: NamePattern | None
-) -> list[LatencyRow]:
-    return [
-        r
-        for r in rows
-        if (workload is None or workload.matches(r.workload))
-        and (operation is None or operation.matches(r.operation))
-    ]
-
-
 async def read_rows(
-    url: str,
-    span: TimeRange,
-    workload: NamePattern | None = None,
-    operation: NamePattern | None = None,
+    url: str, span: TimeRange, workload: NamePattern | None = None
 ) -> list[LatencyRow]:
-    """The stored windows of the range whose names match; StorageError if unreachable."""
+    """The stored windows of the range, of the workloads that match (all their operations:
+    `summarise` picks those); StorageError if the storage cannot be read."""
     store = await open_store(url, create=False)
     try:
         rows = await store.rows(
-            span.since_ns,
-            span.until_ns,
-            workload=workload.exact if workload else None,
-            operation=operation.exact if operation else None,
+            span.since_ns, span.until_ns, workload=workload.exact if workload else None
         )
     finally:
         await store.close()
-    return matching(rows, workload, operation)
+    return [r for r in rows if workload is None or workload.matches(r.workload)]
