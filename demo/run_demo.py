@@ -10,9 +10,10 @@ Builds the service with Go, starts the embedded broker, the service, the agent, 
 the aggregator (5 s windows, short lateness so that windows close promptly) and the
 dashboard on its storage (http://127.0.0.1:8080/, else a free port: the address is printed
 and stays in the status line), sends traffic and shows p50/p90/p99 per route of the newest
-closed window, redrawn in place on a terminal (printed once per window otherwise). Ctrl-C (or --duration) stops the traffic, waits for the
-last calls to reach storage, stops every process by pid in the reverse order of its start,
-and shows the query for a later look. Logs of every process: build/demo/.
+closed window, redrawn in place on a terminal (printed once per window otherwise). Ctrl-C
+(or --duration) stops the traffic, waits for the last calls to reach storage, stops every
+process by pid in the reverse order of its start, and shows the dashboard and the query for
+a later look. Logs of every process: build/demo/.
 """
 
 from __future__ import annotations
@@ -314,7 +315,9 @@ def main() -> int:
         print("\nstopped before the aggregator stored a window: nothing to look at later")
         return 0
     command = query_later()
-    print("\nfor a later look at the stored windows:\n\n  " + " ".join(command) + "\n")
+    dashboard = [*command[:-5], "dashboard", "--storage", STORAGE]
+    print("\nfor a later look at the stored windows: the dashboard,\n\n  " + " ".join(dashboard)
+          + "\n\nand the query:\n\n  " + " ".join(command) + "\n")  # fmt: skip
     return subprocess.run(command, cwd=ROOT).returncode
 
 
