@@ -10,23 +10,23 @@ screenshot; PostgreSQL is read through the same store (plain HTTP there).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import math
-import os
-import signal
 import subprocess
-import sys
-from collections.abc import Iterator
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import numpy as np
 import pytest
+from dashboard_harness import (
+    EBPF_APM,
+    check_rows_equal_query,
+    dashboard,
+    get_page,
+    table_rows,
+)
 from headless_browser import HeadlessChromium
 from PIL import Image
 
@@ -34,7 +34,6 @@ from ebpf_apm import cli
 from ebpf_apm.consumers.latency_heatmap import latency_heatmap
 from ebpf_apm.consumers.latency_sketch import LatencySketch
 from ebpf_apm.consumers.latency_store import LatencyRow, open_store, redact_url
-from ebpf_apm.consumers.range_figures import format_ms
 from ebpf_apm.consumers.route_template import SeriesKey
 from ebpf_apm.consumers.svg_charts import SERIES
 from ebpf_apm.consumers.window_aggregator import ClosedWindow
@@ -43,7 +42,6 @@ S = 1_000_000_000
 WINDOW = 10 * S
 T0 = 1_796_000_000 * S  # a fixed past instant, whole windows
 WINDOWS = 20
-EBPF_APM = [sys.executable, "-m", "ebpf_apm.cli"]
 # workload, operation, status class, median ns, calls per window, windows it skips
 SERIES_DRAWN = [
     ("shop", "GET /api/cart/{id}", "2xx", 20e6, 150, ()),
@@ -112,50 +110,8 @@ def query_json(storage: str) -> list[dict[str, Any]]:
     return list(json.loads(result.stdout))
 
 
-@contextlib.contextmanager
-def dashboard(storage: str) -> Iterator[tuple[str, str]]:
-    """`ebpf-apm dashboard` on a free port: its base URL and the line it printed."""
-    process = subprocess.Popen(
-        [*EBPF_APM, "dashboard", "--storage", storage, "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None and process.stderr is not None
-        line = process.stdout.readline()
-        if not line.startswith("dashboard: http://"):
-            process.kill()
-            pytest.fail(f"the dashboard did not start: {line!r} {process.stderr.read()}")
-        yield line.split()[1], line
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-        status = process.wait(15)
-        _, errors = process.communicate()
-        assert status == 0, errors
-
-
 def page_url(base: str, **chosen: str) -> str:
     return base + "?" + urlencode({"since": str(SINCE // S), "until": str(UNTIL // S), **chosen})
-
-
-def check_rows_equal_query(rows: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
-    """The page's table (data- attributes and the text shown) is query --json's list."""
-    assert [(r["workload"], r["operation"]) for r in rows] == [
-        (e["workload"], e["operation"]) for e in expected
-    ]
-    for row, e in zip(rows, expected, strict=True):
-        for name in ("count", "p50", "p90", "p99"):
-            assert int(row[name]) == e[name], (row, name)
-            shown = str(e[name]) if name == "count" else format_ms(e[name])
-            assert row[f"text-{name}"] == shown, (row, name)
-        assert float(row["rate-per-s"]) == e["rate_per_s"]
-        assert row["text-rate"] == f"{e['rate_per_s']:.2f}/s"
-        if e["errors"] is None:
-            assert (row["errors"], row["error-share"], row["text-errors"]) == ("", "", "-")
-        else:
-            assert int(row["errors"]) == e["errors"]
-            assert float(row["error-share"]) == e["error_share"]
-            assert row["text-errors"] == f"{e['error_share'] * 100:.1f}%"
 
 
 def check_query_against_truth(
@@ -268,31 +224,12 @@ def test_the_page_in_a_browser_shows_what_query_prints(tmp_path: Path) -> None:
 
     with dashboard(storage) as (base, _):
         asyncio.run(look(base))
-
-
-class _TableRows(HTMLParser):
-    """The tr.op rows of the page: data- attributes and cell texts, as READ_PAGE has them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[dict[str, str]] = []
-        self._cell: str | None = None
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        found = {k: v or "" for k, v in attrs}
-        if tag == "tr" and "op" in found.get("class", "").split():
-            self.rows.append({k[5:]: v for k, v in found.items() if k.startswith("data-")})
-        elif tag == "td" and self.rows:
-            self._cell = "text-" + found.get("class", "").split()[0]
-            self.rows[-1][self._cell] = ""
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "td":
-            self._cell = None
-
-    def handle_data(self, data: str) -> None:
-        if self._cell is not None:
-            self.rows[-1][self._cell] += data
+        # Storage gone while it runs: the reason and what to do, answered 503.
+        for path in tmp_path.glob("apm.sqlite*"):
+            path.unlink()
+        status, html = get_page(page_url(base))
+        assert status == 503 and "run `ebpf-apm aggregate` to create it" in html
+        assert table_rows(html) == []
 
 
 @pytest.mark.integration
@@ -304,16 +241,10 @@ def test_postgres_storage_and_no_password_printed(postgres_url: str) -> None:
     expected = query_json(storage)
     check_query_against_truth(expected, durations)
 
-    async def get(url: str) -> tuple[int, str]:
-        async with aiohttp.ClientSession() as session, session.get(url) as answer:
-            return answer.status, await answer.text()
-
     with dashboard(storage) as (base, line):
-        status, html = asyncio.run(get(page_url(base)))
+        status, html = get_page(page_url(base))
     assert status == 200
-    parser = _TableRows()
-    parser.feed(html)
-    check_rows_equal_query(parser.rows, expected)
+    check_rows_equal_query(table_rows(html), expected)
     for text in (line, html):
         assert "s3cret-pw" not in text and "other-secret" not in text
     assert redact_url(storage) in line and "apm:***@" in line and "password=***" in line
