@@ -8,20 +8,22 @@
 Each request opens the store, reads the range and closes it, so a page always shows what is
 stored now, and a storage server that restarts is simply read again by the next request. The
 range is spelt as for `ebpf-apm query`; a bad one is answered 400, storage that cannot be read
-503, each with the reason on the page. The chosen operation defaults to the busiest one.
+503 (a stored sketch that cannot be, 500), each with the reason on the page. The chosen
+operation defaults to the busiest one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 from aiohttp import web
 
 from ebpf_apm.consumers.dashboard_page import Choice, PageView, render
 from ebpf_apm.consumers.errors import ConsumerConfigError, ConsumerError
 from ebpf_apm.consumers.latency_heatmap import latency_heatmap
-from ebpf_apm.consumers.latency_store import redact_url
+from ebpf_apm.consumers.latency_store import LatencyRow, StorageError, redact_url
 from ebpf_apm.consumers.range_figures import (
     RangeFigures,
     TimeRange,
@@ -35,13 +37,19 @@ log = logging.getLogger(__name__)
 DEFAULT_SINCE, DEFAULT_UNTIL = "15m", "now"
 
 
-def _chosen(
-    results: list[RangeFigures], workload: str | None, operation: str | None
-) -> RangeFigures | None:
-    for r in results:
-        if (r.workload, r.operation) == (workload, operation):
-            return r
-    return max(results, key=lambda r: r.figures["count"], default=None)
+def choose(
+    rows: list[LatencyRow], results: list[RangeFigures], workload: str | None, operation: str | None
+) -> Choice | None:
+    """The operation asked for, else the busiest one; with its windows and their heatmap."""
+    chosen = next(
+        (r for r in results if (r.workload, r.operation) == (workload, operation)),
+        max(results, key=lambda r: r.figures["count"], default=None),
+    )
+    if chosen is None:
+        return None
+    key = (chosen.workload, chosen.operation)
+    points = window_points([r for r in rows if (r.workload, r.operation) == key])
+    return Choice(chosen, points, latency_heatmap([p.sketch for p in points]))
 
 
 class Dashboard:
@@ -61,32 +69,22 @@ class Dashboard:
     async def page(self, request: web.Request) -> web.Response:
         since = request.query.get("since", DEFAULT_SINCE)
         until = request.query.get("until", DEFAULT_UNTIL)
-        view = PageView(self.shown_storage, since, until, None)
+        blank = PageView(self.shown_storage, since, until, None)
         try:
             span = TimeRange.parse(since, until, time.time_ns())
         except ConsumerConfigError as exc:
-            return self._html(PageView(**{**view.__dict__, "problem": str(exc)}), 400)
+            return self._html(replace(blank, problem=str(exc)), 400)
         try:
             rows = await read_rows(self.storage_url, span)
             results = summarise(rows)
-            chosen = _chosen(results, request.query.get("workload"), request.query.get("operation"))
-            choice = None
-            if chosen is not None:
-                points = window_points(
-                    [
-                        r
-                        for r in rows
-                        if (r.workload, r.operation) == (chosen.workload, chosen.operation)
-                    ]
-                )
-                choice = Choice(chosen, points, latency_heatmap([p.sketch for p in points]))
-        except ConsumerError as exc:
-            log.warning("cannot show %s to %s: %s", request.path_qs, request.remote, exc)
-            problem = f"{exc}"
-            return self._html(
-                PageView(self.shown_storage, since, until, span, problem=problem), 503
+            choice = choose(
+                rows, results, request.query.get("workload"), request.query.get("operation")
             )
-        return self._html(PageView(self.shown_storage, since, until, span, results, choice))
+        except ConsumerError as exc:  # storage unreadable (503), or a sketch in it (500)
+            log.warning("cannot show %s: %s", request.path_qs, exc)
+            status = 503 if isinstance(exc, StorageError) else 500
+            return self._html(replace(blank, span=span, problem=str(exc)), status)
+        return self._html(replace(blank, span=span, results=results, choice=choice))
 
     @staticmethod
     def _html(view: PageView, status: int = 200) -> web.Response:
