@@ -36,7 +36,7 @@ from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY
-from ebpf_apm.consumers.latency_store import LatencyRow, LatencyStore
+from ebpf_apm.consumers.latency_store import LatencyRow, LatencyStore, redact_url
 from ebpf_apm.consumers.route_template import SeriesRegistry
 from ebpf_apm.consumers.series_resolver import SeriesResolver
 from ebpf_apm.consumers.span_columns import decode_spans, explain_bad_span
@@ -128,7 +128,7 @@ class AggregateService:
         progress = await store.progress(config.group)
         if progress is not None and progress.window_ns != config.window_ns:
             raise ConsumerConfigError(
-                f"storage {store.url} holds windows of "
+                f"storage {redact_url(store.url)} holds windows of "
                 f"{format_duration_ns(progress.window_ns)} written by group {config.group!r}, "
                 f"not --window {format_duration_ns(config.window_ns)}: use the same --window, "
                 "or another --group and --storage"
@@ -175,7 +175,7 @@ class AggregateService:
         log.info(
             "aggregating %s into %s and %s: windows of %s, lateness %s, group %s%s",
             config.spans_topic,
-            self.store.url,
+            redact_url(self.store.url),
             config.latency_topic,
             format_duration_ns(config.window_ns),
             format_duration_ns(config.lateness_ns),

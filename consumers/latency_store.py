@@ -302,7 +302,7 @@ class PostgresStore(LatencyStore):
             connection = await asyncpg.connect(url, timeout=timeout_s)
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StorageError(
-                f"cannot connect to PostgreSQL at {_redact(url)}: {type(exc).__name__}: {exc}; "
+                f"cannot connect to PostgreSQL at {redact_url(url)}: {type(exc).__name__}: {exc}; "
                 "check that the server runs and the URL's user, password and database"
             ) from exc
         try:
@@ -314,13 +314,13 @@ class PostgresStore(LatencyStore):
         except asyncpg.PostgresError as exc:
             await connection.close()
             raise StorageError(
-                f"cannot create the tables in PostgreSQL at {_redact(url)}: {exc}; "
+                f"cannot create the tables in PostgreSQL at {redact_url(url)}: {exc}; "
                 "the user needs CREATE on the database"
             ) from exc
         return cls(url, connection)
 
     def _fail(self, action: str, exc: Exception) -> StorageError:
-        return StorageError(f"PostgreSQL {_redact(self.url)}: {action} failed: {exc}")
+        return StorageError(f"PostgreSQL {redact_url(self.url)}: {action} failed: {exc}")
 
     async def write(
         self, rows: Sequence[LatencyRow], *, consumer: str, window_ns: int, watermark_ns: int
@@ -392,12 +392,27 @@ class PostgresStore(LatencyStore):
         await self._db.close()
 
 
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return parts._replace(netloc=netloc).geturl()
+_SECRET_PARAMETERS = frozenset({"password", "passwd", "sslpassword"})
+
+
+def redact_url(url: str) -> str:
+    """The URL as it may be printed: the password of `user:password@` and the values of
+    `?password=` (libpq's query parameter) replaced by `***`."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if parts.password is not None:
+            user, _, host = netloc.rpartition("@")
+            netloc = f"{user.split(':', 1)[0]}:***@{host}"
+        query = "&".join(
+            f"{name}=***" if unquote(name).lower() in _SECRET_PARAMETERS else f"{name}={value}"
+            for name, _, value in (p.partition("=") for p in parts.query.split("&") if p)
+        )
+        if (netloc, query) == (parts.netloc, parts.query):
+            return url  # geturl() would drop a slash of sqlite:////absolute/path
+        return parts._replace(netloc=netloc, query=query).geturl()
+    except ValueError:  # not even a URL: nothing to show that could not hold a secret
+        return "(a storage URL that cannot be parsed)"
 
 
 def sqlite_path(url: str) -> str:
@@ -429,6 +444,6 @@ async def open_store(url: str, *, create: bool = True) -> LatencyStore:
     if scheme in ("postgresql", "postgres"):
         return await PostgresStore.connect(url)
     raise StorageConfigError(
-        f"unsupported storage URL {_redact(url)!r}: use sqlite:///path (embedded) or "
+        f"unsupported storage URL {redact_url(url)!r}: use sqlite:///path (embedded) or "
         "postgresql://user[:password]@host[:port]/database"
     )

@@ -2,15 +2,18 @@
 
     demo/userservice (Go) --uprobes--> ebpf-apm agent --> apm.uprobe.events, apm.kprobe.events
       --> ebpf-apm join --> apm.spans --> ebpf-apm aggregate --> build/demo.sqlite, apm.latency
+      build/demo.sqlite --> ebpf-apm dashboard --> http://127.0.0.1:8080/
     on screen: apm.latency (each closed window's percentiles, as the aggregator published
     them) and apm.spans (the last calls), both read with `ebpf-apm tail --json`
 
 Builds the service with Go, starts the embedded broker, the service, the agent, the join and
-the aggregator (5 s windows, short lateness so that windows close promptly), sends traffic and
-shows p50/p90/p99 per route of the newest closed window, redrawn in place on a terminal
-(printed once per window otherwise). Ctrl-C (or --duration) stops the traffic, waits for the
-last calls to reach storage, stops every process by pid in the reverse order of its start,
-and shows the query for a later look. Logs of every process: build/demo/.
+the aggregator (5 s windows, short lateness so that windows close promptly) and the
+dashboard on its storage (http://127.0.0.1:8080/, else a free port: the address is printed
+and stays in the status line), sends traffic and shows p50/p90/p99 per route of the newest
+closed window, redrawn in place on a terminal (printed once per window otherwise). Ctrl-C
+(or --duration) stops the traffic, waits for the last calls to reach storage, stops every
+process by pid in the reverse order of its start, and shows the dashboard and the query for
+a later look. Logs of every process: build/demo/.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -53,6 +57,8 @@ AGGREGATE_FLAGS = ["--window", f"{WINDOW_S}s", "--lateness", "1s", "--idle-timeo
 AGENT_START_TIMEOUT_S = 120.0  # it compiles its BPF programs first
 REDRAW_S = 0.25
 FLUSH_TIMEOUT_S = 25.0  # a window, its lateness and idle timeout, the join's, and room
+STORAGE_WAIT_S = 30.0  # the aggregator creates the database when it starts
+DASHBOARD_PORT = 8080
 
 
 def feed(
@@ -77,6 +83,7 @@ class Demo:
         self.traffic_stop = threading.Event()
         self.status = ""
         self.printed_window: int | None = None
+        self.dashboard_url = ""
 
     # -- start ----------------------------------------------------------------------------
 
@@ -115,6 +122,7 @@ class Demo:
             f"join: pid {join.pid} -> apm.spans; aggregate: pid {aggregate.pid} -> "
             f"{WINDOW_S} s windows in {DATABASE.relative_to(ROOT)} and apm.latency"
         )
+        self.start_dashboard()
         for topic, add in (("apm.spans", self.board.add_span),
                            ("apm.latency", self.board.add_latency)):  # fmt: skip
             tail = self.children.start(
@@ -126,6 +134,29 @@ class Demo:
             ).start()
         self.screen.note(f"logs: {LOG_DIR.relative_to(ROOT)}/")
         return host, int(port)
+
+    def start_dashboard(self) -> None:
+        """`ebpf-apm dashboard` on the demo's storage, once the aggregator has created it."""
+        deadline = time.monotonic() + STORAGE_WAIT_S
+        while not DATABASE.exists():
+            self.check_children()
+            if time.monotonic() > deadline:
+                raise ChildFailed(self.children.started[-1], f"no {DATABASE} after "
+                                  f"{STORAGE_WAIT_S:.0f} s")  # fmt: skip
+            time.sleep(0.1)
+        dashboard = self.children.start(
+            "dashboard", [*EBPF_APM, "dashboard", "--storage", STORAGE, "--listen", listen()],
+            cwd=ROOT, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert dashboard.process.stdout is not None
+        line = dashboard.process.stdout.readline().split()
+        if len(line) < 2 or line[0] != "dashboard:":
+            raise ChildFailed(dashboard)
+        self.dashboard_url = line[1]
+        self.screen.note(
+            f"dashboard: {self.dashboard_url} (pid {dashboard.pid}; the same figures as "
+            "`ebpf-apm query`, with charts)"
+        )
 
     # -- while it runs --------------------------------------------------------------------
 
@@ -169,7 +200,10 @@ class Demo:
                 break
             with self.lock:
                 calls = self.board.spans
-            self.status = f"{CLIENTS} clients sending; {calls} spans joined; stops {ends}"
+            self.status = (
+                f"{CLIENTS} clients sending; {calls} spans joined; dashboard "
+                f"{self.dashboard_url}; stops {ends}"
+            )
             self.refresh()
             self.check_children()
             self.stop.wait(REDRAW_S)
@@ -204,6 +238,16 @@ class ChildFailed(Exception):
         self.child = child
         what = what or describe_exit(child.process.poll())
         super().__init__(f"{child.name} (pid {child.pid}): {what}")
+
+
+def listen() -> str:
+    """127.0.0.1:8080 if it is free, else any free port (the dashboard prints which)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", DASHBOARD_PORT))
+        except OSError:
+            return "127.0.0.1:0"
+    return f"127.0.0.1:{DASHBOARD_PORT}"
 
 
 def wrap(text: str) -> str:
@@ -271,7 +315,9 @@ def main() -> int:
         print("\nstopped before the aggregator stored a window: nothing to look at later")
         return 0
     command = query_later()
-    print("\nfor a later look at the stored windows:\n\n  " + " ".join(command) + "\n")
+    dashboard = [*command[:-5], "dashboard", "--storage", STORAGE]
+    print("\nfor a later look at the stored windows: the dashboard,\n\n  " + " ".join(dashboard)
+          + "\n\nand the query:\n\n  " + " ".join(command) + "\n")  # fmt: skip
     return subprocess.run(command, cwd=ROOT).returncode
 
 

@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "query": ("ebpf_apm.consumers.query_command", "percentiles for any time range, from storage"),
     "tail": ("ebpf_apm.consumers.tail_command", "print a topic's events as JSON lines"),
+    "dashboard": (
+        "ebpf_apm.consumers.dashboard_command",
+        "web page of the stored windows: operations, percentile charts, heatmaps",
+    ),
 }
 
 

@@ -79,6 +79,7 @@ def modules_loaded_by(argv: list[str]) -> set[str]:
         (["--help"], HEAVY + ("aiokafka", "numpy", "fastavro")),
         (["tail", "--help"], HEAVY),
         (["query", "--help"], ("capstone", "elftools", "aiohttp", "bcc", "aiokafka")),
+        (["dashboard", "--help"], ("capstone", "elftools", "aiohttp", "bcc", "aiokafka")),
         (["join", "--help"], HEAVY),
         (["export", "--help"], ("capstone", "elftools", "bcc", "asyncpg", "aiosqlite", "yaml")),
     ],

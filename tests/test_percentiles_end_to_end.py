@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import pytest
 from agent_harness import Agent, Request, go_server, send_concurrently
+from dashboard_harness import check_rows_equal_query, dashboard, get_page, table_rows
 from join_harness import outside_decoder, start_join, wait_for
 from kafka_fixtures import read_topic
 
@@ -218,3 +219,19 @@ def test_stored_percentiles_match_the_spans_of_each_window(
     for result in results:
         run = np.array(merged[(result["workload"], result["operation"])], dtype=np.int64)
         assert_figures(result, run, f"query {result['operation']}")
+        # Errors: the 5xx answers of the run (functions have no status).
+        statuses = [s.get("http_status") for s in spans if series_of(s)[:2] == (
+            result["workload"], result["operation"])]  # fmt: skip
+        if statuses[0] is None:
+            assert result["errors"] is None and result["error_share"] is None
+        else:
+            errors = sum(500 <= status <= 599 for status in statuses)
+            assert result["errors"] == errors and result["error_share"] == errors / run.size
+    assert any(r["errors"] for r in results), "the run should answer some 503s"
+
+    # The dashboard shows what `query --json` printed: rates use the stored windows' time, so
+    # a range that starts a little later but still holds every window gives the same figures.
+    with dashboard(storage) as (base, _):
+        status, html = get_page(f"{base}?since=1h")
+    assert status == 200
+    check_rows_equal_query(table_rows(html), results)
