@@ -2,9 +2,13 @@
 
 The agent calls `KafkaPublisher.publish()` from its hot loop. A message goes into a buffer
 bounded by bytes and a background task hands it to aiokafka; the agent never waits for the
-network, only (briefly, `enqueue_timeout_s`) for room in the buffer. While the broker is down
-or slow the buffer absorbs the backlog; once it is full, new messages are dropped and counted,
-because losing fresh spans is better than blocking the probes' ring buffer reader.
+network. While the broker is down or slow the buffer absorbs the backlog; once it is full,
+new messages are dropped at once and counted, because losing fresh spans is better than
+blocking the probes' ring buffer reader (a drain loop that waited for room on every message
+of every process would pass the liveness probe's limit during an outage). Only while the
+broker is connected and acknowledging, and no message was dropped since the last one that
+fitted, does publish() wait briefly (`enqueue_timeout_s`) for the room its acknowledgements
+free.
 
 Every accepted message is accounted for: it ends up acknowledged, failed (a non-retriable
 error, logged once per kind), or reported as lost by `close()`. Messages that hit a
@@ -68,7 +72,8 @@ class PublisherConfig:
     max_request_size: int = 4 * MiB
     # Bytes of messages held while the broker is down or slow (accepted, not yet acknowledged).
     buffer_max_bytes: int = 64 * MiB
-    # How long publish() waits for room in a full buffer before dropping the message.
+    # How long publish() waits for room in a full buffer before dropping the message, while
+    # the broker is connected and acknowledging (never while it is away, nor while dropping).
     enqueue_timeout_s: float = 0.2
     # How long aiokafka may try to deliver a message before we take it back and retry.
     send_timeout_s: float = 30.0
@@ -268,7 +273,9 @@ class KafkaPublisher:
             return False
         limit = self._config.buffer_max_bytes
         if self._buffered_bytes + size > limit:
-            if size <= limit:  # otherwise it can never fit: no point waiting
+            # Wait only when acknowledgements are coming: never while the broker is away,
+            # nor once dropping has started (each wait would stall the agent's drain loop).
+            if size <= limit and self._connected and not self._outage and not self._dropping:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + self._config.enqueue_timeout_s
                 while self._buffered_bytes + size > limit:
