@@ -9,6 +9,12 @@
 Every consumer service (join, aggregate, alert, and those to come) reads and writes through
 these classes; the clients come from the shared edge (ebpf_apm.kafka.clients). This is the
 only consumer module that imports aiokafka.
+
+Outages. aiokafka reconnects by itself; these classes make sure a broker that is away for
+minutes costs waiting, never an exit: a failed fetch is retried after a backoff, a refused
+commit is carried by the next one, output waits up to `OUTPUT_TIMEOUT_MS` for a frozen
+broker before aiokafka gives a message up (the services then send it again or re-read its
+input). Each says once, through an `Outage`, what it is waiting for, and once that it is back.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from aiokafka.partitioner import murmur2
 
 from ebpf_apm.consumers.errors import ConsumerKafkaError
+from ebpf_apm.consumers.outage import Outage
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.clients import new_consumer, new_producer
 from ebpf_apm.kafka.connection import KafkaConnection
@@ -34,6 +41,12 @@ log = logging.getLogger(__name__)
 
 TopicPart = tuple[str, int]
 RebalanceCallback = Callable[[list[TopicPart]], Awaitable[None]]
+
+# How long output may wait for a broker before aiokafka fails it (its request timeout and
+# batch lifetime): a frozen broker of up to this long costs waiting, not a resend.
+OUTPUT_TIMEOUT_MS = 180_000
+# Output not acknowledged for this long is reported as waiting for Kafka.
+STALL_S = 5.0
 
 
 class InputRecord(Protocol):
@@ -117,6 +130,7 @@ class GroupInput:
         self._session_timeout_ms = session_timeout_ms
         self._from_beginning = from_beginning
         self._consumer: AIOKafkaConsumer | None = None
+        self.outage = Outage(f"Kafka at {connection} (group {group!r} reading {', '.join(topics)})")
 
     async def start(self) -> None:
         # Created here, not in __init__: an unstarted aiokafka client warns when collected.
@@ -157,9 +171,25 @@ class GroupInput:
                 log.warning("leaving group %r: %s", self.group, describe_error(exc))
 
     async def poll(self, timeout_ms: int) -> dict[TopicPart, list[InputRecord]]:
-        """Records fetched since the last poll, per partition in offset order."""
-        batches = await _fetch(self._started, self.connection, self.topics, timeout_ms)
+        """Records fetched since the last poll, per partition in offset order; nothing (after
+        a backoff) while Kafka fails the fetch."""
+        try:
+            batches = await _fetch(self._started, self.connection, self.topics, timeout_ms)
+        except ConsumerKafkaError as exc:
+            await asyncio.sleep(min(self.outage.failed(str(exc)), timeout_ms / 1000 + 1))
+            return {}
+        if batches:
+            self.outage.recovered()
         return {(tp.topic, tp.partition): list(records) for tp, records in batches.items()}
+
+    def seek(self, offsets: dict[TopicPart, int]) -> None:
+        """Read these partitions again from these offsets (those still assigned)."""
+        consumer = self._started
+        assigned = consumer.assignment()
+        for (topic, partition), offset in offsets.items():
+            tp = TopicPartition(topic, partition)
+            if tp in assigned:
+                consumer.seek(tp, offset)
 
     async def caught_up(self, topic: str, partition: int) -> bool:
         """Whether everything Kafka had for the partition at the last fetch has been read."""
@@ -192,14 +222,14 @@ class GroupInput:
         try:
             await self._started.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
         except (CommitFailedError, KafkaError) as exc:
-            log.warning(
-                "could not commit offsets of group %r (%s): %s; the next commit carries them, "
-                "or the next owner reads that input again",
-                self.group,
-                ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(offsets.items())),
-                describe_error(exc),
+            # Logged once per outage: the next commit carries these offsets, or the next
+            # owner of the partitions reads that input again.
+            self.outage.failed(
+                f"committing {', '.join(f'{t}/{p}@{o}' for (t, p), o in sorted(offsets.items()))}"
+                f": {describe_error(exc)}"
             )
             return False
+        self.outage.recovered()
         return True
 
 
@@ -244,6 +274,9 @@ class AckedOutput:
         self._producer_or_none: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
+        self.outage = Outage(f"Kafka at {connection} (acknowledging output)")
+        self._unacked: set[asyncio.Future[object]] = set()
+        self._progress_at = 0.0  # loop time of the last acknowledgement, or of the first send
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -254,18 +287,50 @@ class AckedOutput:
     async def start(self, keyed_topics: Iterable[str] = ()) -> None:
         """Connect; learn the partition counts of the topics `partition_of` is asked about."""
         self._producer_or_none = producer = new_producer(
-            self.connection, self._client_id, compression=self._compression
+            self.connection,
+            self._client_id,
+            compression=self._compression,
+            request_timeout_ms=OUTPUT_TIMEOUT_MS,
         )
         try:
             await producer.start()
-            for topic in keyed_topics:
-                self._partitions[topic] = len(await producer.partitions_for(topic))
+            await self.refresh_partitions(keyed_topics)
         except KafkaError as exc:
             await producer.stop()
             raise ConsumerKafkaError(
                 f"cannot start a producer on Kafka at {self.connection}: "
                 f"{describe_error(exc)}; {unreachable_hint()}"
             ) from exc
+
+    async def refresh_partitions(self, keyed_topics: Iterable[str]) -> None:
+        """(Re)learn the partition counts `partition_of` uses: after a broker lost its
+        topics (a restarted in-memory broker) they may differ."""
+        for topic in keyed_topics:
+            self._partitions[topic] = len(await self._producer.partitions_for(topic))
+        self._partition_of_key.clear()
+
+    def _track(self, future: asyncio.Future[object]) -> asyncio.Future[object]:
+        """Count the message as unacknowledged until its future resolves."""
+        if not self._unacked:
+            self._progress_at = asyncio.get_running_loop().time()
+        self._unacked.add(future)
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, future: asyncio.Future[object]) -> None:
+        self._unacked.discard(future)
+        if not future.cancelled() and future.exception() is None:
+            self._progress_at = asyncio.get_running_loop().time()
+            self.outage.recovered()
+
+    def check_stalled(self) -> None:
+        """Say (once) that output waits for Kafka when nothing was acknowledged for STALL_S."""
+        if self._unacked and not self.outage.waiting:
+            stalled = asyncio.get_running_loop().time() - self._progress_at
+            if stalled >= STALL_S:
+                self.outage.failed(
+                    f"{len(self._unacked)} message batch(es) not acknowledged for {stalled:.0f} s"
+                )
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait up to timeout_s for every message handed over to be acknowledged (or failed)."""
@@ -308,7 +373,7 @@ class AckedOutput:
             )
         except KafkaError as exc:
             raise self._send_error(batch.topic, exc) from exc
-        return future
+        return self._track(future)
 
     async def send_one(
         self,
@@ -323,7 +388,7 @@ class AckedOutput:
             )
         except KafkaError as exc:
             raise self._send_error(topic, exc) from exc
-        return future
+        return self._track(future)
 
     async def dead_letter(self, letter: DeadLetter) -> asyncio.Future[object]:
         """Send a rejected input message to the dead-letter topic, unchanged, with why."""
@@ -345,20 +410,23 @@ class AckedOutput:
         await self._acknowledged(self.deadletter_topic, futures)
 
     async def _acknowledged(self, topic: str, futures: list[asyncio.Future[object]]) -> None:
+        gathered = asyncio.gather(*futures)
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=STALL_S)
+            if done:
+                break
+            self.check_stalled()
         try:
-            await asyncio.gather(*futures)
+            gathered.result()
         except KafkaError as exc:
             raise ConsumerKafkaError(
                 f"Kafka at {self.connection} did not acknowledge {len(futures)} message(s) for "
-                f"{topic}: {describe_error(exc)}; check the broker, then restart (the input "
-                "that was not committed is read again)"
+                f"{topic}: {describe_error(exc)}"
             ) from exc
 
     def _send_error(self, topic: str, exc: KafkaError) -> ConsumerKafkaError:
         return ConsumerKafkaError(
-            f"cannot hand output for {topic} to Kafka at {self.connection}: "
-            f"{describe_error(exc)}; check the broker and restart (the input that was not "
-            "committed is read again)"
+            f"cannot hand output for {topic} to Kafka at {self.connection}: {describe_error(exc)}"
         )
 
 

@@ -26,6 +26,7 @@ from ebpf_apm.consumers.latency_store import (
     STORAGE_ENV,
     LatencyRow,
     open_store,
+    redact_url,
     storage_url,
 )
 from ebpf_apm.consumers.name_pattern import NamePattern
@@ -181,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not results:
         span = f"{_when(since_ns)} and {_when(until_ns)}"
-        print(f"no windows between {span} in {url}", file=sys.stderr)
+        print(f"no windows between {span} in {redact_url(url)}", file=sys.stderr)
         return 0
     print(table(results, by_status=args.by_status))
     return 0
