@@ -91,11 +91,12 @@ class Outage:
             except retriable as exc:
                 if isinstance(exc, StoppedWhileWaiting):
                     raise
-                delay = self.failed(f"{action}: {exc}")
+                delay = self.failed(str(exc))  # our errors say what failed, on what
                 if await stopped_within(stop, delay):
                     raise StoppedWhileWaiting(
-                        f"stopped while waiting for {self.what} ({self.reason}); nothing past "
-                        "it was committed: the next start reads that input again"
+                        f"stopped while waiting for {self.what} ({self.reason}) before "
+                        f"{action}; nothing past it was committed: the next start reads that "
+                        "input again"
                     ) from exc
                 continue
             self.recovered()
