@@ -20,13 +20,15 @@ input). Each says once, through an `Outage`, what it is waiting for, and once th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.partitioner import murmur2
 
 from ebpf_apm.consumers.errors import ConsumerKafkaError
@@ -47,6 +49,14 @@ RebalanceCallback = Callable[[list[TopicPart]], Awaitable[None]]
 OUTPUT_TIMEOUT_MS = 180_000
 # Output not acknowledged for this long is reported as waiting for Kafka.
 STALL_S = 5.0
+# A partition whose last fetch answer is older than this is not known to be caught up: a
+# frozen or restarting broker must not look like quiet input (services advance event time
+# on quiet input, and the events the outage held back would then arrive late).
+FETCH_FRESH_MS = 3_000
+# aiokafka retries a commit until it succeeds (while no coordinator answers, or for a
+# partition the broker no longer has). A commit is awaited this long; one that takes longer
+# goes on in the background, and no other starts until it ends (the next carries the offsets).
+COMMIT_TIMEOUT_S = 5.0
 
 
 class InputRecord(Protocol):
@@ -130,7 +140,9 @@ class GroupInput:
         self._session_timeout_ms = session_timeout_ms
         self._from_beginning = from_beginning
         self._consumer: AIOKafkaConsumer | None = None
+        self._committing: asyncio.Future[None] | None = None
         self.outage = Outage(f"Kafka at {connection} (group {group!r} reading {', '.join(topics)})")
+        self.commit_outage = Outage(f"Kafka at {connection} (group {group!r} committing offsets)")
 
     async def start(self) -> None:
         # Created here, not in __init__: an unstarted aiokafka client warns when collected.
@@ -164,6 +176,9 @@ class GroupInput:
         return self._consumer
 
     async def stop(self) -> None:
+        if self._committing is not None and not self._committing.done():
+            await asyncio.wait({self._committing}, timeout=COMMIT_TIMEOUT_S)
+            self._committing.cancel()
         if self._consumer is not None:
             try:
                 await self._consumer.stop()
@@ -192,14 +207,18 @@ class GroupInput:
                 consumer.seek(tp, offset)
 
     async def caught_up(self, topic: str, partition: int) -> bool:
-        """Whether everything Kafka had for the partition at the last fetch has been read."""
+        """Whether everything Kafka had for the partition at a recent fetch has been read."""
         tp = TopicPartition(topic, partition)
+        consumer = self._started
         try:
-            highwater = self._started.highwater(tp)
+            highwater = consumer.highwater(tp)
             # No fetch answered yet (highwater None): not known to be caught up.
-            return highwater is not None and await self._started.position(tp) >= highwater
+            if highwater is None or await consumer.position(tp) < highwater:
+                return False
+            answered_ms = consumer.last_poll_timestamp(tp)
         except (AssertionError, IllegalStateError):  # no longer assigned (rebalancing)
             return False
+        return answered_ms is not None and time.time() * 1000 - answered_ms <= FETCH_FRESH_MS
 
     async def all_caught_up(self) -> bool:
         """Whether every assigned partition is caught up (False while nothing is assigned)."""
@@ -215,22 +234,40 @@ class GroupInput:
         return {(tp.topic, tp.partition) for tp in self._started.assignment()}
 
     async def commit(self, offsets: dict[TopicPart, int]) -> bool:
-        """Commit; False (logged) when Kafka refused, e.g. the group moved on and the
-        partitions are gone: the next owner reads again from the last committed offsets."""
+        """Commit; False when Kafka refused or did not answer within COMMIT_TIMEOUT_S (said
+        once per outage): the next commit carries the same or newer offsets, or the next
+        owner of the partitions reads that input again."""
+        consumer = self._started
+        # Only partitions the broker has now: a restarted in-memory broker may have fewer.
+        offsets = {
+            (t, p): o
+            for (t, p), o in offsets.items()
+            if p in (consumer.partitions_for_topic(t) or ())
+        }
         if not offsets:
             return True
-        try:
-            await self._started.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
-        except (CommitFailedError, KafkaError) as exc:
-            # Logged once per outage: the next commit carries these offsets, or the next
-            # owner of the partitions reads that input again.
-            self.outage.failed(
-                f"committing {', '.join(f'{t}/{p}@{o}' for (t, p), o in sorted(offsets.items()))}"
-                f": {describe_error(exc)}"
-            )
+        if self._committing is not None and not self._committing.done():
+            return False  # the last commit still waits for Kafka
+        what = ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(offsets.items()))
+        committing = asyncio.ensure_future(
+            consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+        )
+        committing.add_done_callback(functools.partial(self._committed, what))
+        self._committing = committing
+        done, _ = await asyncio.wait({committing}, timeout=COMMIT_TIMEOUT_S)
+        if not done:
+            self.commit_outage.failed(f"committing {what}: no answer in {COMMIT_TIMEOUT_S:g} s")
             return False
-        self.outage.recovered()
-        return True
+        return not committing.cancelled() and committing.exception() is None
+
+    def _committed(self, what: str, committing: asyncio.Future[None]) -> None:
+        if committing.cancelled():
+            return
+        exc = committing.exception()  # retrieved here, whoever still waits for it
+        if exc is None:
+            self.commit_outage.recovered()
+        else:
+            self.commit_outage.failed(f"committing {what}: {describe_error(exc)}")
 
 
 class OutputBatch:

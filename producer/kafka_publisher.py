@@ -46,9 +46,11 @@ COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 _ACKS: dict[str, int | str] = {"0": 0, "1": 1, "all": "all", "-1": "all"}
 _PROBE_TIMEOUT_S = 3.0
 _DROP_WARNING_INTERVAL_S = 60.0
-# The watchdog probes the broker when no acknowledgement came for _STALL_S.
+# The watchdog probes the broker when no acknowledgement came for _STALL_S; a broker that
+# accepts connections but acknowledges nothing for _SILENT_S (frozen, overloaded) is away too.
 _WATCH_INTERVAL_S = 1.0
 _STALL_S = 3.0
+_SILENT_S = 10.0
 _STOP_GRACE_S = 1.0
 
 
@@ -75,8 +77,9 @@ class PublisherConfig:
     # How long publish() waits for room in a full buffer before dropping the message, while
     # the broker is connected and acknowledging (never while it is away, nor while dropping).
     enqueue_timeout_s: float = 0.2
-    # How long aiokafka may try to deliver a message before we take it back and retry.
-    send_timeout_s: float = 30.0
+    # How long aiokafka may try to deliver a message before we take it back and retry: long
+    # enough that a broker frozen for a minute or two delays messages without reordering them.
+    send_timeout_s: float = 120.0
     client_id: str = "ebpf-apm-agent"
     # Reconnect / retry backoff: starts here and doubles up to retry_backoff_max_s.
     retry_backoff_s: float = 0.5
@@ -573,9 +576,11 @@ class KafkaPublisher:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_WATCH_INTERVAL_S)
-            stalled = self._unacked and loop.time() - self._waiting_since > _STALL_S
-            if stalled and not self._outage:
+            waited = loop.time() - self._waiting_since if self._unacked else 0.0
+            if waited > _STALL_S and not self._outage:
                 reason = await _probe(self._servers)
+                if reason is None and waited > _SILENT_S:
+                    reason = f"it accepts connections but acknowledged nothing for {waited:.0f} s"
                 if reason is not None and not self._outage:
                     self._connected = False
                     self._outage = True
