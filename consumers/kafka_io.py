@@ -55,8 +55,10 @@ STALL_S = 5.0
 FETCH_FRESH_MS = 3_000
 # aiokafka retries a commit until it succeeds (while no coordinator answers, or for a
 # partition the broker no longer has). A commit is awaited this long; one that takes longer
-# goes on in the background, and no other starts until it ends (the next carries the offsets).
-COMMIT_TIMEOUT_S = 5.0
+# goes on in the background, and no other starts until it ends (the next carries the
+# offsets) or is COMMIT_ABANDON_S old: then it is cancelled and a new one starts.
+COMMIT_TIMEOUT_S = 2.0
+COMMIT_ABANDON_S = 30.0
 
 
 class InputRecord(Protocol):
@@ -141,6 +143,7 @@ class GroupInput:
         self._from_beginning = from_beginning
         self._consumer: AIOKafkaConsumer | None = None
         self._committing: asyncio.Future[None] | None = None
+        self._commit_started = 0.0
         self.outage = Outage(f"Kafka at {connection} (group {group!r} reading {', '.join(topics)})")
         self.commit_outage = Outage(f"Kafka at {connection} (group {group!r} committing offsets)")
 
@@ -178,7 +181,7 @@ class GroupInput:
     async def stop(self) -> None:
         if self._committing is not None and not self._committing.done():
             await asyncio.wait({self._committing}, timeout=COMMIT_TIMEOUT_S)
-            self._committing.cancel()
+            self._abandon_commit()
         if self._consumer is not None:
             try:
                 await self._consumer.stop()
@@ -246,8 +249,12 @@ class GroupInput:
         }
         if not offsets:
             return True
+        loop = asyncio.get_running_loop()
         if self._committing is not None and not self._committing.done():
-            return False  # the last commit still waits for Kafka
+            if loop.time() - self._commit_started < COMMIT_ABANDON_S:
+                return False  # the last commit still waits for Kafka
+            self._abandon_commit()
+        self._commit_started = loop.time()
         what = ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(offsets.items()))
         committing = asyncio.ensure_future(
             consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
@@ -260,6 +267,17 @@ class GroupInput:
             return False
         return not committing.cancelled() and committing.exception() is None
 
+    def _abandon_commit(self) -> None:
+        """Cancel a commit aiokafka keeps retrying. Its request runs in a task of its own
+        (shielded); its error, once it comes, is retrieved here so that asyncio does not
+        report it as never retrieved (reaches into aiokafka 0.14, pinned below 0.15)."""
+        if self._committing is None or self._committing.done():
+            return
+        self._committing.cancel()
+        for task in asyncio.all_tasks():
+            if getattr(task.get_coro(), "__qualname__", "").endswith("._do_commit_offsets"):
+                task.add_done_callback(_retrieve)
+
     def _committed(self, what: str, committing: asyncio.Future[None]) -> None:
         if committing.cancelled():
             return
@@ -268,6 +286,11 @@ class GroupInput:
             self.commit_outage.recovered()
         else:
             self.commit_outage.failed(f"committing {what}: {describe_error(exc)}")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class OutputBatch:

@@ -19,6 +19,7 @@ from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
 from ebpf_apm.producer.errors import TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
+from ebpf_apm.producer.path_redaction import PathRedactor
 from ebpf_apm.producer.pipeline import (
     AgentPipeline,
     PipelineSettings,
@@ -72,6 +73,7 @@ class AgentConfig:
     config: str | None
     kubernetes: KubernetesSettings | None
     health_file: str | None
+    path_redactor: PathRedactor
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
@@ -103,6 +105,8 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
             pipeline.attach(target)
             _log_attached(target)
         log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
+        log.info("URL paths: query strings cut, segments redacted: %s",
+                 config.path_redactor.describe())  # fmt: skip
         log.info(
             "tracing %d process(es)%s; publishing to %s on %s",
             len(targets),
@@ -155,7 +159,14 @@ def _record_streams(
         RecordStream(
             "spans",
             (probes.span_reader, probes.http_reader),
-            SpanBatcher(config.node_name, names.names, process_info, offset, **limits),
+            SpanBatcher(
+                config.node_name,
+                names.names,
+                process_info,
+                offset,
+                **limits,
+                redactor=config.path_redactor,
+            ),
             _publisher(config, config.span_topic),
         )
     ]
