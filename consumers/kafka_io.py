@@ -34,7 +34,7 @@ from aiokafka.partitioner import murmur2
 from ebpf_apm.consumers.errors import ConsumerKafkaError
 from ebpf_apm.consumers.outage import Outage
 from ebpf_apm.kafka import topics
-from ebpf_apm.kafka.clients import new_consumer, new_producer
+from ebpf_apm.kafka.clients import new_consumer, new_producer, stop_producer
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.deadletter import DeadLetter
 from ebpf_apm.kafka.errors import describe_error, unreachable_hint
@@ -406,7 +406,7 @@ class AckedOutput:
             return True
         flushed = await self.flush(timeout_s)
         try:
-            await self._producer.stop()
+            await stop_producer(self._producer, flushed)
         except KafkaError as exc:
             log.warning("stopping the producer: %s", describe_error(exc))
             return False

@@ -33,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from ebpf_apm.errors import InputError
-from ebpf_apm.kafka.clients import new_producer
+from ebpf_apm.kafka.clients import new_producer, stop_producer
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.errors import describe_error
 from ebpf_apm.producer.errors import AgentError
@@ -51,7 +51,6 @@ _DROP_WARNING_INTERVAL_S = 60.0
 _WATCH_INTERVAL_S = 1.0
 _STALL_S = 3.0
 _SILENT_S = 10.0
-_STOP_GRACE_S = 1.0
 
 
 class PublisherError(AgentError):
@@ -165,26 +164,6 @@ async def _probe(servers: list[tuple[str, int]]) -> str | None:
             await writer.wait_closed()
         return None
     return "; ".join(errors) or "no address"
-
-
-async def _stop_producer(producer: AIOKafkaProducer, flushed: bool) -> None:
-    """producer.stop(), without waiting send_timeout_s for batches a dead broker won't take.
-
-    aiokafka's stop() waits until every batch it holds is delivered or expired. When our
-    flush already timed out, stop its sender after a short grace instead, and stop() then
-    completes; close() counts the batches as lost. This reaches into aiokafka 0.14 (pinned
-    below 0.15); without that attribute stop() is only slower.
-    """
-    stopping = asyncio.create_task(producer.stop())
-    if not flushed:
-        done, _ = await asyncio.wait({stopping}, timeout=_STOP_GRACE_S)
-        sender = getattr(producer, "_sender", None)
-        if not done and sender is not None:
-            # stop() returns once the sender task is done. aiokafka's own flush task stays
-            # pending on the abandoned batches until the event loop shuts down. (Failing them
-            # with the accumulator's fail_all() trips over re-enqueued batches in 0.14.)
-            await sender.close()
-    await stopping
 
 
 class KafkaPublisher:
@@ -330,7 +309,7 @@ class KafkaPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._producer is not None:
-            await _stop_producer(self._producer, flushed)
+            await stop_producer(self._producer, flushed)
             self._producer = None
             # Delivery callbacks of batches acknowledged during stop() run on the next loop
             # iteration; let them count before the rest is declared lost.
