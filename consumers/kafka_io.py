@@ -93,8 +93,8 @@ async def _fetch(
     except KafkaError as exc:
         raise ConsumerKafkaError(
             f"reading {', '.join(topics)} from Kafka at {connection} failed: "
-            f"{describe_error(exc)}; check the broker, then start again (input is read again "
-            "from the last commit)"
+            f"{describe_error(exc)}; check the broker (input is read again from the last "
+            "commit)"
         ) from exc
 
 
