@@ -16,6 +16,12 @@ those windows again after the restart (same content): apm.latency is at-least-on
 
 One aggregator per group holds all partitions' windows; a second member of the group would
 write partial windows of its own partitions over the first one's.
+
+Outages. Publishing closed windows, storing them and dead-lettering are retried with
+backoff and jitter until they succeed (`Outage`: one log line when the wait starts, one when
+it ends); meanwhile nothing is committed and no new input is read, so a broker or database
+outage of any length costs time, never data. A stop during the wait exits 1 without
+committing: the next start replays the same input.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY
 from ebpf_apm.consumers.latency_store import LatencyRow, LatencyStore, redact_url
+from ebpf_apm.consumers.outage import Outage
 from ebpf_apm.consumers.route_template import SeriesRegistry
 from ebpf_apm.consumers.series_resolver import SeriesResolver
 from ebpf_apm.consumers.span_columns import decode_spans, explain_bad_span
@@ -116,6 +123,8 @@ class AggregateService:
         self.writes = 0
         self.deadlettered = 0
         self.generation = 0  # counts revocations
+        self.storage_outage = Outage(f"storage {store.url}")
+        self._stop = asyncio.Event()  # run()'s: retries give up when it is set
 
     @classmethod
     async def resume(
@@ -148,7 +157,8 @@ class AggregateService:
     # -- life cycle -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Aggregate until `stop` is set; Kafka and storage failures are raised."""
+        """Aggregate until `stop` is set; waits out Kafka and storage outages."""
+        self._stop = stop
         await self.start()
         try:
             await self.loop(stop)
@@ -284,18 +294,27 @@ class AggregateService:
             )
             for r in records
         ]
-        await self.output.deliver_dead_letters(letters)
+        await self.output.outage.retry(
+            f"dead-lettering {len(letters)} message(s)",
+            lambda: self.output.deliver_dead_letters(letters),
+            self._stop,
+        )
         self.deadlettered += len(letters)
         self.telemetry.dead_lettered(self.config.spans_topic, "undecodable", len(letters))
 
     async def emit(self, closed: list[ClosedWindow]) -> None:
         """Publish, then store (durably), the closed windows; offsets are committed after."""
         rows = self.rows_of(closed)
-        await self.output.deliver(
-            self.config.latency_topic, [(row.series.encode(), self.encode(row)) for row in rows]
+        messages = [(row.series.encode(), self.encode(row)) for row in rows]
+        await self.output.outage.retry(
+            f"publishing {len(rows)} windows to {self.config.latency_topic}",
+            lambda: self.output.deliver(self.config.latency_topic, messages),
+            self._stop,
         )
         self.telemetry.acked(self.config.latency_topic, len(rows))
-        await self.write(rows)
+        await self.storage_outage.retry(
+            f"writing {len(rows)} windows", lambda: self.write(rows), self._stop
+        )
         self.writes += 1
         self.metrics.written(rows)
         stats = self.aggregator.stats

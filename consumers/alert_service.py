@@ -12,6 +12,9 @@ live: windows close every --window). Offsets are committed when nothing is pendi
 
 Rule state (streaks, which alerts fire) lives in memory: after a restart a rule needs its
 `for` windows again, and an alert that was firing fires again if the condition still holds.
+
+Outages: publishing transitions and dead letters is retried with backoff until Kafka takes
+them (one log line when the wait starts, one when it ends); nothing is committed meanwhile.
 """
 
 from __future__ import annotations
@@ -79,9 +82,11 @@ class AlertService:
         self.next_offsets: dict[TopicPart, int] = {}
         self.transitions = 0
         self.deadlettered = 0
+        self._stop = asyncio.Event()  # run()'s: retries give up when it is set
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Evaluate until `stop` is set; Kafka failures are raised."""
+        """Evaluate until `stop` is set; waits out Kafka outages."""
+        self._stop = stop
         await self.start()
         try:
             await self.loop(stop)
@@ -136,11 +141,7 @@ class AlertService:
                     last = records[-1]
                     self.next_offsets[(last.topic, last.partition)] = last.offset + 1
             if rejected:
-                await self.output.deliver_dead_letters(rejected)
-                self.deadlettered += len(rejected)
-                self.telemetry.dead_lettered(
-                    self.config.latency_topic, "undecodable", len(rejected)
-                )
+                await self._dead_letter(rejected)
             now = time.monotonic_ns()
             if batches:
                 last_input = now
@@ -151,6 +152,15 @@ class AlertService:
             ready = self.next_offsets and not self.engine.pending_windows
             if ready and await self.input.commit(self.next_offsets):
                 self.next_offsets = {}
+
+    async def _dead_letter(self, letters: list[DeadLetter]) -> None:
+        await self.output.outage.retry(
+            f"dead-lettering {len(letters)} window(s)",
+            lambda: self.output.deliver_dead_letters(letters),
+            self._stop,
+        )
+        self.deadlettered += len(letters)
+        self.telemetry.dead_lettered(self.config.latency_topic, "undecodable", len(letters))
 
     def _decode(self, record: InputRecord, rejected: list[DeadLetter]) -> dict[str, Any] | None:
         try:
@@ -171,9 +181,11 @@ class AlertService:
     async def publish(self, transitions: list[Transition]) -> None:
         if not transitions:
             return
-        await self.output.deliver(
-            self.config.alerts_topic,
-            [(t.key.encode(), self.alert_codec.encode(t.as_record())) for t in transitions],
+        messages = [(t.key.encode(), self.alert_codec.encode(t.as_record())) for t in transitions]
+        await self.output.outage.retry(
+            f"publishing {len(messages)} alert transition(s)",
+            lambda: self.output.deliver(self.config.alerts_topic, messages),
+            self._stop,
         )
         self.transitions += len(transitions)
         self.telemetry.acked(self.config.alerts_topic, len(transitions))

@@ -11,6 +11,11 @@ Kafka acknowledgements update the ledgers as they arrive; offsets are committed 
 `commit_interval_s`, on partition revocation and at exit. On revocation the partition's
 state is dropped after that commit: the next owner re-reads from the committed offsets, so
 a span is emitted at least once (a replay has the same span_id).
+
+Outages. A frozen broker only delays acknowledgements (output waits up to kafka_io's
+OUTPUT_TIMEOUT_MS); output Kafka gave up on (a broker that died, an outage longer than that)
+rewinds the join: every partition's state is dropped and its input read again from the last
+commit, after a backoff, as a revocation would. The join never exits because Kafka went away.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ebpf_apm.consumers.kafka_io import (
     TopicPart,
 )
 from ebpf_apm.consumers.offset_ledger import EmitStep, EmitSteps, InputMessage, TopicPartitionLedger
+from ebpf_apm.consumers.outage import stopped_within
 from ebpf_apm.consumers.span_avro import encode_spans
 from ebpf_apm.consumers.span_joiner import JoinCounters, JoinedSpans, JoinSettings, PartitionJoiner
 from ebpf_apm.kafka import topics
@@ -78,6 +84,16 @@ class _Partition:
     net: TopicPartitionLedger = field(default_factory=TopicPartitionLedger)
     steps: EmitSteps = field(default_factory=EmitSteps)
     committed: dict[str, int] = field(default_factory=dict)
+    first_read: dict[str, int] = field(default_factory=dict)  # topic -> first offset read
+
+    def rewind_offsets(self) -> dict[TopicPart, int]:
+        """Where to read this partition again from: the last commit, else the first read."""
+        offsets = {}
+        for topic in (SPAN_TOPIC, NET_TOPIC):
+            offset = self.committed.get(topic, self.first_read.get(topic))
+            if offset is not None:
+                offsets[(topic, self.number)] = offset
+        return offsets
 
 
 @dataclass
@@ -88,6 +104,7 @@ class JoinTotals:
     unmatched: int = 0
     dead_letters: int = 0
     spans_acked: int = 0
+    rewinds: int = 0
     # time.monotonic() of the first record read and of the latest acknowledgement.
     first_input_at: float | None = None
     last_acked_at: float | None = None
@@ -112,20 +129,21 @@ class JoinTotals:
             f"waiting {waiting} spans, keeping {kept} net events; "
             f"late {j.spans_late} spans (emitted) + {j.net_late} net events (dropped); "
             f"unmatched {unmatched} net events; truncated {j.spans_truncated} spans; "
-            f"dead letters {self.dead_letters}"
+            f"dead letters {self.dead_letters}; rewinds after Kafka failures {self.rewinds}"
         )
 
 
 class _Delivery:
     """What one acknowledged output batch completes."""
 
-    __slots__ = ("sources", "step", "steps", "spans")
+    __slots__ = ("sources", "step", "steps", "spans", "rewinds")
 
-    def __init__(self, step: EmitStep | None, steps: EmitSteps | None) -> None:
+    def __init__(self, step: EmitStep | None, steps: EmitSteps | None, rewinds: int) -> None:
         self.sources: dict[InputMessage, int] = {}
         self.step = step
         self.steps = steps
         self.spans = 0
+        self.rewinds = rewinds  # state it belongs to: failures of older state are moot
 
 
 class JoinService:
@@ -159,6 +177,7 @@ class JoinService:
         # Why the service stopped on its own: raised when it has shut down cleanly.
         self._failure: ConsumerError | None = None
         self._dead: list[tuple[DeadLetter, InputMessage]] = []
+        self._rewind_reason: str | None = None  # output failed: read input again
         self.totals = JoinTotals()
         self.telemetry.server.register(JoinCollector(self))
 
@@ -218,6 +237,12 @@ class JoinService:
     async def _loop(self, started: float) -> None:
         last_commit = last_stats = time.monotonic()
         while not self._stop.is_set():
+            if self._rewind_reason is not None:
+                delay = self._output.outage.failed(self._rewind_reason)
+                if await stopped_within(self._stop, delay):
+                    break
+                await self._rewind()
+            self._output.check_stalled()
             polled = await self._input.poll(self.config.poll_ms)
             self.telemetry.turned()
             for (topic, _), polled_records in polled.items():
@@ -290,6 +315,8 @@ class JoinService:
             )
         now = self._clock()
         async with self._lock:
+            # A broker that lost its topics (a restarted in-memory one) may have new counts.
+            await self._output.refresh_partitions((OUTPUT_TOPIC,))
             for number in sorted(span_parts & net_parts):
                 self._partition(number, now)
         log.info("assigned partitions %s", sorted(span_parts & net_parts))
@@ -324,6 +351,34 @@ class JoinService:
         self.totals.joined.add(part.joiner.counters)
         self.totals.unmatched += part.joiner.unmatched_events
 
+    # -- outages ----------------------------------------------------------------------------
+
+    def _output_failed(self, delivery: _Delivery | None, why: str) -> None:
+        """Kafka gave up on output: rewind (once per failure of the current state)."""
+        current = delivery is None or delivery.rewinds == self.totals.rewinds
+        if current and self._rewind_reason is None:
+            self._rewind_reason = why
+
+    async def _rewind(self) -> None:
+        """Drop every partition's state and read its input again from the last commit, as a
+        revocation would; the spans that come out again keep their span_id."""
+        async with self._lock:
+            self._generation += 1  # records polled before now are read again
+            self.totals.rewinds += 1
+            offsets: dict[TopicPart, int] = {}
+            for part in self._partitions.values():
+                offsets.update(part.rewind_offsets())
+                self._forget(part)
+            self._partitions.clear()
+            self._dead = []
+            self._input.seek(offsets)
+            reason, self._rewind_reason = self._rewind_reason, None
+        log.warning(
+            "output to Kafka failed (%s): reading input again from %s",
+            reason,
+            ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(offsets.items())) or "the start",
+        )
+
     # -- input ------------------------------------------------------------------------------
 
     def _read(self, records: list[InputRecord], now_ns: int) -> None:
@@ -332,6 +387,7 @@ class JoinService:
             if (r.topic, r.partition) not in assigned:
                 continue  # not ours any more: the new owner reads it
             part = self._partition(r.partition, now_ns)
+            part.first_read.setdefault(r.topic, r.offset)
             if r.topic == SPAN_TOPIC:
                 spans = read_span_message(r.topic, r.partition, r.offset, r.key, r.value)
                 if isinstance(spans, DeadLetter):
@@ -349,15 +405,15 @@ class JoinService:
 
     async def _send_dead_letters(self) -> None:
         for letter, message in self._dead:
-            self.totals.dead_letters += 1
-            self.telemetry.dead_lettered(letter.source.rsplit("/", 2)[0], "undecodable")
-            delivery = _Delivery(None, None)
+            delivery = _Delivery(None, None, self.totals.rewinds)
             delivery.sources[message] = 1
             try:
                 future = await self._output.dead_letter(letter)
             except ConsumerKafkaError as exc:
-                self._fail(exc)
+                self._output_failed(None, str(exc))
                 break
+            self.totals.dead_letters += 1
+            self.telemetry.dead_lettered(letter.source.rsplit("/", 2)[0], "undecodable")
             future.add_done_callback(functools.partial(self._delivered, delivery))
         self._dead = []
 
@@ -401,7 +457,7 @@ class JoinService:
     def _new_batch(
         self, topic: str, number: int, step: EmitStep, steps: EmitSteps
     ) -> tuple[OutputBatch, _Delivery]:
-        return self._output.new_batch(topic, number), _Delivery(step, steps)
+        return self._output.new_batch(topic, number), _Delivery(step, steps, self.totals.rewinds)
 
     async def _send(self, batch: OutputBatch, delivery: _Delivery) -> None:
         if not batch.count:
@@ -409,7 +465,7 @@ class JoinService:
         try:
             future = await self._output.send(batch)
         except ConsumerKafkaError as exc:
-            self._fail(exc)
+            self._output_failed(delivery, str(exc))
             return
         if delivery.step is not None:
             delivery.step.outstanding += 1
@@ -419,13 +475,7 @@ class JoinService:
         error = None if future.cancelled() else future.exception()
         if future.cancelled() or error is not None:
             why = describe_error(error) if error is not None else "cancelled"
-            self._fail(
-                ConsumerKafkaError(
-                    f"Kafka did not acknowledge output ({why}); the join stopped without "
-                    "committing past it: check the broker and restart the join, it re-reads "
-                    "that input"
-                )
-            )
+            self._output_failed(delivery, f"Kafka did not acknowledge output ({why})")
             return
         for message, count in delivery.sources.items():
             message.outstanding -= count

@@ -9,23 +9,32 @@
 Every consumer service (join, aggregate, alert, and those to come) reads and writes through
 these classes; the clients come from the shared edge (ebpf_apm.kafka.clients). This is the
 only consumer module that imports aiokafka.
+
+Outages. aiokafka reconnects by itself; these classes make sure a broker that is away for
+minutes costs waiting, never an exit: a failed fetch is retried after a backoff, a refused
+commit is carried by the next one, output waits up to `OUTPUT_TIMEOUT_MS` for a frozen
+broker before aiokafka gives a message up (the services then send it again or re-read its
+input). Each says once, through an `Outage`, what it is waiting for, and once that it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from aiokafka.errors import IllegalStateError, KafkaError
 from aiokafka.partitioner import murmur2
 
 from ebpf_apm.consumers.errors import ConsumerKafkaError
+from ebpf_apm.consumers.outage import Outage
 from ebpf_apm.kafka import topics
-from ebpf_apm.kafka.clients import new_consumer, new_producer
+from ebpf_apm.kafka.clients import new_consumer, new_producer, stop_producer
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.deadletter import DeadLetter
 from ebpf_apm.kafka.errors import describe_error, unreachable_hint
@@ -34,6 +43,22 @@ log = logging.getLogger(__name__)
 
 TopicPart = tuple[str, int]
 RebalanceCallback = Callable[[list[TopicPart]], Awaitable[None]]
+
+# How long output may wait for a broker before aiokafka fails it (its request timeout and
+# batch lifetime): a frozen broker of up to this long costs waiting, not a resend.
+OUTPUT_TIMEOUT_MS = 180_000
+# Output not acknowledged for this long is reported as waiting for Kafka.
+STALL_S = 5.0
+# A partition whose last fetch answer is older than this is not known to be caught up: a
+# frozen or restarting broker must not look like quiet input (services advance event time
+# on quiet input, and the events the outage held back would then arrive late).
+FETCH_FRESH_MS = 3_000
+# aiokafka retries a commit until it succeeds (while no coordinator answers, or for a
+# partition the broker no longer has). A commit is awaited this long; one that takes longer
+# goes on in the background, and no other starts until it ends (the next carries the
+# offsets) or is COMMIT_ABANDON_S old: then it is cancelled and a new one starts.
+COMMIT_TIMEOUT_S = 2.0
+COMMIT_ABANDON_S = 30.0
 
 
 class InputRecord(Protocol):
@@ -69,8 +94,8 @@ async def _fetch(
     except KafkaError as exc:
         raise ConsumerKafkaError(
             f"reading {', '.join(topics)} from Kafka at {connection} failed: "
-            f"{describe_error(exc)}; check the broker, then start again (input is read again "
-            "from the last commit)"
+            f"{describe_error(exc)}; check the broker (input is read again from the last "
+            "commit)"
         ) from exc
 
 
@@ -118,6 +143,10 @@ class GroupInput:
         self._session_timeout_ms = session_timeout_ms
         self._from_beginning = from_beginning
         self._consumer: AIOKafkaConsumer | None = None
+        self._committing: asyncio.Future[None] | None = None
+        self._commit_started = 0.0
+        self.outage = Outage(f"Kafka at {connection} (group {group!r} reading {', '.join(topics)})")
+        self.commit_outage = Outage(f"Kafka at {connection} (group {group!r} committing offsets)")
 
     async def start(self) -> None:
         # Created here, not in __init__: an unstarted aiokafka client warns when collected.
@@ -151,6 +180,9 @@ class GroupInput:
         return self._consumer
 
     async def stop(self) -> None:
+        if self._committing is not None and not self._committing.done():
+            await asyncio.wait({self._committing}, timeout=COMMIT_TIMEOUT_S)
+            self._abandon_commit()
         if self._consumer is not None:
             try:
                 await self._consumer.stop()
@@ -161,8 +193,16 @@ class GroupInput:
         self, timeout_ms: int, max_records: int | None = None
     ) -> dict[TopicPart, list[InputRecord]]:
         """Records fetched since the last poll (at most `max_records`), per partition in
-        offset order."""
-        batches = await _fetch(self._started, self.connection, self.topics, timeout_ms, max_records)
+        offset order; nothing (after a backoff) while Kafka fails the fetch."""
+        try:
+            batches = await _fetch(
+                self._started, self.connection, self.topics, timeout_ms, max_records
+            )
+        except ConsumerKafkaError as exc:
+            await asyncio.sleep(min(self.outage.failed(str(exc)), timeout_ms / 1000 + 1))
+            return {}
+        if batches:
+            self.outage.recovered()
         return {(tp.topic, tp.partition): list(records) for tp, records in batches.items()}
 
     def pause(self) -> None:
@@ -175,15 +215,28 @@ class GroupInput:
         consumer = self._started
         consumer.resume(*consumer.paused())
 
+    def seek(self, offsets: dict[TopicPart, int]) -> None:
+        """Read these partitions again from these offsets (those still assigned)."""
+        consumer = self._started
+        assigned = consumer.assignment()
+        for (topic, partition), offset in offsets.items():
+            tp = TopicPartition(topic, partition)
+            if tp in assigned:
+                consumer.seek(tp, offset)
+
     async def caught_up(self, topic: str, partition: int) -> bool:
-        """Whether everything Kafka had for the partition at the last fetch has been read."""
+        """Whether everything Kafka had for the partition at a recent fetch has been read."""
         tp = TopicPartition(topic, partition)
+        consumer = self._started
         try:
-            highwater = self._started.highwater(tp)
+            highwater = consumer.highwater(tp)
             # No fetch answered yet (highwater None): not known to be caught up.
-            return highwater is not None and await self._started.position(tp) >= highwater
+            if highwater is None or await consumer.position(tp) < highwater:
+                return False
+            answered_ms = consumer.last_poll_timestamp(tp)
         except (AssertionError, IllegalStateError):  # no longer assigned (rebalancing)
             return False
+        return answered_ms is not None and time.time() * 1000 - answered_ms <= FETCH_FRESH_MS
 
     async def all_caught_up(self) -> bool:
         """Whether every assigned partition is caught up (False while nothing is assigned)."""
@@ -218,22 +271,60 @@ class GroupInput:
         return lags
 
     async def commit(self, offsets: dict[TopicPart, int]) -> bool:
-        """Commit; False (logged) when Kafka refused, e.g. the group moved on and the
-        partitions are gone: the next owner reads again from the last committed offsets."""
+        """Commit; False when Kafka refused or did not answer within COMMIT_TIMEOUT_S (said
+        once per outage): the next commit carries the same or newer offsets, or the next
+        owner of the partitions reads that input again."""
+        consumer = self._started
+        # Only partitions the broker has now: a restarted in-memory broker may have fewer.
+        offsets = {
+            (t, p): o
+            for (t, p), o in offsets.items()
+            if p in (consumer.partitions_for_topic(t) or ())
+        }
         if not offsets:
             return True
-        try:
-            await self._started.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
-        except (CommitFailedError, KafkaError) as exc:
-            log.warning(
-                "could not commit offsets of group %r (%s): %s; the next commit carries them, "
-                "or the next owner reads that input again",
-                self.group,
-                ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(offsets.items())),
-                describe_error(exc),
-            )
+        loop = asyncio.get_running_loop()
+        if self._committing is not None and not self._committing.done():
+            if loop.time() - self._commit_started < COMMIT_ABANDON_S:
+                return False  # the last commit still waits for Kafka
+            self._abandon_commit()
+        self._commit_started = loop.time()
+        what = ", ".join(f"{t}/{p}@{o}" for (t, p), o in sorted(offsets.items()))
+        committing = asyncio.ensure_future(
+            consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+        )
+        committing.add_done_callback(functools.partial(self._committed, what))
+        self._committing = committing
+        done, _ = await asyncio.wait({committing}, timeout=COMMIT_TIMEOUT_S)
+        if not done:
+            self.commit_outage.failed(f"committing {what}: no answer in {COMMIT_TIMEOUT_S:g} s")
             return False
-        return True
+        return not committing.cancelled() and committing.exception() is None
+
+    def _abandon_commit(self) -> None:
+        """Cancel a commit aiokafka keeps retrying. Its request runs in a task of its own
+        (shielded); its error, once it comes, is retrieved here so that asyncio does not
+        report it as never retrieved (reaches into aiokafka 0.14, pinned below 0.15)."""
+        if self._committing is None or self._committing.done():
+            return
+        self._committing.cancel()
+        for task in asyncio.all_tasks():
+            if getattr(task.get_coro(), "__qualname__", "").endswith("._do_commit_offsets"):
+                task.add_done_callback(_retrieve)
+
+    def _committed(self, what: str, committing: asyncio.Future[None]) -> None:
+        if committing.cancelled():
+            return
+        exc = committing.exception()  # retrieved here, whoever still waits for it
+        if exc is None:
+            self.commit_outage.recovered()
+        else:
+            self.commit_outage.failed(f"committing {what}: {describe_error(exc)}")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class OutputBatch:
@@ -277,6 +368,9 @@ class AckedOutput:
         self._producer_or_none: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
+        self.outage = Outage(f"Kafka at {connection} (acknowledging output)")
+        self._unacked: set[asyncio.Future[object]] = set()
+        self._progress_at = 0.0  # loop time of the last acknowledgement, or of the first send
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -287,18 +381,50 @@ class AckedOutput:
     async def start(self, keyed_topics: Iterable[str] = ()) -> None:
         """Connect; learn the partition counts of the topics `partition_of` is asked about."""
         self._producer_or_none = producer = new_producer(
-            self.connection, self._client_id, compression=self._compression
+            self.connection,
+            self._client_id,
+            compression=self._compression,
+            request_timeout_ms=OUTPUT_TIMEOUT_MS,
         )
         try:
             await producer.start()
-            for topic in keyed_topics:
-                self._partitions[topic] = len(await producer.partitions_for(topic))
+            await self.refresh_partitions(keyed_topics)
         except KafkaError as exc:
             await producer.stop()
             raise ConsumerKafkaError(
                 f"cannot start a producer on Kafka at {self.connection}: "
                 f"{describe_error(exc)}; {unreachable_hint(exc)}"
             ) from exc
+
+    async def refresh_partitions(self, keyed_topics: Iterable[str]) -> None:
+        """(Re)learn the partition counts `partition_of` uses: after a broker lost its
+        topics (a restarted in-memory broker) they may differ."""
+        for topic in keyed_topics:
+            self._partitions[topic] = len(await self._producer.partitions_for(topic))
+        self._partition_of_key.clear()
+
+    def _track(self, future: asyncio.Future[object]) -> asyncio.Future[object]:
+        """Count the message as unacknowledged until its future resolves."""
+        if not self._unacked:
+            self._progress_at = asyncio.get_running_loop().time()
+        self._unacked.add(future)
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, future: asyncio.Future[object]) -> None:
+        self._unacked.discard(future)
+        if not future.cancelled() and future.exception() is None:
+            self._progress_at = asyncio.get_running_loop().time()
+            self.outage.recovered()
+
+    def check_stalled(self) -> None:
+        """Say (once) that output waits for Kafka when nothing was acknowledged for STALL_S."""
+        if self._unacked and not self.outage.waiting:
+            stalled = asyncio.get_running_loop().time() - self._progress_at
+            if stalled >= STALL_S:
+                self.outage.failed(
+                    f"{len(self._unacked)} message batch(es) not acknowledged for {stalled:.0f} s"
+                )
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait up to timeout_s for every message handed over to be acknowledged (or failed)."""
@@ -314,7 +440,7 @@ class AckedOutput:
             return True
         flushed = await self.flush(timeout_s)
         try:
-            await self._producer.stop()
+            await stop_producer(self._producer, flushed)
         except KafkaError as exc:
             log.warning("stopping the producer: %s", describe_error(exc))
             return False
@@ -341,7 +467,7 @@ class AckedOutput:
             )
         except KafkaError as exc:
             raise self._send_error(batch.topic, exc) from exc
-        return future
+        return self._track(future)
 
     async def send_one(
         self,
@@ -356,7 +482,7 @@ class AckedOutput:
             )
         except KafkaError as exc:
             raise self._send_error(topic, exc) from exc
-        return future
+        return self._track(future)
 
     async def dead_letter(self, letter: DeadLetter) -> asyncio.Future[object]:
         """Send a rejected input message to the dead-letter topic, unchanged, with why."""
@@ -378,20 +504,23 @@ class AckedOutput:
         await self._acknowledged(self.deadletter_topic, futures)
 
     async def _acknowledged(self, topic: str, futures: list[asyncio.Future[object]]) -> None:
+        gathered = asyncio.gather(*futures)
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=STALL_S)
+            if done:
+                break
+            self.check_stalled()
         try:
-            await asyncio.gather(*futures)
+            gathered.result()
         except KafkaError as exc:
             raise ConsumerKafkaError(
                 f"Kafka at {self.connection} did not acknowledge {len(futures)} message(s) for "
-                f"{topic}: {describe_error(exc)}; check the broker, then restart (the input "
-                "that was not committed is read again)"
+                f"{topic}: {describe_error(exc)}"
             ) from exc
 
     def _send_error(self, topic: str, exc: KafkaError) -> ConsumerKafkaError:
         return ConsumerKafkaError(
-            f"cannot hand output for {topic} to Kafka at {self.connection}: "
-            f"{describe_error(exc)}; check the broker and restart (the input that was not "
-            "committed is read again)"
+            f"cannot hand output for {topic} to Kafka at {self.connection}: {describe_error(exc)}"
         )
 
 

@@ -11,18 +11,25 @@ crash) leaves the same row. The same transaction records the aggregator's waterm
 
 This is the only module that imports the storage drivers (sqlite3, asyncpg). SQLite runs in
 WAL mode with synchronous=FULL: a committed write survives a crash of the process and of
-the machine. SQLite calls block the event loop for the few milliseconds a write takes.
+the machine. SQLite calls block the event loop for the few milliseconds a write takes. The
+SQLite file and its -wal/-shm companions are created 0600 (owner only).
+
+A store's `url` is the storage URL with its password redacted (`redact_url`): safe for logs,
+errors and status lines; the real one is only used to connect. A PostgreSQL store that lost
+its connection (server restarted) reconnects on the next call; the failed call raises
+`StorageError`, which the aggregator retries with backoff.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from ebpf_apm.consumers.errors import ConsumerConfigError, ConsumerError
 from ebpf_apm.consumers.latency_sketch import LatencySketch
@@ -209,20 +216,30 @@ def _row(values: Sequence[Any]) -> LatencyRow:
     return LatencyRow(*out)
 
 
+def _create_private(path: str) -> None:
+    """Create the database file 0600 if it does not exist (SQLite would create it 0644 under
+    the usual umask); SQLite gives its -wal and -shm files the database file's mode."""
+    if path == ":memory:" or path.startswith("file:"):
+        return
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 class SqliteStore(LatencyStore):
     def __init__(self, url: str, path: str) -> None:
-        self.url = url
+        self.url = redact_url(url)
         self.path = path
         try:
+            _create_private(path)
             self._db = sqlite3.connect(path, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA busy_timeout=10000")
             for statement in _schema("BLOB"):
                 self._db.execute(statement)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(
-                f"cannot open SQLite database {path!r} ({url}): {exc}; check that the "
+                f"cannot open SQLite database {path!r} ({self.url}): {exc}; check that the "
                 "directory exists and is writable"
             ) from exc
 
@@ -289,10 +306,20 @@ class SqliteStore(LatencyStore):
         self._db.close()
 
 
+def _postgres_errors() -> tuple[type[BaseException], ...]:
+    """What asyncpg raises when the server refuses or goes away (a closed connection is an
+    InterfaceError, not a PostgresError)."""
+    import asyncpg  # only the PostgreSQL backend needs it
+
+    return (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
 class PostgresStore(LatencyStore):
-    def __init__(self, url: str, connection: Any) -> None:
-        self.url = url
-        self._db = connection
+    def __init__(self, url: str, connection: Any, timeout_s: float) -> None:
+        self.url = redact_url(url)
+        self._real_url = url  # only to connect again: never printed
+        self._timeout_s = timeout_s
+        self._db: Any = connection
 
     @classmethod
     async def connect(cls, url: str, timeout_s: float = 10.0) -> PostgresStore:
@@ -300,10 +327,10 @@ class PostgresStore(LatencyStore):
 
         try:
             connection = await asyncpg.connect(url, timeout=timeout_s)
-        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        except _postgres_errors() as exc:
             raise StorageError(
-                f"cannot connect to PostgreSQL at {redact_url(url)}: {type(exc).__name__}: {exc}; "
-                "check that the server runs and the URL's user, password and database"
+                f"cannot connect to PostgreSQL at {redact_url(url)}: {type(exc).__name__}: "
+                f"{exc}; check that the server runs and the URL's user, password and database"
             ) from exc
         try:
             async with connection.transaction():
@@ -317,25 +344,39 @@ class PostgresStore(LatencyStore):
                 f"cannot create the tables in PostgreSQL at {redact_url(url)}: {exc}; "
                 "the user needs CREATE on the database"
             ) from exc
-        return cls(url, connection)
+        return cls(url, connection, timeout_s)
 
-    def _fail(self, action: str, exc: Exception) -> StorageError:
-        return StorageError(f"PostgreSQL {redact_url(self.url)}: {action} failed: {exc}")
+    async def _connection(self) -> Any:
+        """The open connection; a new one when the last was lost (server restarted)."""
+        import asyncpg
+
+        if self._db.is_closed():
+            self._db = await asyncpg.connect(self._real_url, timeout=self._timeout_s)
+        return self._db
+
+    async def _lost(self) -> None:
+        """Drop a connection a failure may have left unusable: the next call reconnects."""
+        with contextlib.suppress(*_postgres_errors()):
+            await self._db.close(timeout=1)
+        self._db.terminate()
+
+    def _fail(self, action: str, exc: BaseException) -> StorageError:
+        return StorageError(f"PostgreSQL {self.url}: {action} failed: {type(exc).__name__}: {exc}")
 
     async def write(
         self, rows: Sequence[LatencyRow], *, consumer: str, window_ns: int, watermark_ns: int
     ) -> None:
-        import asyncpg
-
         marks = [f"${i + 1}" for i in range(len(COLUMNS))]
         try:
-            async with self._db.transaction():
+            db = await self._connection()
+            async with db.transaction():
                 if rows:
-                    await self._db.executemany(_upsert(marks), [r.values() for r in rows])
-                await self._db.execute(
+                    await db.executemany(_upsert(marks), [r.values() for r in rows])
+                await db.execute(
                     _progress_upsert(["$1", "$2", "$3"]), consumer, window_ns, watermark_ns
                 )
-        except (asyncpg.PostgresError, OSError) as exc:
+        except _postgres_errors() as exc:
+            await self._lost()
             raise self._fail(f"writing {len(rows)} windows", exc) from exc
 
     async def progress(self, consumer: str) -> Progress | None:
@@ -367,52 +408,55 @@ class PostgresStore(LatencyStore):
         return [_row(r) for r in await self._fetch("reading windows", query, *args)]
 
     async def _fetch(self, action: str, query: str, *args: Any) -> list[Any]:
-        import asyncpg
-
         try:
-            return list(await self._db.fetch(query, *args))
-        except (asyncpg.PostgresError, OSError) as exc:
+            return list(await (await self._connection()).fetch(query, *args))
+        except _postgres_errors() as exc:
+            await self._lost()
             raise self._fail(action, exc) from exc
 
     async def ping(self) -> None:
         import asyncpg
 
-        try:
-            await self._db.fetchval("SELECT 1", timeout=2.0)
+        try:  # reconnects after a lost connection, so readiness comes back with the server
+            await (await self._connection()).fetchval("SELECT 1", timeout=2.0)
         except asyncpg.InterfaceError as exc:
             # One connection serves the aggregator too: asyncpg refuses a second operation
             # while one is under way, before sending anything. A busy connection is alive.
             if "another operation is in progress" in str(exc):
                 return
             raise self._fail("ping", exc) from exc
-        except (asyncpg.PostgresError, OSError, TimeoutError) as exc:
+        except _postgres_errors() as exc:
             raise self._fail("ping", exc) from exc
 
     async def close(self) -> None:
         await self._db.close()
 
 
-_SECRET_PARAMETERS = frozenset({"password", "passwd", "sslpassword"})
+_SECRET_PARAMETERS = ("password", "passfile", "sslpassword", "sslkey")
 
 
 def redact_url(url: str) -> str:
-    """The URL as it may be printed: the password of `user:password@` and the values of
-    `?password=` (libpq's query parameter) replaced by `***`."""
+    """The storage URL with its secrets replaced by ***: `user:password@` and `?password=`
+    (and the other credential parameters libpq takes). The one way a storage URL is shown."""
     try:
         parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            user, _, host = netloc.rpartition("@")
-            netloc = f"{user.split(':', 1)[0]}:***@{host}"
-        query = "&".join(
-            f"{name}=***" if unquote(name).lower() in _SECRET_PARAMETERS else f"{name}={value}"
-            for name, _, value in (p.partition("=") for p in parts.query.split("&") if p)
-        )
-        if (netloc, query) == (parts.netloc, parts.query):
-            return url  # geturl() would drop a slash of sqlite:////absolute/path
-        return parts._replace(netloc=netloc, query=query).geturl()
-    except ValueError:  # not even a URL: nothing to show that could not hold a secret
-        return "(a storage URL that cannot be parsed)"
+        password = parts.password
+    except ValueError:  # not parseable as a URL: show nothing of it that could be secret
+        return "<unparseable storage URL>"
+    netloc = parts.netloc
+    if password is not None:
+        user_info, _, host = netloc.rpartition("@")
+        user = user_info.split(":", 1)[0]
+        netloc = f"{user}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() in _SECRET_PARAMETERS for k, _ in pairs):
+            redacted = [(k, "***" if k.lower() in _SECRET_PARAMETERS else v) for k, v in pairs]
+            query = urlencode(redacted, safe="*/:")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url  # geturl() would rewrite sqlite:///x as sqlite:/x
+    return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def sqlite_path(url: str) -> str:

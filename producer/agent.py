@@ -23,6 +23,7 @@ from ebpf_apm.producer.agent_metrics import AgentCollector
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
 from ebpf_apm.producer.errors import AgentError, TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
+from ebpf_apm.producer.path_redaction import PathRedactor
 from ebpf_apm.producer.pipeline import (
     AgentPipeline,
     PipelineSettings,
@@ -79,6 +80,7 @@ class AgentConfig:
     config: str | None
     kubernetes: KubernetesSettings | None
     health_file: str | None
+    path_redactor: PathRedactor
     metrics_address: str | None = None
 
 
@@ -131,6 +133,8 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
             pipeline.attach(target)
             _log_attached(target)
         log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
+        log.info("URL paths: query strings cut, segments redacted: %s",
+                 config.path_redactor.describe())  # fmt: skip
         log.info(
             "tracing %d process(es)%s; publishing to %s on %s",
             len(targets),
@@ -197,7 +201,14 @@ def _record_streams(
         RecordStream(
             "spans",
             (probes.span_reader, probes.http_reader),
-            SpanBatcher(config.node_name, names.names, process_info, offset, **limits),
+            SpanBatcher(
+                config.node_name,
+                names.names,
+                process_info,
+                offset,
+                **limits,
+                redactor=config.path_redactor,
+            ),
             _publisher(config, config.span_topic),
         )
     ]

@@ -18,6 +18,7 @@ from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_
 from ebpf_apm.producer.agent import COMPRESSIONS, AgentConfig, serve
 from ebpf_apm.producer.bpf_loader import NET_HOOKS
 from ebpf_apm.producer.errors import TargetError
+from ebpf_apm.producer.path_redaction import PLACEHOLDER, PathRedactor
 from ebpf_apm.producer.rule_targets import KubernetesSettings
 from ebpf_apm.telemetry import add_metrics_arguments, metrics_address_from_args
 
@@ -60,10 +61,24 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         kubernetes=kubernetes,
         health_file=args.health_file,
         metrics_address=metrics_address_from_args(args),
+        path_redactor=PathRedactor(args.redact_path or (), defaults=not args.no_default_redaction),
     )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redact-path",
+        metavar="PATTERN",
+        action="append",
+        help="regular expression matched against each whole URL path segment; a match is "
+        f"replaced by {PLACEHOLDER} before events leave the node (repeatable)",
+    )
+    parser.add_argument(
+        "--no-default-redaction",
+        action="store_true",
+        help="do not redact e-mail addresses, UUIDs, hex keys, JWT-like and long tokens in "
+        "URL paths by default (query strings are always cut)",
+    )
     parser.add_argument(
         "--config",
         metavar="FILE",

@@ -2,9 +2,13 @@
 
 The agent calls `KafkaPublisher.publish()` from its hot loop. A message goes into a buffer
 bounded by bytes and a background task hands it to aiokafka; the agent never waits for the
-network, only (briefly, `enqueue_timeout_s`) for room in the buffer. While the broker is down
-or slow the buffer absorbs the backlog; once it is full, new messages are dropped and counted,
-because losing fresh spans is better than blocking the probes' ring buffer reader.
+network. While the broker is down or slow the buffer absorbs the backlog; once it is full,
+new messages are dropped at once and counted, because losing fresh spans is better than
+blocking the probes' ring buffer reader (a drain loop that waited for room on every message
+of every process would pass the liveness probe's limit during an outage). Only while the
+broker is connected and acknowledging, and no message was dropped since the last one that
+fitted, does publish() wait briefly (`enqueue_timeout_s`) for the room its acknowledgements
+free.
 
 Every accepted message is accounted for: it ends up acknowledged, failed (a non-retriable
 error, logged once per kind), or reported as lost by `close()`. Messages that hit a
@@ -29,7 +33,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, KafkaTimeoutError
 
 from ebpf_apm.errors import InputError
-from ebpf_apm.kafka.clients import new_producer
+from ebpf_apm.kafka.clients import new_producer, stop_producer
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.errors import describe_error
 from ebpf_apm.producer.errors import AgentError
@@ -42,10 +46,11 @@ COMPRESSIONS = ("none", "gzip", "snappy", "lz4", "zstd")
 _ACKS: dict[str, int | str] = {"0": 0, "1": 1, "all": "all", "-1": "all"}
 _PROBE_TIMEOUT_S = 3.0
 _DROP_WARNING_INTERVAL_S = 60.0
-# The watchdog probes the broker when no acknowledgement came for _STALL_S.
+# The watchdog probes the broker when no acknowledgement came for _STALL_S; a broker that
+# accepts connections but acknowledges nothing for _SILENT_S (frozen, overloaded) is away too.
 _WATCH_INTERVAL_S = 1.0
 _STALL_S = 3.0
-_STOP_GRACE_S = 1.0
+_SILENT_S = 10.0
 
 
 class PublisherError(AgentError):
@@ -68,10 +73,12 @@ class PublisherConfig:
     max_request_size: int = 4 * MiB
     # Bytes of messages held while the broker is down or slow (accepted, not yet acknowledged).
     buffer_max_bytes: int = 64 * MiB
-    # How long publish() waits for room in a full buffer before dropping the message.
+    # How long publish() waits for room in a full buffer before dropping the message, while
+    # the broker is connected and acknowledging (never while it is away, nor while dropping).
     enqueue_timeout_s: float = 0.2
-    # How long aiokafka may try to deliver a message before we take it back and retry.
-    send_timeout_s: float = 30.0
+    # How long aiokafka may try to deliver a message before we take it back and retry: long
+    # enough that a broker frozen for a minute or two delays messages without reordering them.
+    send_timeout_s: float = 120.0
     client_id: str = "ebpf-apm-agent"
     # Reconnect / retry backoff: starts here and doubles up to retry_backoff_max_s.
     retry_backoff_s: float = 0.5
@@ -157,26 +164,6 @@ async def _probe(servers: list[tuple[str, int]]) -> str | None:
             await writer.wait_closed()
         return None
     return "; ".join(errors) or "no address"
-
-
-async def _stop_producer(producer: AIOKafkaProducer, flushed: bool) -> None:
-    """producer.stop(), without waiting send_timeout_s for batches a dead broker won't take.
-
-    aiokafka's stop() waits until every batch it holds is delivered or expired. When our
-    flush already timed out, stop its sender after a short grace instead, and stop() then
-    completes; close() counts the batches as lost. This reaches into aiokafka 0.14 (pinned
-    below 0.15); without that attribute stop() is only slower.
-    """
-    stopping = asyncio.create_task(producer.stop())
-    if not flushed:
-        done, _ = await asyncio.wait({stopping}, timeout=_STOP_GRACE_S)
-        sender = getattr(producer, "_sender", None)
-        if not done and sender is not None:
-            # stop() returns once the sender task is done. aiokafka's own flush task stays
-            # pending on the abandoned batches until the event loop shuts down. (Failing them
-            # with the accumulator's fail_all() trips over re-enqueued batches in 0.14.)
-            await sender.close()
-    await stopping
 
 
 class KafkaPublisher:
@@ -268,7 +255,9 @@ class KafkaPublisher:
             return False
         limit = self._config.buffer_max_bytes
         if self._buffered_bytes + size > limit:
-            if size <= limit:  # otherwise it can never fit: no point waiting
+            # Wait only when acknowledgements are coming: never while the broker is away,
+            # nor once dropping has started (each wait would stall the agent's drain loop).
+            if size <= limit and self._connected and not self._outage and not self._dropping:
                 loop = asyncio.get_running_loop()
                 deadline = loop.time() + self._config.enqueue_timeout_s
                 while self._buffered_bytes + size > limit:
@@ -320,7 +309,7 @@ class KafkaPublisher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._producer is not None:
-            await _stop_producer(self._producer, flushed)
+            await stop_producer(self._producer, flushed)
             self._producer = None
             # Delivery callbacks of batches acknowledged during stop() run on the next loop
             # iteration; let them count before the rest is declared lost.
@@ -566,9 +555,11 @@ class KafkaPublisher:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(_WATCH_INTERVAL_S)
-            stalled = self._unacked and loop.time() - self._waiting_since > _STALL_S
-            if stalled and not self._outage:
+            waited = loop.time() - self._waiting_since if self._unacked else 0.0
+            if waited > _STALL_S and not self._outage:
                 reason = await _probe(self._servers)
+                if reason is None and waited > _SILENT_S:
+                    reason = f"it accepts connections but acknowledged nothing for {waited:.0f} s"
                 if reason is not None and not self._outage:
                     self._connected = False
                     self._outage = True

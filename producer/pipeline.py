@@ -306,7 +306,7 @@ class AgentPipeline:
             f"untimed (table full) {kernel['table_full']}, "
             f"returns without entry {kernel['return_without_entry']}, "
             f"read failures {kernel['read_failed']}; span events acked {span_pub.acked_events}, "
-            f"dropped by publisher {span_pub.dropped_events}, failed {span_pub.failed_events}"
+            f"dropped by publisher {_drops(span_pub)}, failed {span_pub.failed_events}"
         )
         net = streams.get("net")
         if net is not None:
@@ -314,9 +314,12 @@ class AgentPipeline:
             line += (
                 f"; network events read {net.records_read}, kernel emitted "
                 f"{kernel['net_emitted']}, lost in kernel {kernel['net_ring_full']}, acked "
-                f"{net_pub.acked_events}, dropped {net_pub.dropped_events}, "
+                f"{net_pub.acked_events}, dropped {_drops(net_pub)}, "
                 f"failed {net_pub.failed_events}"
             )
+        if not all(s.publisher.stats.connected for s in self.streams):
+            buffered = sum(s.publisher.stats.buffered_bytes for s in self.streams)
+            line += f"; Kafka unreachable, {buffered} bytes buffered"
         if self.cost_meter is not None:
             line += "; probe cost: " + (self._cost_summary(final) or "no traced process")
         level = logging.WARNING if final and lost else logging.INFO
@@ -330,6 +333,13 @@ class AgentPipeline:
         rates = cost_rates(self._costs, costs, now - self._costs_at)
         self._costs, self._costs_at = costs, now
         return format_rates(rates)
+
+
+def _drops(stats: PublisherStats) -> str:
+    """ "N events (M messages, buffer full)": what the publisher dropped, exactly."""
+    if not stats.dropped_messages:
+        return "0"
+    return f"{stats.dropped_events} ({stats.dropped_messages} messages, buffer full)"
 
 
 def _dropped(stats: PublisherStats) -> int:

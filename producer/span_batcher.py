@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ebpf_apm.producer.event_layout import HTTP_PATH_MAX
+from ebpf_apm.producer.path_redaction import PathRedactor
 from ebpf_apm.schemas.event_batch import (
     HttpColumns,
     NetBatch,
@@ -169,9 +170,12 @@ class SpanBatcher(ProcessBatcher):
         boot_to_epoch_ns: int,
         max_events: int = 16384,
         max_delay_ns: int = 200_000_000,
+        redactor: PathRedactor | None = None,
     ) -> None:
         super().__init__(node, process_info, boot_to_epoch_ns, max_events, max_delay_ns)
         self.function_names = function_names  # shared, grows as functions are attached
+        # Secrets in paths never leave the node: redacted before the batch is encoded.
+        self.redactor = redactor if redactor is not None else PathRedactor()
 
     def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
         if tag == "http":
@@ -198,8 +202,9 @@ class SpanBatcher(ProcessBatcher):
                 _decode_text(m, int(n_))
                 for m, n_ in zip(http["method"], http["method_len"], strict=True)
             ]
+            redact = self.redactor.redact
             paths = [
-                _decode_text(p, min(int(n_), HTTP_PATH_MAX))
+                redact(_decode_text(p, min(int(n_), HTTP_PATH_MAX)))
                 for p, n_ in zip(http["path"], http["path_len"], strict=True)
             ]
             http_columns = HttpColumns(

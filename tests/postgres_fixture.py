@@ -8,7 +8,8 @@ temporary tree. The server is stopped by pid at the end of the session (SIGINT: 
 shutdown; SIGKILL if it lingers), and the kernel stops it if pytest itself dies.
 
 Fixtures: `postgres_server` (session: the server) and `postgres_url` (a new empty database
-per test, as a postgresql:// URL).
+per test, as a postgresql:// URL). Outage tests start a `PostgresServer` of their own and
+`pause()`/`resume()` it.
 """
 
 from __future__ import annotations
@@ -109,7 +110,13 @@ class PostgresServer:
         if initdb.returncode != 0:
             self.stop()
             pytest.fail(f"initdb failed ({initdb.returncode}):\n{initdb.stderr.decode()}")
-        log = (self._dir / "server.log").open("wb")
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
+        assert self._dir is not None
+        data = self._dir / "data"
+        log = (self._dir / "server.log").open("ab")
         if self._user:
             os.chown(self._dir / "server.log", pwd.getpwnam(self._user).pw_uid, -1)
         self._process = subprocess.Popen(
@@ -144,7 +151,14 @@ class PostgresServer:
         )
         log.close()
         self._wait_ready()
-        return self
+
+    def pause(self) -> None:
+        """Stop the server (fast shutdown: clients are disconnected), keeping its data."""
+        self._shut_down()
+
+    def resume(self) -> None:
+        """Start the paused server again on the same port and data."""
+        self._launch()
 
     def _log_tail(self) -> str:
         assert self._dir is not None
@@ -196,6 +210,12 @@ class PostgresServer:
         return self.url(name)
 
     def stop(self) -> None:
+        self._shut_down()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def _shut_down(self) -> None:
         process = self._process
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -206,9 +226,6 @@ class PostgresServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(process.pid, signal.SIGKILL)
                 process.wait()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 from aiokafka import AIOKafkaProducer
 from kafka_fixtures import read_topic, unique_topic
+from postgres_fixture import PostgresServer
 
 from ebpf_apm import cli
 from ebpf_apm.consumers import query_command
@@ -450,3 +451,40 @@ def test_bad_settings_exit_2_with_what_to_do(
     args = ["--storage", db, "--window", "10s", "--bootstrap-servers", "127.0.0.1:1"]
     assert cli.main(["aggregate", *args]) == 2
     assert "use the same --window" in capsys.readouterr().err
+
+
+def test_a_database_outage_is_waited_out_and_every_window_written(
+    kafka_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """PostgreSQL stops mid-run and starts again: the aggregator waits (no exit), says what
+    it waits for once, then writes every window; the counts equal the spans sent."""
+    bootstrap, topics = kafka_broker.bootstrap_servers, new_topics()
+    t0 = epoch_second_now() - 120 * S
+    first, second = make_spans(t0, range(6), 300, 11), make_spans(t0, range(6, 12), 300, 12)
+    server = PostgresServer().start()
+    try:
+        storage = server.create_database()
+        asyncio.run(produce(bootstrap, topics["spans"], messages(first)))
+        aggregator = Aggregator(tmp_path, bootstrap, topics, storage, "db-outage")
+        aggregator.wait_for(lambda rows: len(rows) > 0)
+        server.pause()
+        asyncio.run(produce(bootstrap, topics["spans"], messages(second)))
+        deadline = time.monotonic() + 60
+        while "waiting for storage" not in aggregator.output():
+            assert aggregator.process.poll() is None, aggregator.output()
+            assert time.monotonic() < deadline, aggregator.output()
+            time.sleep(0.2)
+        time.sleep(2)  # a few retries while the server is away
+        assert aggregator.process.poll() is None, aggregator.output()
+        server.resume()
+        all_windows = {t0 + w * S for w in range(12)}
+        rows = aggregator.wait_for(lambda rows: windows_of(rows) >= all_windows)
+        assert aggregator.stop() == 0, aggregator.output()
+    finally:
+        server.stop()
+    expected = truth(first + second)
+    stored = {(r.series, r.window_start_ns): r.count for r in rows}
+    assert stored == {key: durations.size for key, durations in expected.items()}
+    log = aggregator.output()
+    assert log.count("waiting for storage postgresql://") == 1, log
+    assert log.count("is back after") == 1, log

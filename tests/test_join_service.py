@@ -453,3 +453,75 @@ def test_killing_one_of_two_instances_loses_no_span(tmp_path: Path) -> None:
     assert got == expected
     replays = Counter(len(c) for c in by_id.values())
     print(f"{len(expected)} spans; span_ids by number of copies: {dict(replays)}")
+
+
+@pytest.mark.integration
+def test_a_rewind_after_lost_output_reads_again_from_the_commit_and_loses_no_span() -> None:
+    """When Kafka gives up on output (a broker gone longer than the output timeout), the join
+    drops its state and re-reads its input from the last commit instead of exiting. The
+    failure is injected (waiting out the real timeout would take minutes); the rewind, the
+    re-reading and the re-joining run against the real broker."""
+    procs = [(f"node-{i % 2}", 300 + i) for i in range(4)]
+    decode = outside_decoder()
+    with EmbeddedBroker() as broker:
+        bootstrap = broker.bootstrap_servers
+
+        async def scenario() -> tuple[Traffic, list[Any], int, join_service.JoinService]:
+            await ensure_topics(KafkaConnection(bootstrap), {SPAN_TOPIC: 3, NET_TOPIC: 3})
+            flags = ("--bootstrap-servers", bootstrap, "--max-span-ms", "1000", *FAST)
+            service = join_service.JoinService(join_command.config_from_args(join_args(*flags)))
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            live = LiveTraffic(bootstrap, procs)
+            await live.producer.start()
+            try:
+                deadline = time.monotonic() + 30
+                while service.totals.spans_acked == 0:
+                    assert time.monotonic() < deadline and not task.done(), "nothing joined"
+                    await live.rounds(2)
+                service._output_failed(None, "injected: Kafka gave up on a batch")
+                while service.totals.rewinds == 0:
+                    assert time.monotonic() < deadline and not task.done(), "no rewind"
+                    await asyncio.sleep(0.05)
+                await live.rounds(10)
+            finally:
+                await live.producer.stop()
+            expected = sum(len(s) for s in live.traffic.spans.values())
+            deadline = time.monotonic() + 30
+            while len(await _span_ids(bootstrap, expected)) < expected:
+                assert time.monotonic() < deadline and not task.done(), "spans missing"
+            stop.set()
+            exit_code = await task
+            return (
+                live.traffic,
+                await read_topic(bootstrap, OUT_TOPIC, 10**6, 2),
+                exit_code,
+                service,
+            )
+
+        traffic, records, exit_code, service = asyncio.run(scenario())
+    assert exit_code == 0
+    assert service.totals.rewinds == 1
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        span = decode(record.value)
+        by_id.setdefault(span["span_id"], []).append(span)
+    got = {}
+    for copies in by_id.values():
+        first = copies[0]
+        assert all(c == first for c in copies), "a replayed span differs from the original"
+        goid = first["goid"] if first["goid"] is not None else -first["tid"]
+        ident = (first["node"], first["pid"], first["func"], first["start_ns"], goid)
+        got[ident] = (
+            first["bytes_sent"],
+            first["bytes_received"],
+            first["net_sends"],
+            first["net_recvs"],
+        )
+    assert got == traffic.expected()
+
+
+async def _span_ids(bootstrap: str, expected: int) -> set[str]:
+    decode = outside_decoder()
+    records = await read_topic(bootstrap, OUT_TOPIC, expected, 1)
+    return {decode(r.value)["span_id"] for r in records}

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -17,10 +21,13 @@ from ebpf_apm.consumers.latency_store import (
     StorageConfigError,
     StorageError,
     open_store,
+    redact_url,
 )
 from ebpf_apm.consumers.route_template import SeriesKey
 from ebpf_apm.consumers.window_aggregator import ClosedWindow
 from ebpf_apm.kafka.embedded_broker import free_port
+
+EBPF_APM = [sys.executable, "-m", "ebpf_apm.cli"]
 
 pytestmark = pytest.mark.integration
 # The PostgreSQL fixtures, until tests/conftest.py shares them with every module.
@@ -147,3 +154,76 @@ def test_ping_answers_while_the_store_is_open_and_fails_once_it_is_closed(store_
             await store.ping()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://apm:s3cret@db:5432/apm", "postgresql://apm:***@db:5432/apm"),
+        (
+            "postgresql://apm@db/apm?sslmode=require&password=s3cret",
+            "postgresql://apm@db/apm?sslmode=require&password=***",
+        ),
+        ("postgres://u:p%40ss@h/d?PassWord=s3cret", "postgres://u:***@h/d?PassWord=***"),
+        ("postgresql://:s3cret@h/d", "postgresql://:***@h/d"),
+        ("postgresql://apm@db/apm", "postgresql://apm@db/apm"),
+        ("sqlite:///relative.sqlite", "sqlite:///relative.sqlite"),
+    ],
+)
+def test_redact_url_hides_passwords(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_storage_urls_are_redacted_where_printed(tmp_path: Path, postgres_url: str) -> None:
+    # A server that refuses the password: the error names the URL, not the secret.
+    parts = urlsplit(postgres_url)
+    wrong = f"postgresql://nobody:s3cret@{parts.hostname}:{parts.port}/x?password=s3cret2"
+    with pytest.raises(StorageError) as refused:
+        asyncio.run(open_store(wrong))
+    assert "s3cret" not in str(refused.value)
+    assert f"nobody:***@{parts.hostname}:{parts.port}/x?password=***" in str(refused.value)
+    with pytest.raises(StorageConfigError) as unsupported:
+        asyncio.run(open_store("mysql://root:s3cret@db/apm"))
+    assert "s3cret" not in str(unsupported.value)
+
+    # Trust authentication: the server ignores the password we add.
+    secret_url = postgres_url.replace("@", ":s3cret@", 1) + "?password=s3cret"
+
+    async def shown_url() -> str:
+        store = await open_store(secret_url)
+        try:
+            return store.url
+        finally:
+            await store.close()
+
+    assert "s3cret" not in asyncio.run(shown_url())
+    done = subprocess.run(  # nothing stored yet: `query` says where it looked
+        [*EBPF_APM, "query", "--storage", secret_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no windows between" in done.stderr
+    assert "s3cret" not in done.stdout + done.stderr, done.stderr
+
+
+def test_sqlite_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "private.sqlite"
+
+    async def write() -> None:
+        store = await open_store(f"sqlite:///{path}")
+        try:
+            await store.write(make_rows(1, windows=1), consumer="c", window_ns=S, watermark_ns=T0)
+            modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        finally:
+            await store.close()
+        assert modes == {
+            p: 0o600 for p in ("private.sqlite", "private.sqlite-wal", "private.sqlite-shm")
+        }
+
+    old = os.umask(0o022)  # the usual umask: SQLite alone would create 0644
+    try:
+        asyncio.run(write())
+    finally:
+        os.umask(old)

@@ -107,12 +107,24 @@ def test_http_spans_carry_method_path_status() -> None:
 
 def test_truncated_paths_keep_their_first_bytes() -> None:
     batcher = make_batcher()
-    records = http_records(11, [b"/" + b"a" * 127], [200])
+    path = "/" + "route/" * 21 + "x"  # 128 bytes of ordinary segments (nothing redacted)
+    records = http_records(11, [path.encode()], [200])
     records["path_len"] = 300
     batcher.add([spans([]), records], 0)
     (batch,) = batcher.flush_all()
     (event,) = iter_events(decode_span_batch(batch.value))
-    assert event["http_path"] == "/" + "a" * 127
+    assert event["http_path"] == path
+
+
+def test_paths_are_redacted_before_they_are_encoded() -> None:
+    batcher = make_batcher()
+    token = "sk_live_4eC39HqLyjWDarjtT1zdp7dc"
+    records = http_records(11, [f"/keys/{token}?q=1".encode(), b"/api/user/42"], [200, 200])
+    batcher.add([spans([]), records], 0)
+    (batch,) = batcher.flush_all()
+    assert token.encode() not in batch.value and b"q=1" not in batch.value
+    paths = [e["http_path"] for e in iter_events(decode_span_batch(batch.value))]
+    assert paths == ["/keys/:redacted", "/api/user/42"]
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\xc1", b"\x93\x01\x02\x03", b"\x81\xa1v\x02"])
