@@ -319,6 +319,7 @@ class PostgresStore(LatencyStore):
         self.url = redact_url(url)
         self._real_url = url  # only to connect again: never printed
         self._timeout_s = timeout_s
+        self._closed = False
         self._db: Any = connection
 
     @classmethod
@@ -351,6 +352,8 @@ class PostgresStore(LatencyStore):
         import asyncpg
 
         if self._db.is_closed():
+            if self._closed:  # by close(): the store is done, not the server away
+                raise asyncpg.InterfaceError("the store was closed")
             self._db = await asyncpg.connect(self._real_url, timeout=self._timeout_s)
         return self._db
 
@@ -429,6 +432,7 @@ class PostgresStore(LatencyStore):
             raise self._fail("ping", exc) from exc
 
     async def close(self) -> None:
+        self._closed = True
         await self._db.close()
 
 

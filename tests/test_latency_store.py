@@ -168,6 +168,12 @@ def test_ping_answers_while_the_store_is_open_and_fails_once_it_is_closed(store_
         ("postgresql://:s3cret@h/d", "postgresql://:***@h/d"),
         ("postgresql://apm@db/apm", "postgresql://apm@db/apm"),
         ("sqlite:///relative.sqlite", "sqlite:///relative.sqlite"),
+        ("sqlite:////var/lib/apm.sqlite", "sqlite:////var/lib/apm.sqlite"),
+        (
+            "postgres://db/apm?PassWord=x&application_name=a",
+            "postgres://db/apm?PassWord=***&application_name=a",
+        ),
+        ("postgresql://[::1/apm", "<unparseable storage URL>"),
     ],
 )
 def test_redact_url_hides_passwords(url: str, shown: str) -> None:
