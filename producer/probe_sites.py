@@ -22,6 +22,7 @@ from pathlib import Path
 import capstone
 from capstone import x86_const as x86
 
+from ebpf_apm.producer.binary_guard import parsing
 from ebpf_apm.producer.elf_symbols import FunctionSymbol, SymbolTable, function_bytes
 from ebpf_apm.producer.errors import UnsupportedBinary
 
@@ -121,19 +122,21 @@ def plan_function(path: str | Path, table: SymbolTable, name: str, is_go: bool) 
     """Probe sites for function ``name`` of the binary at ``path`` (symbols in ``table``)."""
     if table.machine != "EM_X86_64":
         raise UnsupportedBinary(
-            f"{path} is built for {table.machine.removeprefix('EM_')}, but probe placement "
-            "is implemented for x86-64 only; trace an amd64 build of the service"
+            path,
+            f"built for {table.machine.removeprefix('EM_')}, but probe placement is "
+            "implemented for x86-64 only; trace an amd64 build of the service",
         )
     symbol = table.lookup(name)
     if not is_go:
         return ProbePlan(symbol=symbol, entry_offset=0, return_offsets=[], is_go=False)
-    code = function_bytes(path, symbol)
-    return ProbePlan(
+    with parsing(path):  # capstone on damaged bytes: any error means "unsupported"
+        code = function_bytes(path, symbol)
+        return ProbePlan(
         symbol=symbol,
-        entry_offset=go_entry_offset(code),
-        return_offsets=return_offsets(code),
-        is_go=True,
-    )
+            entry_offset=go_entry_offset(code),
+            return_offsets=return_offsets(code),
+            is_go=True,
+        )
 
 
 def _is_stack_guard_compare(insn: capstone.CsInsn) -> bool:

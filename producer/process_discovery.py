@@ -243,14 +243,18 @@ class BinaryKey(NamedTuple):
 
 _NT_GNU_BUILD_ID = 3
 _NT_GO_BUILD_ID = 4
+_PHDR_SIZE = 56  # Elf64_Phdr
 
 
 def read_build_id(path: str, limit: int = 1 << 20) -> str | None:
     """The GNU build id note of an ELF file, else Go's build id note, as hex; None if absent.
 
-    Reads the program headers' PT_NOTE segments only (the start of the file)."""
+    Reads the program headers' PT_NOTE segments only (the start of the file). Header fields
+    of a damaged file can point anywhere: every table must lie inside the file, else the
+    file has no usable id (None) and is told apart by device and inode alone."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             ident = f.read(64)
             if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
                 return None  # not a little-endian ELF64
@@ -258,6 +262,8 @@ def read_build_id(path: str, limit: int = 1 << 20) -> str | None:
                 struct.unpack_from("<Q", ident, 32)[0],
                 *struct.unpack_from("<HH", ident, 54),
             )
+            if phentsize < _PHDR_SIZE or phoff + phentsize * phnum > size:
+                return None
             f.seek(phoff)
             table = f.read(phentsize * phnum)
             found: dict[int, str] = {}
@@ -265,11 +271,11 @@ def read_build_id(path: str, limit: int = 1 << 20) -> str | None:
                 p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
                     "<IIQQQQ", table, i * phentsize
                 )
-                if p_type != 4 or p_filesz > limit:  # PT_NOTE
+                if p_type != 4 or p_filesz > limit or p_offset + p_filesz > size:  # PT_NOTE
                     continue
                 f.seek(p_offset)
                 found.update(_notes(f.read(p_filesz)))
-    except (OSError, struct.error):
+    except (OSError, ValueError, struct.error):
         return None
     return found.get(_NT_GNU_BUILD_ID) or found.get(_NT_GO_BUILD_ID)
 
