@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.producer.binary_guard import BinaryLimits
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
 from ebpf_apm.producer.errors import TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
@@ -72,6 +73,7 @@ class AgentConfig:
     config: str | None
     kubernetes: KubernetesSettings | None
     health_file: str | None
+    binary_limits: BinaryLimits = BinaryLimits()
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
@@ -116,7 +118,9 @@ async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
             await label_static_targets(pipeline, metadata)
         selected = None
         if rules_file is not None and rules is not None:
-            selected = RuleTargets(pipeline, rules_file, rules, names, config.http, metadata)
+            selected = RuleTargets(
+                pipeline, rules_file, rules, names, config.http, metadata, config.binary_limits
+            )
             await selected.start()
         try:
             return await pipeline.run(stop)
@@ -136,7 +140,10 @@ def _static_targets(config: AgentConfig, names: FunctionNames) -> list[TargetPro
         if not found:
             raise TargetError(f"--exe {exe}: no running process of that executable")
         pids.extend(p for p in found if p not in pids)
-    return [resolve_target(pid, list(config.funcs), names, config.http) for pid in pids]
+    return [
+        resolve_target(pid, list(config.funcs), names, config.http, config.binary_limits)
+        for pid in pids
+    ]
 
 
 def _record_streams(

@@ -205,12 +205,18 @@ def bind_process(pid: int, plan: BinaryPlan, exe: str | None = None) -> TargetPr
 
 
 def resolve_target(
-    pid: int, symbols: list[str], names: FunctionNames, http: bool = True
+    pid: int,
+    symbols: list[str],
+    names: FunctionNames,
+    http: bool = True,
+    limits: BinaryLimits | None = None,
 ) -> TargetProcess:
     """Plan probes in one process (see plan_binary)."""
     exe = _check_process(pid)
     try:
-        plan = plan_binary(f"/proc/{pid}/exe", symbols, names, http, exe=f"pid {pid} ({exe})")
+        plan = plan_binary(
+            f"/proc/{pid}/exe", symbols, names, http, exe=f"pid {pid} ({exe})", limits=limits
+        )
     except FileNotFoundError as exc:
         raise TargetError(f"process {pid} exited while its binary was read") from exc
     return bind_process(pid, plan, exe)
