@@ -19,10 +19,12 @@ keep their own.
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -43,10 +45,12 @@ DEFAULT_TIME_LIMIT_S = 20.0
 
 #: What parsers raise on bytes that do not add up; all mean "this file is malformed".
 #: TypeError/AttributeError/IndexError come from pyelftools building structures out of
-#: nonsense (a None where a table was expected), RecursionError from cyclic DWARF.
+#: nonsense (a None where a table was expected), RecursionError from cyclic DWARF, zlib.error
+#: from a damaged compressed debug section (Go compresses DWARF).
 MALFORMED_ERRORS: tuple[type[BaseException], ...] = (
     ELFError,
     DWARFError,
+    zlib.error,
     struct.error,
     ValueError,
     KeyError,
@@ -98,6 +102,10 @@ def parsing(path: str | Path, limits: BinaryLimits | None = None) -> Iterator[Bi
         yield limits
     except TargetError:
         raise  # already says what is wrong (UnsupportedBinary, or an unreadable path)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise  # the file could not be read: the caller says what to check
+        raise UnsupportedBinary(path, f"malformed file (a seek to a bad offset: {exc})") from exc
     except MALFORMED_ERRORS as exc:
         log.debug("parsing %s failed", path, exc_info=True)
         detail = str(exc) or "no detail"

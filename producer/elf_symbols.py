@@ -401,8 +401,8 @@ def _read_elf_symbols(image: ElfImage, section: str) -> dict[str, FunctionSymbol
         end = strtab.find(b"\0", name_off)
         name = strtab[name_off : end if end >= 0 else len(strtab)].decode("utf-8", "replace")
         offset = image.address_to_offset(value)
-        if not name or offset is None or name in functions:
-            continue  # unnamed, not file-backed, or a duplicate static C function name
+        if not name or offset is None or name in functions or offset + size > image.file_size:
+            continue  # unnamed, not file-backed (or a damaged size), or a duplicate static name
         functions[name] = FunctionSymbol(name, value, size, offset)
     return functions
 
@@ -484,6 +484,8 @@ def _read_pclntab(image: ElfImage) -> dict[str, FunctionSymbol]:
         if offset is None:
             raise _corrupt(image, f"{name} at {address:#x} is outside every loaded segment")
         size = entry_list[i + 1] - entry_off
+        if offset + size > image.file_size:
+            raise _corrupt(image, f"{name} ({size} bytes at {address:#x}) runs past the file")
         if size > 0:
             is_asm = bool(data[func_at + flag_at] & FUNC_FLAG_ASM)
             groups.setdefault(name, []).append(

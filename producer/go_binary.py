@@ -58,6 +58,8 @@ WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "net/url.URL": ("Path",),
     "net/http.response": ("status",),
 }
+#: Bigger member offsets than this in those structs are damaged DWARF (runtime.g is < 1 KB).
+MAX_MEMBER_OFFSET = 1 << 16
 #: Packages whose compile units may hold those types; Go's linker puts all type DIEs in
 #: the last "runtime" unit, the others are searched only if that ever changes.
 TYPE_UNITS = ("runtime", "net/http", "net/url")
@@ -261,7 +263,7 @@ def _compute_layout(path: Path) -> GoLayout:
     _supported_minor(version, str(path))
     structs = dwarf_struct_offsets(path)
     if structs is not None and "runtime.g" in structs:
-        return _layout_from_dwarf(version, structs)
+        return _layout_from_dwarf(path, version, structs)
     if structs is None:
         reason = "binary has no DWARF (built with -ldflags=-w)"
     else:
@@ -285,11 +287,20 @@ def _supported_minor(version: str, what: str) -> tuple[int, int]:
     return minor
 
 
-def _layout_from_dwarf(version: str, structs: dict[str, dict[str, int]]) -> GoLayout:
+def _layout_from_dwarf(
+    path: str | Path, version: str, structs: dict[str, dict[str, int]]
+) -> GoLayout:
     """A GoLayout from DWARF member offsets; missing HTTP types give -1."""
 
     def member(struct_name: str, field: str) -> int:
-        return structs.get(struct_name, {}).get(field, -1)
+        offset = structs.get(struct_name, {}).get(field, -1)
+        if not -1 <= offset < MAX_MEMBER_OFFSET:
+            raise UnsupportedBinary(
+                path,
+                f"DWARF puts {struct_name}.{field} at offset {offset}, past any real "
+                "layout; the debug info is damaged: rebuild with -ldflags=-w to drop it",
+            )
+        return offset
 
     return GoLayout(
         version=version,
