@@ -60,7 +60,7 @@ STT_FUNC = 2
 SHN_UNDEF = 0
 #: Go's largest functions are tens of KB; a "function" of more is a damaged size field, and
 #: disassembling it would cost seconds.
-MAX_FUNCTION_BYTES = 4 << 20
+MAX_FUNCTION_BYTES = 1 << 20
 #: How many table entries a loop handles between two checks of the parse time limit.
 TIME_CHECK_EVERY = 4096
 #: _func.flag bit for functions written in assembly (always ABI0).

@@ -22,8 +22,13 @@ from pathlib import Path
 import capstone
 from capstone import x86_const as x86
 
-from ebpf_apm.producer.binary_guard import parsing
-from ebpf_apm.producer.elf_symbols import FunctionSymbol, SymbolTable, function_bytes
+from ebpf_apm.producer.binary_guard import check_time, parsing
+from ebpf_apm.producer.elf_symbols import (
+    TIME_CHECK_EVERY,
+    FunctionSymbol,
+    SymbolTable,
+    function_bytes,
+)
 from ebpf_apm.producer.errors import UnsupportedBinary
 
 __all__ = ["ProbePlan", "go_entry_offset", "plan_function", "return_offsets"]
@@ -82,7 +87,13 @@ def return_offsets(code: bytes) -> list[int]:
     Go emits no data inside functions, so a linear sweep decodes exactly the real
     instructions; the INT3 padding after the last one decodes harmlessly.
     """
-    return [insn.address for insn in _disassembler(False).disasm(code, 0) if insn.id in _RET_IDS]
+    found = []
+    for count, insn in enumerate(_disassembler(False).disasm(code, 0)):
+        if count % TIME_CHECK_EVERY == 0:
+            check_time()  # a damaged size can make "one function" the whole text segment
+        if insn.id in _RET_IDS:
+            found.append(insn.address)
+    return found
 
 
 def go_entry_offset(code: bytes) -> int:

@@ -85,6 +85,11 @@ class RulePlanner:
         self.limits = limits or BinaryLimits()
         self._caches: dict[tuple[tuple[str, ...], bool], ResolveOnceCache[BinaryPlan]] = {}
 
+    @property
+    def parses(self) -> int:
+        """Binaries parsed so far (cache misses), successes and failures."""
+        return sum(cache.misses for cache in self._caches.values())
+
     def plan(self, pid: int, functions: tuple[str, ...], http: bool) -> Planned:
         """Raises ProcessLookupError if the process is gone before its binary is read."""
         key = (functions, http and self.http_allowed)

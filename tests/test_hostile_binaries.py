@@ -9,6 +9,7 @@ symbol and string tables, .gopclntab, the build info and build id notes, DWARF) 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import struct
@@ -34,9 +35,15 @@ from ebpf_apm.producer.targets import BinaryPlan, FunctionNames, TargetProcess, 
 
 Targets = dict[tuple[str, bool], Path]
 
-#: Examples per binary: ~10 s in all (an intact unstripped binary takes 0.4 s with DWARF).
-FUZZ_EXAMPLES = {("1.27", False): 20, ("1.27", True): 32, ("1.19", False): 20, ("1.19", True): 32}
-C_FUZZ_EXAMPLES = 64
+#: Examples per binary: ~15 s in all (an intact unstripped binary takes 0.4 s with DWARF).
+#: EBPF_APM_FUZZ_SCALE=N runs N times as many (a longer campaign outside `make test`).
+SCALE = int(os.environ.get("EBPF_APM_FUZZ_SCALE", "1"))
+FUZZ_EXAMPLES = {
+    variant: SCALE * count
+    for variant, count in {("1.27", False): 20, ("1.27", True): 32, ("1.19", False): 20,
+                           ("1.19", True): 32}.items()  # fmt: skip
+}
+C_FUZZ_EXAMPLES = SCALE * 64
 #: Extra memory (peak RSS growth) one parse of a damaged binary may take; an intact one
 #: takes under 20 MiB. Peak RSS rather than tracemalloc: tracemalloc slows the parse 16x,
 #: and RSS also counts what numpy, capstone and zlib allocate in C.
@@ -259,6 +266,7 @@ def test_a_failure_is_cached_per_file_not_per_build_id(go_targets: Targets, tmp_
         good = planner.plan(ok.pid, (), True)
         assert good.error is None and good.fresh and good.plan is not None
         assert good.plan.functions  # the damaged copy did not poison its build id
+        assert planner.parses == 2
 
 
 class RecordingPipeline:
