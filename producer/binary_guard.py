@@ -32,7 +32,7 @@ from pathlib import Path
 
 from elftools.common.exceptions import DWARFError, ELFError
 
-from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
+from ebpf_apm.producer.errors import BinaryLimitExceeded, TargetError, UnsupportedBinary
 
 __all__ = ["BinaryLimits", "check_size", "check_span", "check_time", "parsing"]
 
@@ -121,7 +121,7 @@ def check_time() -> None:
     """Raise UnsupportedBinary if the guarded parse has run past its time limit."""
     parse = _current()
     if parse is not None and time.monotonic() > parse.deadline:
-        raise UnsupportedBinary(
+        raise BinaryLimitExceeded(
             parse.path,
             f"parse time limit ({parse.limits.time_limit_s:g} s) exceeded; raise "
             "--binary-parse-seconds if this really is a service binary",
@@ -133,7 +133,7 @@ def check_size(path: str | Path, size: int) -> None:
     parse = _current()
     limit = parse.limits.max_bytes if parse is not None else DEFAULT_MAX_BYTES
     if size > limit:
-        raise UnsupportedBinary(
+        raise BinaryLimitExceeded(
             path,
             f"{size} bytes, more than the {limit >> 20} MiB limit; raise --max-binary-mib "
             "if this really is a service binary",

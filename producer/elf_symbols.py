@@ -135,18 +135,23 @@ class ElfImage:
             for seg in elf.iter_segments()
             if seg["p_type"] == "PT_LOAD"
         )
-        self.sections_by_index: list[SectionInfo] = [
-            SectionInfo(
-                name=sec.name,
-                address=int(sec["sh_addr"]),
-                offset=int(sec["sh_offset"]),
-                size=int(sec["sh_size"]),
-                sh_type=str(sec["sh_type"]),
-                link=int(sec["sh_link"]),
-                compressed=bool(int(sec["sh_flags"]) & 0x800),  # SHF_COMPRESSED
+        self.sections_by_index: list[SectionInfo] = []
+        # A damaged header can claim 2**64 sections (extended numbering): the walk ends at
+        # the end of the file, and the time limit bounds it before that.
+        for index, sec in enumerate(elf.iter_sections()):
+            if index % TIME_CHECK_EVERY == 0:
+                check_time()
+            self.sections_by_index.append(
+                SectionInfo(
+                    name=sec.name,
+                    address=int(sec["sh_addr"]),
+                    offset=int(sec["sh_offset"]),
+                    size=int(sec["sh_size"]),
+                    sh_type=str(sec["sh_type"]),
+                    link=int(sec["sh_link"]),
+                    compressed=bool(int(sec["sh_flags"]) & 0x800),  # SHF_COMPRESSED
+                )
             )
-            for sec in elf.iter_sections()
-        ]
         self.sections: dict[str, SectionInfo] = {}
         for info in self.sections_by_index:
             self.sections.setdefault(info.name, info)

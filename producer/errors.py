@@ -16,6 +16,7 @@ from ebpf_apm.errors import ApmError, InputError
 
 __all__ = [
     "AgentError",
+    "BinaryLimitExceeded",
     "KernelSupportError",
     "PrivilegeError",
     "SymbolNotFound",
@@ -50,6 +51,13 @@ class UnsupportedBinary(TargetError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"unsupported binary {self.path}: {reason}")
+
+
+class BinaryLimitExceeded(UnsupportedBinary):
+    """The binary is over the size limit, or reading it took longer than the time limit.
+
+    Readers that treat an unreadable part as absent (no build info, not Go) must re-raise
+    this one: the part was not found absent, the reader was stopped."""
 
 
 class SymbolNotFound(TargetError):

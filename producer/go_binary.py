@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from elftools.elf.elffile import ELFFile
 
 from ebpf_apm.producer.binary_guard import check_span, check_time, parsing
 from ebpf_apm.producer.elf_symbols import ElfImage, SymbolTable
-from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
+from ebpf_apm.producer.errors import BinaryLimitExceeded, TargetError, UnsupportedBinary
 
 __all__ = [
     "FALLBACK_LAYOUTS",
@@ -114,7 +115,9 @@ FALLBACK_LAYOUTS: dict[str, StructOffsets] = {
 
 _VERSION_RE = re.compile(r"go(\d+)\.(\d+)")
 _cache_lock = threading.Lock()
-_layout_cache: dict[tuple[str, int, int, int, int], GoLayout] = {}
+#: Layouts of the binaries seen last (a node runs many versions over its life: bounded).
+LAYOUT_CACHE_ENTRIES = 256
+_layout_cache: OrderedDict[tuple[str, int, int, int, int], GoLayout] = OrderedDict()
 
 
 def go_minor(version: str) -> tuple[int, int] | None:
@@ -130,6 +133,8 @@ def is_go_binary(path: str | Path) -> bool:
     """
     try:
         return ElfImage.open(path).is_go
+    except BinaryLimitExceeded:
+        raise
     except UnsupportedBinary:
         return False
 
@@ -143,6 +148,8 @@ def go_version(path: str | Path) -> str | None:
     try:
         with parsing(path):
             return _version_from_image(ElfImage.open(path))
+    except BinaryLimitExceeded:
+        raise
     except UnsupportedBinary:
         return None
 
@@ -165,12 +172,16 @@ def go_layout(path: str | Path) -> GoLayout:
     key = (str(p.resolve()), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     with _cache_lock:
         cached = _layout_cache.get(key)
+        if cached is not None:
+            _layout_cache.move_to_end(key)
     if cached is not None:
         return cached
     with parsing(p):
         layout = _compute_layout(p)
     with _cache_lock:
         _layout_cache[key] = layout
+        while len(_layout_cache) > LAYOUT_CACHE_ENTRIES:
+            _layout_cache.popitem(last=False)
     return layout
 
 
@@ -317,6 +328,8 @@ def _links_http_server(path: Path) -> bool:
     """True if the binary contains net/http's server loop (so net/http.response exists)."""
     try:
         return HTTP_SERVER_FUNCTION in SymbolTable.from_path(path)
+    except BinaryLimitExceeded:
+        raise
     except UnsupportedBinary:
         return False
 

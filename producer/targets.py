@@ -17,7 +17,7 @@ from ebpf_apm.producer.binary_guard import BinaryLimits, parsing
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProcessLayout
 from ebpf_apm.producer.elf_symbols import SymbolTable
 from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
-from ebpf_apm.producer.go_binary import go_layout, is_go_binary
+from ebpf_apm.producer.go_binary import go_layout
 from ebpf_apm.producer.probe_sites import ProbePlan, plan_function
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def plan_binary(
     except UnsupportedBinary as exc:
         if exc.path != binary or exe == binary:
             raise
-        raise UnsupportedBinary(exe, exc.reason) from exc
+        raise type(exc)(exe, exc.reason) from exc  # the same error, naming the executable
     except OSError as exc:
         raise TargetError(f"cannot read the binary {exe}: {exc}") from exc
 
@@ -143,7 +143,7 @@ def _plan_binary(
     binary: str, symbols: list[str], names: FunctionNames, http: bool, exe: str
 ) -> BinaryPlan:
     table = SymbolTable.from_path(binary)
-    go = is_go_binary(binary)
+    go = table.is_go
     version = None
     if go:
         go_fields = go_layout(binary)
