@@ -20,6 +20,7 @@ from pathlib import Path
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.reachability import broker_unreachable
 from ebpf_apm.producer.agent_metrics import AgentCollector
+from ebpf_apm.producer.binary_guard import BinaryLimits
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
 from ebpf_apm.producer.errors import AgentError, TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
@@ -82,6 +83,7 @@ class AgentConfig:
     health_file: str | None
     path_redactor: PathRedactor
     metrics_address: str | None = None
+    binary_limits: BinaryLimits = BinaryLimits()
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
@@ -148,7 +150,9 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
             await label_static_targets(pipeline, metadata)
         selected = None
         if rules_file is not None and rules is not None:
-            selected = RuleTargets(pipeline, rules_file, rules, names, config.http, metadata)
+            selected = RuleTargets(
+                pipeline, rules_file, rules, names, config.http, metadata, config.binary_limits
+            )
             await selected.start()
         try:
             return await pipeline.run(stop)
@@ -182,7 +186,10 @@ def _static_targets(config: AgentConfig, names: FunctionNames) -> list[TargetPro
         if not found:
             raise TargetError(f"--exe {exe}: no running process of that executable")
         pids.extend(p for p in found if p not in pids)
-    return [resolve_target(pid, list(config.funcs), names, config.http) for pid in pids]
+    return [
+        resolve_target(pid, list(config.funcs), names, config.http, config.binary_limits)
+        for pid in pids
+    ]
 
 
 def _record_streams(

@@ -16,6 +16,7 @@ from ebpf_apm import runner
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
 from ebpf_apm.producer.agent import COMPRESSIONS, AgentConfig, serve
+from ebpf_apm.producer.binary_guard import DEFAULT_MAX_BYTES, DEFAULT_TIME_LIMIT_S, BinaryLimits
 from ebpf_apm.producer.bpf_loader import NET_HOOKS
 from ebpf_apm.producer.errors import TargetError
 from ebpf_apm.producer.path_redaction import PLACEHOLDER, PathRedactor
@@ -34,6 +35,10 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         raise TargetError(f"--max-call-seconds {args.max_call_seconds}: must be positive")
     if args.partitions < 1:
         raise TargetError(f"--partitions {args.partitions}: must be positive")
+    if args.max_binary_mib < 1:
+        raise TargetError(f"--max-binary-mib {args.max_binary_mib}: must be positive")
+    if not args.binary_parse_seconds > 0:
+        raise TargetError(f"--binary-parse-seconds {args.binary_parse_seconds}: must be positive")
     node_name = args.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
     kubernetes = None
@@ -62,6 +67,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         health_file=args.health_file,
         metrics_address=metrics_address_from_args(args),
         path_redactor=PathRedactor(args.redact_path or (), defaults=not args.no_default_redaction),
+        binary_limits=BinaryLimits(args.max_binary_mib << 20, args.binary_parse_seconds),
     )
 
 
@@ -161,6 +167,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ringbuf",
         help="how records leave the kernel: BPF ring buffer (Linux 5.8+) or "
         "perf buffer (older kernels)",
+    )
+    parser.add_argument(
+        "--max-binary-mib",
+        type=int,
+        default=DEFAULT_MAX_BYTES >> 20,
+        help="target binaries larger than this are reported unsupported, not read (MiB)",
+    )
+    parser.add_argument(
+        "--binary-parse-seconds",
+        type=float,
+        default=DEFAULT_TIME_LIMIT_S,
+        help="a target binary whose symbols take longer to read is reported unsupported",
     )
     parser.add_argument("--max-batch-events", type=int, default=16384)
     parser.add_argument("--max-batch-delay-ms", type=int, default=200)

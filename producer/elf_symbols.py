@@ -13,6 +13,8 @@ Run ``python -m ebpf_apm.producer.elf_symbols BINARY [SUBSTRING]`` to list a bin
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import struct
 import sys
 from collections.abc import Iterator, Mapping
@@ -21,9 +23,9 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 import numpy as np
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from ebpf_apm.producer.binary_guard import check_size, check_span, check_time, parsing
 from ebpf_apm.producer.errors import SymbolNotFound, TargetError, UnsupportedBinary
 
 __all__ = [
@@ -56,6 +58,11 @@ PCLNTAB_MAGICS_OLD = {0xFFFFFFFA: "Go 1.16/1.17", 0xFFFFFFFB: "Go 1.2-1.15"}
 
 STT_FUNC = 2
 SHN_UNDEF = 0
+#: Go's largest functions are tens of KB; a "function" of more is a damaged size field, and
+#: disassembling it would cost seconds.
+MAX_FUNCTION_BYTES = 1 << 20
+#: How many table entries a loop handles between two checks of the parse time limit.
+TIME_CHECK_EVERY = 4096
 #: _func.flag bit for functions written in assembly (always ABI0).
 FUNC_FLAG_ASM = 4
 
@@ -106,11 +113,13 @@ class ElfImage:
     """Headers of an ELF executable, read once, plus byte access to its file.
 
     The file is reopened for each read so an ``ElfImage`` holds no descriptor and can be
-    cached; callers that read a lot should use :meth:`reader` instead.
+    cached; callers that read a lot should use :meth:`reader` instead. Every read is
+    checked against ``file_size`` first: header fields of a damaged file can point anywhere.
     """
 
-    def __init__(self, path: Path, elf: ELFFile) -> None:
+    def __init__(self, path: Path, elf: ELFFile, file_size: int) -> None:
         self.path = path
+        self.file_size = file_size
         self.machine: str = str(elf.header["e_machine"])
         self.elf_type: str = str(elf.header["e_type"])
         self.little_endian: bool = bool(elf.little_endian)
@@ -126,18 +135,23 @@ class ElfImage:
             for seg in elf.iter_segments()
             if seg["p_type"] == "PT_LOAD"
         )
-        self.sections_by_index: list[SectionInfo] = [
-            SectionInfo(
-                name=sec.name,
-                address=int(sec["sh_addr"]),
-                offset=int(sec["sh_offset"]),
-                size=int(sec["sh_size"]),
-                sh_type=str(sec["sh_type"]),
-                link=int(sec["sh_link"]),
-                compressed=bool(int(sec["sh_flags"]) & 0x800),  # SHF_COMPRESSED
+        self.sections_by_index: list[SectionInfo] = []
+        # A damaged header can claim 2**64 sections (extended numbering): the walk ends at
+        # the end of the file, and the time limit bounds it before that.
+        for index, sec in enumerate(elf.iter_sections()):
+            if index % TIME_CHECK_EVERY == 0:
+                check_time()
+            self.sections_by_index.append(
+                SectionInfo(
+                    name=sec.name,
+                    address=int(sec["sh_addr"]),
+                    offset=int(sec["sh_offset"]),
+                    size=int(sec["sh_size"]),
+                    sh_type=str(sec["sh_type"]),
+                    link=int(sec["sh_link"]),
+                    compressed=bool(int(sec["sh_flags"]) & 0x800),  # SHF_COMPRESSED
+                )
             )
-            for sec in elf.iter_sections()
-        ]
         self.sections: dict[str, SectionInfo] = {}
         for info in self.sections_by_index:
             self.sections.setdefault(info.name, info)
@@ -146,19 +160,26 @@ class ElfImage:
     def open(cls, path: str | Path) -> ElfImage:
         """Read the headers of ``path``; raise TargetError / UnsupportedBinary if unusable."""
         p = Path(path)
-        try:
-            with p.open("rb") as f:
-                return cls(p, ELFFile(f))
-        except OSError as exc:
-            raise TargetError(
-                f"cannot read binary {p}: {exc.strerror or exc}; check the path (or the "
-                "target pid) and that the agent runs with permission to read it"
-            ) from exc
-        except (ELFError, struct.error, ValueError, KeyError) as exc:
-            raise UnsupportedBinary(
-                f"{p} is not a valid ELF file ({exc}); point the agent at the service's "
-                "executable, not a script, wrapper or archive"
-            ) from exc
+        with parsing(p):
+            try:
+                with p.open("rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    check_size(p, size)
+                    if f.read(4) != b"\x7fELF":
+                        raise UnsupportedBinary(
+                            p,
+                            "not a valid ELF file (no ELF magic); point the agent at the "
+                            "service's executable, not a script, wrapper or archive",
+                        )
+                    f.seek(0)
+                    return cls(p, ELFFile(f), size)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:  # a seek to a negative offset a header gave
+                    raise UnsupportedBinary(p, f"malformed file ({exc})") from exc
+                raise TargetError(
+                    f"cannot read binary {p}: {exc.strerror or exc}; check the path (or the "
+                    "target pid) and that the agent runs with permission to read it"
+                ) from exc
 
     @property
     def is_go(self) -> bool:
@@ -169,8 +190,10 @@ class ElfImage:
         """A fresh binary file object on the image; the caller closes it."""
         return self.path.open("rb")
 
-    def read(self, offset: int, size: int) -> bytes:
-        """``size`` bytes at file ``offset``; raise TargetError if the file is shorter."""
+    def read(self, offset: int, size: int, what: str = "data") -> bytes:
+        """``size`` bytes at file ``offset``; UnsupportedBinary if they are not all in the
+        file, TargetError if the file shrank since it was opened."""
+        check_span(self.path, what, offset, size, self.file_size)
         with self.reader() as f:
             f.seek(offset)
             data = f.read(size)
@@ -186,7 +209,7 @@ class ElfImage:
         info = self.sections.get(name)
         if info is None or info.sh_type == "SHT_NOBITS" or info.compressed:
             return None
-        return self.read(info.offset, info.size)
+        return self.read(info.offset, info.size, f"section {name}")
 
     def segment_for(self, address: int) -> LoadSegment | None:
         """The PT_LOAD segment whose file bytes contain ``address``."""
@@ -203,9 +226,9 @@ class ElfImage:
     def read_address(self, address: int, size: int) -> bytes | None:
         """``size`` bytes at virtual ``address`` if they are all file-backed, else None."""
         seg = self.segment_for(address)
-        if seg is None or address + size > seg.vaddr + seg.filesz:
+        if seg is None or size < 0 or address + size > seg.vaddr + seg.filesz:
             return None
-        return self.read(address - seg.vaddr + seg.offset, size)
+        return self.read(address - seg.vaddr + seg.offset, size, f"data at {address:#x}")
 
 
 class SymbolTable:
@@ -233,19 +256,26 @@ class SymbolTable:
         Default order: ``.symtab``; for Go binaries whose ``.symtab`` is missing or holds
         no Go functions, ``.gopclntab``; for other binaries, ``.dynsym``. Pass ``source``
         to read exactly one of them (e.g. to check .gopclntab against .symtab).
+        Every failure to read the file is an UnsupportedBinary (or a TargetError when the
+        path cannot be opened at all).
         """
-        image = ElfImage.open(path)
+        with parsing(path):
+            return cls._read(ElfImage.open(path), source)
+
+    @classmethod
+    def _read(cls, image: ElfImage, source: SymbolSource | None) -> SymbolTable:
         if image.elf_type not in ("ET_EXEC", "ET_DYN"):
             raise UnsupportedBinary(
-                f"{image.path} is an ELF {image.elf_type} file, not an executable or shared "
-                "object; uprobes need the linked program the service runs"
+                image.path,
+                f"an ELF {image.elf_type} file, not an executable or shared object; uprobes "
+                "need the linked program the service runs",
             )
         if source == "gopclntab":
             return cls(image, _read_pclntab(image), "gopclntab")
         if source is not None:
             functions = _read_elf_symbols(image, "." + source)
             if not functions:
-                raise UnsupportedBinary(f"{image.path} has no functions in .{source}")
+                raise UnsupportedBinary(image.path, f"no functions in .{source}")
             return cls(image, functions, source)
         symtab = _read_elf_symbols(image, ".symtab")
         if image.is_go and not any(name.startswith("runtime.") for name in symtab):
@@ -256,8 +286,9 @@ class SymbolTable:
         if dynsym:
             return cls(image, dynsym, "dynsym")
         raise UnsupportedBinary(
-            f"{image.path} has no function symbols (no .symtab, no exported .dynsym "
-            "functions); use an unstripped build of the binary"
+            image.path,
+            "no function symbols (no .symtab, no exported .dynsym functions); use an "
+            "unstripped build of the binary",
         )
 
     @property
@@ -298,6 +329,12 @@ class SymbolTable:
 
 def function_bytes(path: str | Path, sym: FunctionSymbol) -> bytes:
     """The ``sym.size`` bytes of the function's code, read from the file at ``path``."""
+    if not 0 <= sym.size <= MAX_FUNCTION_BYTES:
+        raise UnsupportedBinary(
+            path,
+            f"function {sym.name} is {sym.size} bytes long, more than any real function "
+            f"({MAX_FUNCTION_BYTES >> 20} MiB); its symbol is damaged",
+        )
     try:
         with Path(path).open("rb") as f:
             f.seek(sym.file_offset)
@@ -348,7 +385,9 @@ def _read_elf_symbols(image: ElfImage, section: str) -> dict[str, FunctionSymbol
     if info is None or info.sh_type not in ("SHT_SYMTAB", "SHT_DYNSYM"):
         return {}
     if not 0 <= info.link < len(image.sections_by_index):
-        return {}
+        raise UnsupportedBinary(
+            image.path, f"{section} links to string table {info.link}, which does not exist"
+        )
     raw = image.section_data(section)
     strtab = image.section_data(image.sections_by_index[info.link].name)
     if raw is None or strtab is None:
@@ -359,14 +398,16 @@ def _read_elf_symbols(image: ElfImage, section: str) -> dict[str, FunctionSymbol
         ((table["info"] & 0xF) == STT_FUNC) & (table["size"] > 0) & (table["shndx"] != SHN_UNDEF)
     ]
     functions: dict[str, FunctionSymbol] = {}
-    for name_off, value, size in zip(
-        wanted["name"].tolist(), wanted["value"].tolist(), wanted["size"].tolist(), strict=True
+    for i, (name_off, value, size) in enumerate(
+        zip(wanted["name"].tolist(), wanted["value"].tolist(), wanted["size"].tolist(), strict=True)
     ):
+        if i % TIME_CHECK_EVERY == 0:
+            check_time()
         end = strtab.find(b"\0", name_off)
         name = strtab[name_off : end if end >= 0 else len(strtab)].decode("utf-8", "replace")
         offset = image.address_to_offset(value)
-        if not name or offset is None or name in functions:
-            continue  # unnamed, not file-backed, or a duplicate static C function name
+        if not name or offset is None or name in functions or offset + size > image.file_size:
+            continue  # unnamed, not file-backed (or a damaged size), or a duplicate static name
         functions[name] = FunctionSymbol(name, value, size, offset)
     return functions
 
@@ -386,9 +427,10 @@ def _read_pclntab(image: ElfImage) -> dict[str, FunctionSymbol]:
             break
     if data is None:
         raise UnsupportedBinary(
-            f"{image.path} is a stripped Go binary without .gopclntab, so its function "
-            "addresses are unknown; trace an unstripped build (without -ldflags=-s) or one "
-            "that keeps .gopclntab"
+            image.path,
+            "a stripped Go binary without .gopclntab, so its function addresses are "
+            "unknown; trace an unstripped build (without -ldflags=-s) or one that keeps "
+            ".gopclntab",
         )
     e = "<" if image.little_endian else ">"
     if len(data) < 8:
@@ -396,9 +438,9 @@ def _read_pclntab(image: ElfImage) -> dict[str, FunctionSymbol]:
     magic = struct.unpack_from(e + "I", data, 0)[0]
     if magic in PCLNTAB_MAGICS_OLD:
         raise UnsupportedBinary(
-            f"{image.path} has the {PCLNTAB_MAGICS_OLD[magic]} .gopclntab format; stripped "
-            "binaries are supported from Go 1.18: trace an unstripped build or rebuild with "
-            "a newer Go"
+            image.path,
+            f"the {PCLNTAB_MAGICS_OLD[magic]} .gopclntab format; stripped binaries are "
+            "supported from Go 1.18: trace an unstripped build or rebuild with a newer Go",
         )
     if magic not in (PCLNTAB_MAGIC_GO118, PCLNTAB_MAGIC_GO120):
         raise _corrupt(image, f"unknown magic {magic:#010x}")
@@ -429,6 +471,8 @@ def _read_pclntab(image: ElfImage) -> dict[str, FunctionSymbol]:
     func_offsets = functab[1::2].tolist()
     groups: dict[str, list[_PclnFunc]] = {}
     for i in range(nfunc):
+        if i % TIME_CHECK_EVERY == 0:
+            check_time()
         func_at = pcln_off + func_offsets[i]
         if func_at + flag_at >= len(data):
             raise _corrupt(image, f"_func {i} lies outside the section")
@@ -445,6 +489,8 @@ def _read_pclntab(image: ElfImage) -> dict[str, FunctionSymbol]:
         if offset is None:
             raise _corrupt(image, f"{name} at {address:#x} is outside every loaded segment")
         size = entry_list[i + 1] - entry_off
+        if offset + size > image.file_size:
+            raise _corrupt(image, f"{name} ({size} bytes at {address:#x}) runs past the file")
         if size > 0:
             is_asm = bool(data[func_at + flag_at] & FUNC_FLAG_ASM)
             groups.setdefault(name, []).append(
@@ -487,8 +533,9 @@ def _name_duplicates(name: str, group: list[_PclnFunc]) -> list[tuple[str, Funct
 def _corrupt(image: ElfImage, detail: str) -> UnsupportedBinary:
     """The error for a .gopclntab this parser cannot trust."""
     return UnsupportedBinary(
-        f"cannot parse .gopclntab of {image.path}: {detail}; the binary may be damaged or "
-        "built by an unsupported Go version; trace an unstripped build instead"
+        image.path,
+        f"cannot parse .gopclntab: {detail}; the binary may be damaged or built by an "
+        "unsupported Go version; trace an unstripped build instead",
     )
 
 

@@ -16,6 +16,7 @@ from ebpf_apm.errors import ApmError, InputError
 
 __all__ = [
     "AgentError",
+    "BinaryLimitExceeded",
     "KernelSupportError",
     "PrivilegeError",
     "SymbolNotFound",
@@ -37,11 +38,26 @@ class TargetError(AgentError, InputError):
 
 
 class UnsupportedBinary(TargetError):
-    """The binary is readable but cannot be probed safely.
+    """The binary cannot be read or probed safely: "unsupported binary PATH: REASON".
 
-    Examples: a stripped Go binary without ``.gopclntab``, a non-x86-64 binary, or a Go
-    binary older than 1.17 (no register ABI, so arguments are not where the probes read).
+    The one error every binary reader raises for a file it cannot use: a stripped Go binary
+    without ``.gopclntab``, a non-x86-64 binary, a Go binary older than 1.17 (no register
+    ABI), and any damaged or hostile file (an offset or size outside the file, a table that
+    does not add up, a file over the size limit, a parse over the time limit).
+    ``producer.binary_guard`` maps whatever else a parser raises on such a file to it.
     """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"unsupported binary {self.path}: {reason}")
+
+
+class BinaryLimitExceeded(UnsupportedBinary):
+    """The binary is over the size limit, or reading it took longer than the time limit.
+
+    Readers that treat an unreadable part as absent (no build info, not Go) must re-raise
+    this one: the part was not found absent, the reader was stopped."""
 
 
 class SymbolNotFound(TargetError):

@@ -13,18 +13,19 @@ from __future__ import annotations
 import re
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from elftools.common.exceptions import DWARFError, ELFError
 from elftools.dwarf.compileunit import CompileUnit
 from elftools.dwarf.die import DIE
 from elftools.elf.elffile import ELFFile
 
+from ebpf_apm.producer.binary_guard import check_span, check_time, parsing
 from ebpf_apm.producer.elf_symbols import ElfImage, SymbolTable
-from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
+from ebpf_apm.producer.errors import BinaryLimitExceeded, TargetError, UnsupportedBinary
 
 __all__ = [
     "FALLBACK_LAYOUTS",
@@ -58,6 +59,8 @@ WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "net/url.URL": ("Path",),
     "net/http.response": ("status",),
 }
+#: Bigger member offsets than this in those structs are damaged DWARF (runtime.g is < 1 KB).
+MAX_MEMBER_OFFSET = 1 << 16
 #: Packages whose compile units may hold those types; Go's linker puts all type DIEs in
 #: the last "runtime" unit, the others are searched only if that ever changes.
 TYPE_UNITS = ("runtime", "net/http", "net/url")
@@ -112,7 +115,9 @@ FALLBACK_LAYOUTS: dict[str, StructOffsets] = {
 
 _VERSION_RE = re.compile(r"go(\d+)\.(\d+)")
 _cache_lock = threading.Lock()
-_layout_cache: dict[tuple[str, int, int, int, int], GoLayout] = {}
+#: Layouts of the binaries seen last (a node runs many versions over its life: bounded).
+LAYOUT_CACHE_ENTRIES = 256
+_layout_cache: OrderedDict[tuple[str, int, int, int, int], GoLayout] = OrderedDict()
 
 
 def go_minor(version: str) -> tuple[int, int] | None:
@@ -128,6 +133,8 @@ def is_go_binary(path: str | Path) -> bool:
     """
     try:
         return ElfImage.open(path).is_go
+    except BinaryLimitExceeded:
+        raise
     except UnsupportedBinary:
         return False
 
@@ -136,12 +143,15 @@ def go_version(path: str | Path) -> str | None:
     """The Go toolchain version recorded in ``.go.buildinfo`` (e.g. "go1.19.8"), or None.
 
     Works on stripped binaries: the runtime keeps the build info for debug.ReadBuildInfo.
+    None too when the file is not ELF or its build info cannot be read.
     """
     try:
-        image = ElfImage.open(path)
+        with parsing(path):
+            return _version_from_image(ElfImage.open(path))
+    except BinaryLimitExceeded:
+        raise
     except UnsupportedBinary:
         return None
-    return _version_from_image(image)
 
 
 def go_layout(path: str | Path) -> GoLayout:
@@ -162,11 +172,16 @@ def go_layout(path: str | Path) -> GoLayout:
     key = (str(p.resolve()), st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
     with _cache_lock:
         cached = _layout_cache.get(key)
+        if cached is not None:
+            _layout_cache.move_to_end(key)
     if cached is not None:
         return cached
-    layout = _compute_layout(p)
+    with parsing(p):
+        layout = _compute_layout(p)
     with _cache_lock:
         _layout_cache[key] = layout
+        while len(_layout_cache) > LAYOUT_CACHE_ENTRIES:
+            _layout_cache.popitem(last=False)
     return layout
 
 
@@ -175,27 +190,31 @@ def dwarf_struct_offsets(path: str | Path) -> dict[str, dict[str, int]] | None:
 
     Only the compile units that can hold Go type DIEs are walked, last "runtime" unit
     first, and the walk stops once every struct is found: a full walk of a Go binary's
-    DWARF with pyelftools takes seconds, this takes a fraction of one.
+    DWARF with pyelftools takes seconds, this takes a fraction of one. A damaged DWARF
+    section is an UnsupportedBinary (rebuilding with -ldflags=-w drops it).
     """
-    try:
-        with Path(path).open("rb") as f:
-            elf = ELFFile(f)
-            if not elf.has_dwarf_info():
-                return None
-            dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
-            if not dwarf.has_debug_info:
-                return None
-            return _find_structs(_type_units(dwarf.iter_CUs()))
-    except OSError as exc:
-        raise TargetError(f"cannot read DWARF of {path}: {exc.strerror or exc}") from exc
-    except (ELFError, DWARFError, struct.error, ValueError, KeyError) as exc:
-        raise UnsupportedBinary(
-            f"cannot parse DWARF of {path} ({exc}); rebuild it with -ldflags=-w to drop "
-            "the broken debug info, or report this binary"
-        ) from exc
+    with parsing(path):
+        image = ElfImage.open(path)
+        for info in image.sections_by_index:
+            # pyelftools reads each debug section whole: check sizes before it allocates.
+            if info.name.startswith((".debug_", ".zdebug_")) and info.sh_type != "SHT_NOBITS":
+                check_span(path, f"section {info.name}", info.offset, info.size, image.file_size)
+        try:
+            with Path(path).open("rb") as f:
+                elf = ELFFile(f)
+                if not elf.has_dwarf_info():
+                    return None
+                dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
+                if not dwarf.has_debug_info:
+                    return None
+                return _find_structs(_type_units(dwarf.iter_CUs()))
+        except OSError as exc:
+            raise TargetError(f"cannot read DWARF of {path}: {exc.strerror or exc}") from exc
 
 
-def table_layout(version: str, *, has_http: bool = True, reason: str = "") -> GoLayout:
+def table_layout(
+    version: str, *, has_http: bool = True, reason: str = "", path: str | Path = "a Go binary"
+) -> GoLayout:
     """A GoLayout for Go ``version`` from FALLBACK_LAYOUTS, for binaries without DWARF.
 
     Uses the entry for the version's minor release or, for a release the table does not
@@ -203,14 +222,15 @@ def table_layout(version: str, *, has_http: bool = True, reason: str = "") -> Go
     the HTTP offsets. Raises UnsupportedBinary for Go older than 1.17 or older than the
     table.
     """
-    minor = _supported_minor(version, "the binary")
+    minor = _supported_minor(version, str(path))
     known = sorted((m, key) for key in FALLBACK_LAYOUTS if (m := go_minor("go" + key)))
     lower = [(m, key) for m, key in known if m <= minor]
     why = reason or "offsets not read from DWARF"
     if not lower:
         raise UnsupportedBinary(
+            path,
             f"{why} and no offsets were measured for {version} (the table starts at Go "
-            f"{known[0][1]}); trace a build of the service without -ldflags=-w"
+            f"{known[0][1]}); trace a build of the service without -ldflags=-w",
         )
     found_minor, key = lower[-1]
     offsets = FALLBACK_LAYOUTS[key]
@@ -240,24 +260,26 @@ def _compute_layout(path: Path) -> GoLayout:
     image = ElfImage.open(path)
     if not image.is_go:
         raise UnsupportedBinary(
-            f"{path} is not a Go binary (no .go.buildinfo / .gopclntab); goroutine and "
-            "HTTP tracing work only for Go services, use plain function probes instead"
+            path,
+            "not a Go binary (no .go.buildinfo / .gopclntab); goroutine and HTTP tracing "
+            "work only for Go services, use plain function probes instead",
         )
     version = _version_from_image(image)
     if version is None:
         raise UnsupportedBinary(
-            f"cannot tell which Go version built {path} (no readable .go.buildinfo); "
-            f"Go {MIN_GO[0]}.{MIN_GO[1]}+ binaries carry it, rebuild with a supported Go"
+            path,
+            "cannot tell which Go version built it (no readable .go.buildinfo); "
+            f"Go {MIN_GO[0]}.{MIN_GO[1]}+ binaries carry it, rebuild with a supported Go",
         )
     _supported_minor(version, str(path))
     structs = dwarf_struct_offsets(path)
     if structs is not None and "runtime.g" in structs:
-        return _layout_from_dwarf(version, structs)
+        return _layout_from_dwarf(path, version, structs)
     if structs is None:
         reason = "binary has no DWARF (built with -ldflags=-w)"
     else:
         reason = "DWARF lacks runtime.g"
-    return table_layout(version, has_http=_links_http_server(path), reason=reason)
+    return table_layout(version, has_http=_links_http_server(path), reason=reason, path=path)
 
 
 def _supported_minor(version: str, what: str) -> tuple[int, int]:
@@ -265,21 +287,31 @@ def _supported_minor(version: str, what: str) -> tuple[int, int]:
     minor = go_minor(version)
     if minor is None:
         raise UnsupportedBinary(
-            f"cannot parse the Go version {version!r} of {what}; expected e.g. go1.27.3"
+            what, f"cannot parse the Go version {version!r}; expected e.g. go1.27.3"
         )
     if minor < MIN_GO:
         raise UnsupportedBinary(
-            f"{what} was built by {version}, older than Go {MIN_GO[0]}.{MIN_GO[1]}, whose "
-            "register ABI the probes rely on; rebuild it with Go 1.17 or newer"
+            what,
+            f"built by {version}, older than Go {MIN_GO[0]}.{MIN_GO[1]}, whose register ABI "
+            "the probes rely on; rebuild it with Go 1.17 or newer",
         )
     return minor
 
 
-def _layout_from_dwarf(version: str, structs: dict[str, dict[str, int]]) -> GoLayout:
+def _layout_from_dwarf(
+    path: str | Path, version: str, structs: dict[str, dict[str, int]]
+) -> GoLayout:
     """A GoLayout from DWARF member offsets; missing HTTP types give -1."""
 
     def member(struct_name: str, field: str) -> int:
-        return structs.get(struct_name, {}).get(field, -1)
+        offset = structs.get(struct_name, {}).get(field, -1)
+        if not -1 <= offset < MAX_MEMBER_OFFSET:
+            raise UnsupportedBinary(
+                path,
+                f"DWARF puts {struct_name}.{field} at offset {offset}, past any real "
+                "layout; the debug info is damaged: rebuild with -ldflags=-w to drop it",
+            )
+        return offset
 
     return GoLayout(
         version=version,
@@ -296,6 +328,8 @@ def _links_http_server(path: Path) -> bool:
     """True if the binary contains net/http's server loop (so net/http.response exists)."""
     try:
         return HTTP_SERVER_FUNCTION in SymbolTable.from_path(path)
+    except BinaryLimitExceeded:
+        raise
     except UnsupportedBinary:
         return False
 
@@ -320,6 +354,8 @@ def _find_buildinfo(image: ElfImage) -> bytes | None:
         for seg in image.segments:
             if not seg.flags & 2:  # PF_W: the blob lives in the data segment
                 continue
+            check_time()
+            check_span(image.path, "a data segment", seg.offset, seg.filesz, image.file_size)
             f.seek(seg.offset)
             blob = f.read(seg.filesz)
             at = blob.find(BUILDINFO_MAGIC)
@@ -367,6 +403,7 @@ def _type_units(units: Iterable[CompileUnit]) -> list[CompileUnit]:
     """Compile units that may hold Go type DIEs, most likely first."""
     by_name: dict[str, list[CompileUnit]] = {name: [] for name in TYPE_UNITS}
     for cu in units:
+        check_time()
         attr = cu.get_top_DIE().attributes.get("DW_AT_name")
         name = attr.value.decode("utf-8", "replace") if attr else ""
         if name in by_name:
@@ -382,6 +419,7 @@ def _find_structs(units: Iterable[CompileUnit]) -> dict[str, dict[str, int]]:
     found: dict[str, dict[str, int]] = {}
     for cu in units:
         for die in cu.get_top_DIE().iter_children():
+            check_time()
             if die.tag != "DW_TAG_structure_type" or "DW_AT_declaration" in die.attributes:
                 continue
             attr = die.attributes.get("DW_AT_name")

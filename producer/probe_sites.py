@@ -22,7 +22,13 @@ from pathlib import Path
 import capstone
 from capstone import x86_const as x86
 
-from ebpf_apm.producer.elf_symbols import FunctionSymbol, SymbolTable, function_bytes
+from ebpf_apm.producer.binary_guard import check_time, parsing
+from ebpf_apm.producer.elf_symbols import (
+    TIME_CHECK_EVERY,
+    FunctionSymbol,
+    SymbolTable,
+    function_bytes,
+)
 from ebpf_apm.producer.errors import UnsupportedBinary
 
 __all__ = ["ProbePlan", "go_entry_offset", "plan_function", "return_offsets"]
@@ -81,7 +87,13 @@ def return_offsets(code: bytes) -> list[int]:
     Go emits no data inside functions, so a linear sweep decodes exactly the real
     instructions; the INT3 padding after the last one decodes harmlessly.
     """
-    return [insn.address for insn in _disassembler(False).disasm(code, 0) if insn.id in _RET_IDS]
+    found = []
+    for count, insn in enumerate(_disassembler(False).disasm(code, 0)):
+        if count % TIME_CHECK_EVERY == 0:
+            check_time()  # a damaged size can make "one function" the whole text segment
+        if insn.id in _RET_IDS:
+            found.append(insn.address)
+    return found
 
 
 def go_entry_offset(code: bytes) -> int:
@@ -121,19 +133,21 @@ def plan_function(path: str | Path, table: SymbolTable, name: str, is_go: bool) 
     """Probe sites for function ``name`` of the binary at ``path`` (symbols in ``table``)."""
     if table.machine != "EM_X86_64":
         raise UnsupportedBinary(
-            f"{path} is built for {table.machine.removeprefix('EM_')}, but probe placement "
-            "is implemented for x86-64 only; trace an amd64 build of the service"
+            path,
+            f"built for {table.machine.removeprefix('EM_')}, but probe placement is "
+            "implemented for x86-64 only; trace an amd64 build of the service",
         )
     symbol = table.lookup(name)
     if not is_go:
         return ProbePlan(symbol=symbol, entry_offset=0, return_offsets=[], is_go=False)
-    code = function_bytes(path, symbol)
-    return ProbePlan(
+    with parsing(path):  # capstone on damaged bytes: any error means "unsupported"
+        code = function_bytes(path, symbol)
+        return ProbePlan(
         symbol=symbol,
-        entry_offset=go_entry_offset(code),
-        return_offsets=return_offsets(code),
-        is_go=True,
-    )
+            entry_offset=go_entry_offset(code),
+            return_offsets=return_offsets(code),
+            is_go=True,
+        )
 
 
 def _is_stack_guard_compare(insn: capstone.CsInsn) -> bool:

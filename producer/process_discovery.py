@@ -239,18 +239,23 @@ class BinaryKey(NamedTuple):
     dev: int
     ino: int
     mtime_ns: int
+    size: int
 
 
 _NT_GNU_BUILD_ID = 3
 _NT_GO_BUILD_ID = 4
+_PHDR_SIZE = 56  # Elf64_Phdr
 
 
 def read_build_id(path: str, limit: int = 1 << 20) -> str | None:
     """The GNU build id note of an ELF file, else Go's build id note, as hex; None if absent.
 
-    Reads the program headers' PT_NOTE segments only (the start of the file)."""
+    Reads the program headers' PT_NOTE segments only (the start of the file). Header fields
+    of a damaged file can point anywhere: every table must lie inside the file, else the
+    file has no usable id (None) and is told apart by device and inode alone."""
     try:
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             ident = f.read(64)
             if len(ident) < 64 or ident[:4] != b"\x7fELF" or ident[4] != 2 or ident[5] != 1:
                 return None  # not a little-endian ELF64
@@ -258,6 +263,8 @@ def read_build_id(path: str, limit: int = 1 << 20) -> str | None:
                 struct.unpack_from("<Q", ident, 32)[0],
                 *struct.unpack_from("<HH", ident, 54),
             )
+            if phentsize < _PHDR_SIZE or phoff + phentsize * phnum > size:
+                return None
             f.seek(phoff)
             table = f.read(phentsize * phnum)
             found: dict[int, str] = {}
@@ -265,11 +272,11 @@ def read_build_id(path: str, limit: int = 1 << 20) -> str | None:
                 p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
                     "<IIQQQQ", table, i * phentsize
                 )
-                if p_type != 4 or p_filesz > limit:  # PT_NOTE
+                if p_type != 4 or p_filesz > limit or p_offset + p_filesz > size:  # PT_NOTE
                     continue
                 f.seek(p_offset)
                 found.update(_notes(f.read(p_filesz)))
-    except (OSError, struct.error):
+    except (OSError, ValueError, struct.error):
         return None
     return found.get(_NT_GNU_BUILD_ID) or found.get(_NT_GO_BUILD_ID)
 
@@ -304,13 +311,15 @@ class ResolveOnceCache(Generic[T]):
     """Runs `resolver(path)` once per distinct binary and keeps what it returns.
 
     `get(pid)` stats /proc/PID/exe (the executable itself, whatever mount namespace it is
-    in): a known (device, inode, mtime) is a hit; otherwise the build id is read and a known
-    build id is a hit; otherwise the resolver runs on the path /proc/PID/exe. An AgentError
-    it raises (an unsupported binary, say) is remembered too and raised again on every hit,
-    so the shell scripts of a busy node are looked at once. Other errors (the process
-    vanished mid-read) are not remembered. At most `max_entries` binaries are kept, least
-    recently used first out. The resolver must not keep the pid-specific path: the result
-    is shared by every process of that binary."""
+    in): a known (device, inode, mtime, size) is a hit; otherwise the build id is read and a
+    known build id is a hit; otherwise the resolver runs on the path /proc/PID/exe. An
+    AgentError it raises (an unsupported binary, say) is remembered too and raised again on
+    every hit, so the shell scripts of a busy node, or a damaged binary exec'd in a loop,
+    are looked at once. A failure is remembered for that file only, never for its build id:
+    a damaged copy still carries the id of the intact binary it was copied from. Errors of
+    a process that vanished mid-read are not remembered (ProcessLookupError). At most
+    `max_entries` binaries are kept, least recently used first out. The resolver must not
+    keep the pid-specific path: the result is shared by every process of that binary."""
 
     def __init__(
         self, resolver: Callable[[str], T], max_entries: int = 256, use_build_id: bool = True
@@ -332,22 +341,21 @@ class ResolveOnceCache(Generic[T]):
             st = os.stat(path)
         except FileNotFoundError:
             raise ProcessLookupError(f"process {pid} has exited") from None
-        key = BinaryKey(st.st_dev, st.st_ino, st.st_mtime_ns)
+        key = BinaryKey(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         value = self._by_file.get(key, _MISSING)
         if value is not _MISSING:
             self.hits += 1
             self._by_file.move_to_end(key)
             return _unwrap(value)
         build_id = read_build_id(path) if self.use_build_id else None
-        if build_id is None:
+        value = self._by_build_id.get(build_id, _MISSING) if build_id else _MISSING
+        if value is _MISSING:
             value = self._resolve(path)
-        else:
-            value = self._by_build_id.get(build_id, _MISSING)
-            if value is _MISSING:
-                value = self._resolve(path)
-            else:
-                self.hits += 1
-            _remember(self._by_build_id, build_id, value, self.max_entries)
+            if build_id and not isinstance(value, _Failure):
+                _remember(self._by_build_id, build_id, value, self.max_entries)
+        elif build_id:
+            self.hits += 1
+            self._by_build_id.move_to_end(build_id)
         _remember(self._by_file, key, value, self.max_entries)
         return _unwrap(value)
 
@@ -356,6 +364,8 @@ class ResolveOnceCache(Generic[T]):
         try:
             return self.resolver(path)
         except AgentError as exc:
+            if not os.path.exists(path):  # the process exited mid-read: not the file's fault
+                raise ProcessLookupError(f"{path}: the process exited") from exc
             return _Failure(exc)
 
     def clear(self) -> None:

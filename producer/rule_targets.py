@@ -1,8 +1,15 @@
 """`ebpf-apm agent --config targets.yaml`: targets found by rules as processes come and go.
 
     sched exec/exit tracepoints + /proc scan -> TargetTracker (rules, pod metadata)
-        -> plan once per binary (ResolveOnceCache) -> AgentPipeline.attach / detach
+        -> plan once per binary (ResolveOnceCache, in the "binary-parse" worker thread)
+        -> AgentPipeline.attach / detach (event loop)
     the rules file, re-read every RULES_RELOAD_S when it changed -> TargetTracker.set_rules
+
+Target binaries are input the agent does not control. They are parsed in one worker thread,
+so the drain loop keeps turning while a large binary is read, within BinaryLimits (size,
+parse time). The outcome is cached per binary, failure too: a binary that cannot be traced
+is parsed once and reported in one warning however often it is exec'd; later processes of
+it are only counted (`RuleTargets.repeated_failures`).
 
 Kubernetes names come from the pod watch when the agent runs in a cluster (or is given
 --kube-api); outside Kubernetes the rules select by executable only.
@@ -13,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from ebpf_apm.producer.binary_guard import BinaryLimits
 from ebpf_apm.producer.errors import AgentError
 from ebpf_apm.producer.k8s_metadata import PodMetadata
 from ebpf_apm.producer.kube_api import KubeApiConfig
@@ -52,23 +62,56 @@ async def start_pod_metadata(settings: KubernetesSettings) -> PodMetadata:
     return metadata
 
 
-class RulePlanner:
-    """One plan per (functions, http) request and binary, shared by all its processes."""
+@dataclass(frozen=True)
+class Planned:
+    """The plan for a process's binary, or why it cannot be traced; ``fresh`` is False when
+    the outcome came from the cache (the binary was parsed for an earlier process)."""
 
-    def __init__(self, names: FunctionNames, http_allowed: bool) -> None:
+    plan: BinaryPlan | None
+    error: AgentError | None
+    fresh: bool
+
+
+class RulePlanner:
+    """One plan per (functions, http) request and binary, shared by all its processes.
+
+    Not thread-safe: call it from one thread (RuleTargets uses one worker thread)."""
+
+    def __init__(
+        self, names: FunctionNames, http_allowed: bool, limits: BinaryLimits | None = None
+    ) -> None:
         self.names = names
         self.http_allowed = http_allowed
+        self.limits = limits or BinaryLimits()
         self._caches: dict[tuple[tuple[str, ...], bool], ResolveOnceCache[BinaryPlan]] = {}
 
-    def plan(self, pid: int, functions: tuple[str, ...], http: bool) -> BinaryPlan:
+    @property
+    def parses(self) -> int:
+        """Binaries parsed so far (cache misses), successes and failures."""
+        return sum(cache.misses for cache in self._caches.values())
+
+    def plan(self, pid: int, functions: tuple[str, ...], http: bool) -> Planned:
+        """Raises ProcessLookupError if the process is gone before its binary is read."""
         key = (functions, http and self.http_allowed)
         cache = self._caches.get(key)
         if cache is None:
             resolver: Callable[[str], BinaryPlan] = lambda path: plan_binary(  # noqa: E731
-                path, list(key[0]), self.names, key[1]
+                path, list(key[0]), self.names, key[1], _exe_of(path), self.limits
             )
             cache = self._caches[key] = ResolveOnceCache(resolver)
-        return cache.get(pid)
+        misses = cache.misses
+        try:
+            return Planned(cache.get(pid), None, cache.misses != misses)
+        except AgentError as exc:
+            return Planned(None, exc, cache.misses != misses)
+
+
+def _exe_of(path: str) -> str:
+    """The executable's own path for messages (`path` is /proc/PID/exe)."""
+    try:
+        return os.readlink(path).removesuffix(" (deleted)")
+    except OSError:
+        return path
 
 
 async def label_static_targets(pipeline: AgentPipeline, metadata: PodMetadata) -> None:
@@ -94,14 +137,20 @@ class RuleTargets:
         names: FunctionNames,
         http_allowed: bool,
         metadata: PodMetadata | None,
+        limits: BinaryLimits | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._rules_file = rules_file
-        self._planner = RulePlanner(names, http_allowed)
+        self._planner = RulePlanner(names, http_allowed, limits)
+        # One thread: parses run one at a time (the node has few cores to spare), off the
+        # event loop, and the planner's caches are only ever touched from it.
+        self._parser = ThreadPoolExecutor(1, thread_name_prefix="binary-parse")
+        self._attaching: dict[int, asyncio.Task[None]] = {}
+        self.repeated_failures = 0  # processes of a binary already reported untraceable
         self._tracker = TargetTracker(
             rules,
             self._attach,
-            pipeline.detach,
+            self._detach,
             metadata,
             on_update=lambda p: pipeline.update_process(p.pid, p.event_fields()),
         )
@@ -117,18 +166,65 @@ class RuleTargets:
             self._reloading.cancel()
         await self._discovery.stop()
         await self._tracker.stop()
+        for task in list(self._attaching.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._parser.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def attaching(self) -> int:
+        """Processes whose binary is being planned."""
+        return len(self._attaching)
 
     def _attach(self, process: TrackedProcess) -> None:
+        """Called by the tracker on the event loop: plan in the worker thread, then attach."""
+        pid = process.pid
+        task = asyncio.get_running_loop().create_task(self._plan_and_attach(process))
+        self._attaching[pid] = task
+        task.add_done_callback(
+            lambda t: self._attaching.pop(pid, None) if self._attaching.get(pid) is t else None
+        )
+
+    def _detach(self, pid: int) -> None:
+        task = self._attaching.pop(pid, None)
+        if task is not None:
+            task.cancel()  # the parse finishes in its thread and is cached for the next one
+        self._pipeline.detach(pid)
+
+    async def _plan_and_attach(self, process: TrackedProcess) -> None:
         request = process.request
+        rules = ", ".join(request.rules)
+        loop = asyncio.get_running_loop()
         try:
-            plan = self._planner.plan(process.pid, tuple(request.functions), request.http)
+            planned = await loop.run_in_executor(
+                self._parser, self._planner.plan, process.pid, tuple(request.functions),
+                request.http,
+            )  # fmt: skip
+        except ProcessLookupError:
+            return  # exited before its binary was read
+        except Exception:  # a bug, not the binary: say so, and keep tracing the others
+            log.exception("pid %d (%s): planning its probes failed", process.pid, process.exe)
+            return
+        if planned.error is not None:
+            if planned.fresh:  # one line per binary, however many processes run it
+                log.warning("pid %d (%s) matched %s but cannot be traced: %s",
+                            process.pid, process.exe, rules, planned.error)  # fmt: skip
+            else:
+                self.repeated_failures += 1
+                log.debug("pid %d (%s): %s (reported before)", process.pid, process.exe,
+                          planned.error)  # fmt: skip
+            return
+        assert planned.plan is not None
+        plan = planned.plan
+        try:
             self._pipeline.attach(bind_process(process.pid, plan), k8s=process.event_fields())
-        except AgentError as exc:  # one unprobeable process must not stop the others
+        except (AgentError, ProcessLookupError, FileNotFoundError) as exc:
             log.warning("pid %d (%s) matched %s but cannot be traced: %s",
-                        process.pid, process.exe, ", ".join(request.rules), exc)  # fmt: skip
+                        process.pid, process.exe, rules, exc)  # fmt: skip
             return
         log.info("pid %d (%s) selected by %s: %d function(s) probed", process.pid,
-                 process.exe, ", ".join(request.rules), len(plan.functions))  # fmt: skip
+                 process.exe, rules, len(plan.functions))  # fmt: skip
 
     async def _reload_rules(self) -> None:
         while True:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ebpf_apm.producer.binary_guard import BinaryLimits, parsing
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProcessLayout
 from ebpf_apm.producer.elf_symbols import SymbolTable
 from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
-from ebpf_apm.producer.go_binary import go_layout, is_go_binary
+from ebpf_apm.producer.go_binary import go_layout
 from ebpf_apm.producer.probe_sites import ProbePlan, plan_function
 
 log = logging.getLogger(__name__)
@@ -28,17 +30,22 @@ HTTP_FINISH_SYMBOL = "net/http.(*response).finishRequest"
 
 
 class FunctionNames:
-    """Agent-wide ids of probed functions; the BPF records carry the id, batches the name."""
+    """Agent-wide ids of probed functions; the BPF records carry the id, batches the name.
+
+    Binaries are planned in a worker thread while the batcher reads `names` on the event
+    loop: ids are handed out under a lock and `names` only ever grows."""
 
     def __init__(self) -> None:
         self._ids: dict[str, int] = {}
         self.names: list[str] = []
+        self._lock = threading.Lock()
 
     def id_of(self, name: str) -> int:
-        if name not in self._ids:
-            self._ids[name] = len(self.names)
-            self.names.append(name)
-        return self._ids[name]
+        with self._lock:
+            if name not in self._ids:
+                self._ids[name] = len(self.names)
+                self.names.append(name)
+            return self._ids[name]
 
 
 @dataclass(frozen=True)
@@ -85,7 +92,7 @@ def load_bias(pid: int, binary: str) -> int:
     with open(binary, "rb") as f:
         header = f.read(18)
     if header[:4] != b"\x7fELF":
-        raise UnsupportedBinary(f"{binary} is not an ELF file")
+        raise UnsupportedBinary(binary, "not an ELF file")
     if int.from_bytes(header[16:18], "little") != 3:  # ET_DYN; ET_EXEC is mapped as linked
         return 0
     inode = os.stat(binary).st_ino
@@ -109,16 +116,34 @@ class BinaryPlan:
 
 
 def plan_binary(
-    binary: str, symbols: list[str], names: FunctionNames, http: bool = True, exe: str = ""
+    binary: str,
+    symbols: list[str],
+    names: FunctionNames,
+    http: bool = True,
+    exe: str = "",
+    limits: BinaryLimits | None = None,
 ) -> BinaryPlan:
     """Plan probes in one binary: `symbols`, plus Go's HTTP server when it has one and
-    `http` is on. `exe` names the binary in messages."""
+    `http` is on. `exe` names the binary in messages. Reading the file stays within
+    `limits` (size, parse time); a file that cannot be read or probed safely raises
+    UnsupportedBinary naming `exe`."""
     exe = exe or binary
     try:
-        table = SymbolTable.from_path(binary)
+        with parsing(binary, limits):
+            return _plan_binary(binary, symbols, names, http, exe)
+    except UnsupportedBinary as exc:
+        if exc.path != binary or exe == binary:
+            raise
+        raise type(exc)(exe, exc.reason) from exc  # the same error, naming the executable
     except OSError as exc:
         raise TargetError(f"cannot read the binary {exe}: {exc}") from exc
-    go = is_go_binary(binary)
+
+
+def _plan_binary(
+    binary: str, symbols: list[str], names: FunctionNames, http: bool, exe: str
+) -> BinaryPlan:
+    table = SymbolTable.from_path(binary)
+    go = table.is_go
     version = None
     if go:
         go_fields = go_layout(binary)
@@ -146,8 +171,9 @@ def plan_binary(
         offsets = (layout.request_method, layout.request_url, layout.url_path)
         if min(*offsets, layout.response_status) < 0:
             raise UnsupportedBinary(
-                f"{exe}: net/http field offsets are unknown for Go {version}; "
-                "trace handler functions with --func and --no-http instead"
+                exe,
+                f"net/http field offsets are unknown for Go {version}; trace handler "
+                "functions with --func and --no-http instead",
             )
         wanted.append((HTTP_SERVER_SYMBOL, True))
     functions = tuple(
@@ -179,12 +205,18 @@ def bind_process(pid: int, plan: BinaryPlan, exe: str | None = None) -> TargetPr
 
 
 def resolve_target(
-    pid: int, symbols: list[str], names: FunctionNames, http: bool = True
+    pid: int,
+    symbols: list[str],
+    names: FunctionNames,
+    http: bool = True,
+    limits: BinaryLimits | None = None,
 ) -> TargetProcess:
     """Plan probes in one process (see plan_binary)."""
     exe = _check_process(pid)
     try:
-        plan = plan_binary(f"/proc/{pid}/exe", symbols, names, http, exe=f"pid {pid} ({exe})")
+        plan = plan_binary(
+            f"/proc/{pid}/exe", symbols, names, http, exe=f"pid {pid} ({exe})", limits=limits
+        )
     except FileNotFoundError as exc:
         raise TargetError(f"process {pid} exited while its binary was read") from exc
     return bind_process(pid, plan, exe)
