@@ -13,7 +13,11 @@ from ebpf_apm import runner
 from ebpf_apm.consumers.aggregate_service import AggregateConfig, AggregateService
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.latency_store import DEFAULT_STORAGE, STORAGE_ENV, open_store, storage_url
-from ebpf_apm.consumers.time_spec import parse_duration_ns
+from ebpf_apm.consumers.time_spec import (
+    add_time_bounds_arguments,
+    parse_duration_ns,
+    time_bounds_from_args,
+)
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
 
@@ -25,6 +29,7 @@ def config_from_args(args: argparse.Namespace) -> AggregateConfig:
             name: parse_duration_ns(getattr(args, name))
             for name in ("window", "lateness", "idle_timeout", "session_timeout")
         }
+        bounds = time_bounds_from_args(args)
     except ValueError as exc:
         raise ConsumerConfigError(str(exc)) from exc
     if durations["window"] < 1_000_000:
@@ -48,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> AggregateConfig:
         max_series_per_workload=args.max_series_per_workload,
         session_timeout_ms=max(1, durations["session_timeout"] // 1_000_000),
         crash_after_writes=args.crash_after_writes,
+        time_bounds=bounds,
     )
 
 
@@ -72,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_STORAGE})",
     )
     add_connection_arguments(parser)
+    add_time_bounds_arguments(parser)
     parser.add_argument("--group", default="ebpf-apm-aggregate", help="Kafka consumer group")
     parser.add_argument(
         "--spans-topic", default=topics.SPANS, help=f"input (default: {topics.SPANS})"

@@ -24,20 +24,26 @@ import asyncio
 import logging
 import operator
 import os
+import random
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from ebpf_apm.consumers.errors import ConsumerConfigError
+from ebpf_apm.consumers.errors import ConsumerConfigError, ConsumerKafkaError
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY
 from ebpf_apm.consumers.latency_store import LatencyRow, LatencyStore
 from ebpf_apm.consumers.route_template import SeriesRegistry
 from ebpf_apm.consumers.series_resolver import SeriesResolver
-from ebpf_apm.consumers.span_columns import decode_spans, explain_bad_span
+from ebpf_apm.consumers.span_columns import (
+    SpanColumns,
+    check_span_values,
+    decode_spans,
+    explain_bad_span,
+)
 from ebpf_apm.consumers.time_spec import format_duration_ns
 from ebpf_apm.consumers.window_aggregator import ClosedWindow, WindowAggregator
 from ebpf_apm.kafka import topics
@@ -45,6 +51,7 @@ from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.deadletter import DeadLetter
 from ebpf_apm.schemas.avro_codec import codec
+from ebpf_apm.schemas.input_limits import TimeBounds
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,9 @@ class AggregateConfig:
     session_timeout_ms: int = 10_000
     max_future_ns: int = 600_000_000_000  # spans from a clock 10 min ahead are left out
     crash_after_writes: int = 0  # tests: SIGKILL itself after that many writes, before commit
+    time_bounds: TimeBounds = field(default_factory=TimeBounds)
+    # Dead letters are retried while Kafka refuses them, waiting up to this long in between.
+    retry_max_s: float = 30.0
 
 
 _value = operator.attrgetter("value")
@@ -208,11 +218,11 @@ class AggregateService:
         partitions = np.concatenate(
             [np.full(len(part), part[0].partition, dtype=np.int64) for part in parts]
         )
-        bad = self.add_spans(values, partitions, offsets, now_ns)
         generation = self.generation
+        bad = self.add_spans(values, partitions, offsets, now_ns)
         if bad:
             records = [r for part in parts for r in part]
-            await self._deadletter([records[i] for i in bad])
+            await self._deadletter([(records[i], why) for i, why in sorted(bad.items())])
         if generation != self.generation:
             return  # partitions were revoked meanwhile: these spans will be read again
         for (_, partition), records in batches.items():
@@ -225,42 +235,68 @@ class AggregateService:
         partitions: np.ndarray,
         offsets: np.ndarray,
         now_ns: int,
-    ) -> list[int]:
+    ) -> dict[int, str]:
         """Decode apm.spans message values and add them to the windows; the indices of the
-        messages that could not be decoded."""
-        bad: list[int] = []
-        parts: list[tuple[np.ndarray, ...]] = []
+        messages that could not be used, with the reason (for the dead letter)."""
+        bad: dict[int, str] = {}
         for first in range(0, len(values), DECODE_CHUNK):
-            columns = decode_spans(values[first : first + DECODE_CHUNK])
-            if columns.bad.any():
-                bad.extend((np.flatnonzero(columns.bad) + first).tolist())
-            good = np.flatnonzero(~columns.bad)
-            series = self.resolver.resolve(columns, good)
-            parts.append(
-                (
-                    series,
-                    columns.ints["end_ns"][good],
-                    columns.ints["duration_ns"][good],
-                    partitions[first + good],
-                    offsets[first + good],
-                )
-            )
-        series, end_ns, durations, sources, positions = (
-            np.concatenate(c) for c in zip(*parts, strict=True)
-        )
-        self.aggregator.add(
-            series, end_ns, durations, arrival_ns=now_ns, sources=sources, positions=positions
-        )
+            chunk = values[first : first + DECODE_CHUNK]
+            columns = decode_spans(chunk)
+            rejected = check_span_values(columns, now_ns, self.config.time_bounds)
+            for row in np.flatnonzero(columns.bad).tolist():
+                rejected[row] = explain_bad_span(chunk[row] or b"")
+            good = np.setdiff1d(np.arange(columns.n), np.fromiter(rejected, np.int64))
+            try:
+                self._add(columns, good, partitions[first + good], offsets[first + good], now_ns)
+            except Exception:  # find the messages that fail on their own
+                for row in good.tolist():
+                    one = np.array([row])
+                    try:
+                        self._add(
+                            columns, one, partitions[first + one], offsets[first + one], now_ns
+                        )
+                    except Exception as exc:
+                        rejected[row] = f"aggregating failed: {type(exc).__name__}: {exc}"
+            bad.update({first + row: why for row, why in rejected.items()})
         return bad
 
-    async def _deadletter(self, records: Sequence[InputRecord]) -> None:
+    def _add(
+        self,
+        columns: SpanColumns,
+        rows: np.ndarray,
+        sources: np.ndarray,
+        positions: np.ndarray,
+        now_ns: int,
+    ) -> None:
+        series = self.resolver.resolve(columns, rows)
+        self.aggregator.add(
+            series,
+            columns.ints["end_ns"][rows],
+            columns.ints["duration_ns"][rows],
+            arrival_ns=now_ns,
+            sources=sources,
+            positions=positions,
+        )
+
+    async def _deadletter(self, rejected: Sequence[tuple[InputRecord, str]]) -> None:
+        """Dead-letter the messages, retrying (backoff with jitter) while Kafka refuses: the
+        offsets behind them are not committed before they are safe."""
         letters = [
-            DeadLetter.of(
-                r.topic, r.partition, r.offset, r.key, r.value, explain_bad_span(r.value or b"")
-            )
-            for r in records
+            DeadLetter.of(r.topic, r.partition, r.offset, r.key, r.value, why)
+            for r, why in rejected
         ]
-        await self.output.deliver_dead_letters(letters)
+        delay = 0.5
+        while True:
+            try:
+                await self.output.deliver_dead_letters(letters)
+                break
+            except ConsumerKafkaError as exc:
+                log.warning(
+                    "waiting for Kafka to take %d dead letter(s), retrying in %.1f s: %s",
+                    len(letters), delay, exc,
+                )  # fmt: skip
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, self.config.retry_max_s)
         self.deadlettered += len(letters)
 
     async def emit(self, closed: list[ClosedWindow]) -> None:
