@@ -24,7 +24,6 @@ import asyncio
 import logging
 import operator
 import os
-import random
 import signal
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ebpf_apm.consumers.errors import ConsumerConfigError, ConsumerKafkaError
+from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY
 from ebpf_apm.consumers.latency_store import LatencyRow, LatencyStore
@@ -279,24 +278,12 @@ class AggregateService:
         )
 
     async def _deadletter(self, rejected: Sequence[tuple[InputRecord, str]]) -> None:
-        """Dead-letter the messages, retrying (backoff with jitter) while Kafka refuses: the
-        offsets behind them are not committed before they are safe."""
+        """Dead-letter the messages (retried while Kafka refuses them)."""
         letters = [
             DeadLetter.of(r.topic, r.partition, r.offset, r.key, r.value, why)
             for r, why in rejected
         ]
-        delay = 0.5
-        while True:
-            try:
-                await self.output.deliver_dead_letters(letters)
-                break
-            except ConsumerKafkaError as exc:
-                log.warning(
-                    "waiting for Kafka to take %d dead letter(s), retrying in %.1f s: %s",
-                    len(letters), delay, exc,
-                )  # fmt: skip
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-                delay = min(delay * 2, self.config.retry_max_s)
+        await self.output.deliver_dead_letters_retrying(letters, self.config.retry_max_s)
         self.deadlettered += len(letters)
 
     async def emit(self, closed: list[ClosedWindow]) -> None:

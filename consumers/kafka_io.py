@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -343,6 +344,26 @@ class AckedOutput:
         """Dead-letter each message and return once Kafka acknowledged every one."""
         futures = [await self.dead_letter(letter) for letter in letters]
         await self._acknowledged(self.deadletter_topic, futures)
+
+    async def deliver_dead_letters_retrying(
+        self, letters: Sequence[DeadLetter], max_delay_s: float = 30.0
+    ) -> None:
+        """deliver_dead_letters, retried with backoff and jitter while Kafka refuses them:
+        a consumer must not commit past a message before its dead letter is safe, nor stop."""
+        delay = 0.5
+        while True:
+            try:
+                await self.deliver_dead_letters(letters)
+                return
+            except ConsumerKafkaError as exc:
+                log.warning(
+                    "waiting for Kafka to take %d dead letter(s), retrying in about %.1f s: %s",
+                    len(letters),
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, max_delay_s)
 
     async def _acknowledged(self, topic: str, futures: list[asyncio.Future[object]]) -> None:
         try:

@@ -292,6 +292,8 @@ def test_the_service_publishes_each_transition_once(
                 "--from-beginning",
                 "--settle",
                 "500ms",
+                "--max-event-age",  # the windows are from 2023 (T0)
+                "100000d",
             ],
             cwd=REPO,
             stdout=out,
