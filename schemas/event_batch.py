@@ -42,7 +42,9 @@ MAX_NAME_LEN = 4096  # node, exe, function names, k8s values
 MAX_METHOD_LEN = 32
 MAX_PATH_LEN = 8192
 MAX_K8S_FIELDS = 16
-MAX_CONTAINERS = 16  # maps and lists in one message: the format has at most 8
+MAX_CONTAINERS = 8  # maps and lists in one message: the format has at most 7
+# Items in all lists of a message: funcs, and http.method and http.path (one per span).
+MAX_LIST_ITEMS = MAX_FUNCS + 2 * MAX_BATCH_EVENTS
 MAX_PID = (1 << 32) - 1
 # The join keeps a goroutine id in the low 48 bits of a key, above the 32-bit thread ids
 # (consumers/net_event_store.py).
@@ -143,15 +145,19 @@ def _unpack(value: bytes, kind: str | None) -> dict[str, Any]:
     if not isinstance(value, bytes):
         raise BatchDecodeError(f"expected bytes, got {type(value).__name__}")
     check_size(value, "batch", MAX_MESSAGE_BYTES)
-    containers = 0
+    containers = items = 0
 
     def count(container: Any) -> Any:
         # A batch has a handful of maps and lists; a message of many small ones costs
         # ~70x its size in Python objects, so stop at the first one too many.
-        nonlocal containers
+        nonlocal containers, items
         containers += 1
         if containers > MAX_CONTAINERS:
             raise BatchDecodeError(f"more than {MAX_CONTAINERS} maps and lists")
+        if isinstance(container, list):
+            items += len(container)
+            if items > MAX_LIST_ITEMS:
+                raise BatchDecodeError(f"more than {MAX_LIST_ITEMS} list items")
         return container
 
     try:
