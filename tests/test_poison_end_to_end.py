@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from agent_harness import Agent, Connection, go_server, run_client
 from aiokafka import AIOKafkaProducer
-from join_harness import outside_decoder, start_join, wait_for
+from join_harness import assigned, outside_decoder, start_join, wait_for
 from kafka_fixtures import read_topic
 from test_percentiles_end_to_end import start_aggregate, stop, stored_rows
 
@@ -178,12 +178,10 @@ def test_poison_messages_are_dead_lettered_and_real_traffic_goes_on(
             join = start_join(bootstrap, join_log)
             aggregate = start_aggregate(bootstrap, storage, aggregate_log)
             try:
+                wait_for(lambda: assigned(join_log), 60, "the join to get its partitions")
                 first = round_of_requests(server.host, server.port, seed=1)
-                wait_for(
-                    lambda: len(asyncio.run(read_topic(bootstrap, "apm.spans", 1, 1))) >= 1,
-                    60,
-                    "the first round's spans",
-                )
+                done = asyncio.run(read_topic(bootstrap, "apm.spans", len(first.exchanges), 60))
+                assert len(done) == len(first.exchanges), join_log.read_text()
                 asyncio.run(publish(bootstrap, f"{NODE}/{server.pid}".encode(), crafted))
                 second = round_of_requests(server.host, server.port, seed=2)
                 calls = len(first.exchanges) + len(second.exchanges)
