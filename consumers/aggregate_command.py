@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from ebpf_apm import runner
 from ebpf_apm.consumers.aggregate_service import AggregateConfig, AggregateService
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.latency_store import DEFAULT_STORAGE, STORAGE_ENV, open_store, storage_url
+from ebpf_apm.consumers.route_template import DEFAULT_MAX_SERIES, DEFAULT_MAX_WORKLOADS
 from ebpf_apm.consumers.time_spec import (
     add_time_bounds_arguments,
     parse_duration_ns,
@@ -20,6 +22,9 @@ from ebpf_apm.consumers.time_spec import (
 )
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
+
+MAX_WORKLOADS_ENV = "EBPF_APM_MAX_WORKLOADS"
+MAX_SERIES_ENV = "EBPF_APM_MAX_SERIES"
 
 
 def config_from_args(args: argparse.Namespace) -> AggregateConfig:
@@ -36,10 +41,13 @@ def config_from_args(args: argparse.Namespace) -> AggregateConfig:
         raise ConsumerConfigError(
             f"--window {args.window} is shorter than 1ms; use e.g. --window 10s"
         )
-    if args.max_series_per_workload < 1:
-        raise ConsumerConfigError(
-            f"--max-series-per-workload {args.max_series_per_workload} must be at least 1"
-        )
+    for flag, value in (
+        ("--max-series-per-workload", args.max_series_per_workload),
+        ("--max-workloads", args.max_workloads),
+        ("--max-series", args.max_series),
+    ):
+        if value < 1:
+            raise ConsumerConfigError(f"{flag} {value} must be at least 1")
     return AggregateConfig(
         connection=connection,
         storage=storage_url(args.storage),
@@ -51,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> AggregateConfig:
         lateness_ns=durations["lateness"],
         idle_timeout_ns=durations["idle_timeout"],
         max_series_per_workload=args.max_series_per_workload,
+        max_workloads=args.max_workloads,
+        max_series=args.max_series,
         session_timeout_ms=max(1, durations["session_timeout"] // 1_000_000),
         crash_after_writes=args.crash_after_writes,
         time_bounds=bounds,
@@ -99,6 +109,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=500,
         metavar="N",
         help="series beyond N in a workload go to its {overflow} series (default: 500)",
+    )
+    parser.add_argument(
+        "--max-workloads",
+        type=int,
+        default=int(os.environ.get(MAX_WORKLOADS_ENV) or DEFAULT_MAX_WORKLOADS),
+        metavar="N",
+        help="series of workloads beyond N go to the {overflow}|{overflow}| series (default: "
+        f"${MAX_WORKLOADS_ENV}, else {DEFAULT_MAX_WORKLOADS})",
+    )
+    parser.add_argument(
+        "--max-series",
+        type=int,
+        default=int(os.environ.get(MAX_SERIES_ENV) or DEFAULT_MAX_SERIES),
+        metavar="N",
+        help="past N series in all, new series go to their workload's {overflow} series "
+        f"(default: ${MAX_SERIES_ENV}, else {DEFAULT_MAX_SERIES})",
     )
     parser.add_argument(
         "--session-timeout",

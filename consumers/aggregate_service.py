@@ -35,7 +35,11 @@ from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
 from ebpf_apm.consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY
 from ebpf_apm.consumers.latency_store import LatencyRow, LatencyStore
-from ebpf_apm.consumers.route_template import SeriesRegistry
+from ebpf_apm.consumers.route_template import (
+    DEFAULT_MAX_SERIES,
+    DEFAULT_MAX_WORKLOADS,
+    SeriesRegistry,
+)
 from ebpf_apm.consumers.series_resolver import SeriesResolver
 from ebpf_apm.consumers.span_columns import (
     SpanColumns,
@@ -70,6 +74,8 @@ class AggregateConfig:
     lateness_ns: int = 5_000_000_000
     idle_timeout_ns: int = 2_000_000_000
     max_series_per_workload: int = 500
+    max_workloads: int = DEFAULT_MAX_WORKLOADS
+    max_series: int = DEFAULT_MAX_SERIES
     session_timeout_ms: int = 10_000
     max_future_ns: int = 600_000_000_000  # spans from a clock 10 min ahead are left out
     crash_after_writes: int = 0  # tests: SIGKILL itself after that many writes, before commit
@@ -126,7 +132,9 @@ class AggregateService:
                 f"not --window {format_duration_ns(config.window_ns)}: use the same --window, "
                 "or another --group and --storage"
             )
-        registry = SeriesRegistry(config.max_series_per_workload)
+        registry = SeriesRegistry(
+            config.max_series_per_workload, config.max_workloads, config.max_series
+        )
         registry.seed(await store.series())
         aggregator = WindowAggregator(
             config.window_ns,
@@ -297,7 +305,8 @@ class AggregateService:
         stats = self.aggregator.stats
         log.info(
             "wrote %d windows (%d series, up to %s); spans %d, late %d, from the future %d, "
-            "dead-lettered %d, series refused by the cap %d",
+            "dead-lettered %d, series refused by the cap per workload %d, by the global "
+            "caps %d",
             len({r.window_start_ns for r in rows}),
             len(rows),
             time.strftime("%H:%M:%S", time.localtime(rows[-1].window_end_ns / 1e9)),
@@ -306,6 +315,7 @@ class AggregateService:
             stats.future,
             self.deadlettered,
             sum(self.registry.refused.values()),
+            self.registry.refused_workloads + self.registry.refused_global,
         )
         if self.config.crash_after_writes and self.writes >= self.config.crash_after_writes:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die between the write and the commit

@@ -34,6 +34,8 @@ from ebpf_apm.kafka.errors import describe_error, unreachable_hint
 log = logging.getLogger(__name__)
 
 TopicPart = tuple[str, int]
+# Keys whose partition AckedOutput remembers (murmur2 in Python costs ~2 us a key).
+PARTITION_CACHE_LIMIT = 65_536
 RebalanceCallback = Callable[[list[TopicPart]], Awaitable[None]]
 
 
@@ -245,6 +247,7 @@ class AckedOutput:
         self._producer_or_none: AIOKafkaProducer | None = None
         self._partitions: dict[str, int] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
+        self.partition_cache_resets = 0
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -294,6 +297,10 @@ class AckedOutput:
         cached = self._partition_of_key.get((topic, key))
         if cached is None:
             cached = (murmur2(key) & 0x7FFFFFFF) % self._partitions[topic]
+            if len(self._partition_of_key) >= PARTITION_CACHE_LIMIT:
+                # Keys come from input (node/pid): start over rather than grow without end.
+                self._partition_of_key.clear()
+                self.partition_cache_resets += 1
             self._partition_of_key[(topic, key)] = cached
         return cached
 
