@@ -45,7 +45,6 @@ from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.deadletter import DeadLetter
 from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
-from ebpf_apm.schemas.input_limits import TimeBounds
 from ebpf_apm.schemas.event_batch import (
     HttpColumns,
     NetBatch,
@@ -53,6 +52,7 @@ from ebpf_apm.schemas.event_batch import (
     encode_net_batch,
     encode_span_batch,
 )
+from ebpf_apm.schemas.input_limits import TimeBounds
 
 REPO = Path(__file__).resolve().parent.parent
 MS = 1_000_000
