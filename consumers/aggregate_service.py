@@ -305,8 +305,7 @@ class AggregateService:
         stats = self.aggregator.stats
         log.info(
             "wrote %d windows (%d series, up to %s); spans %d, late %d, from the future %d, "
-            "dead-lettered %d, series refused by the cap per workload %d, by the global "
-            "caps %d",
+            "dead-lettered %d, series refused by the cap %d (per workload) and %d (global caps)",
             len({r.window_start_ns for r in rows}),
             len(rows),
             time.strftime("%H:%M:%S", time.localtime(rows[-1].window_end_ns / 1e9)),
