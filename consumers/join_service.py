@@ -352,7 +352,6 @@ class JoinService:
         """Dead-letter a message whose processing failed; `count` of its outputs are then
         done (when the dead letter is acknowledged)."""
         why = f"{step} failed: {type(exc).__name__}: {exc}"
-        log.warning("%s/%d/%d: %s", record.topic, record.partition, record.offset, why)
         letter = DeadLetter.of(
             record.topic, record.partition, record.offset, record.key, record.value, why
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -248,6 +249,8 @@ class AckedOutput:
         self._partitions: dict[str, int] = {}
         self._partition_of_key: dict[tuple[str, bytes], int] = {}
         self.partition_cache_resets = 0
+        self._last_dead_letter_log = -1e9
+        self._unlogged = 0
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -335,9 +338,20 @@ class AckedOutput:
 
     async def dead_letter(self, letter: DeadLetter) -> asyncio.Future[object]:
         """Send a rejected input message to the dead-letter topic, unchanged, with why."""
-        log.warning(
-            "message %s goes to %s: %s", letter.source, self.deadletter_topic, letter.reason
-        )
+        # At most one line a second: a flood of poison must not flood the log too.
+        now = time.monotonic()
+        if now - self._last_dead_letter_log >= 1.0:
+            more = f" (and {self._unlogged} more since the last line)" if self._unlogged else ""
+            log.warning(
+                "message %s goes to %s: %s%s",
+                letter.source,
+                self.deadletter_topic,
+                letter.reason,
+                more,
+            )
+            self._last_dead_letter_log, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
         return await self.send_one(self.deadletter_topic, letter.key, letter.value, letter.headers)
 
     async def deliver(
