@@ -12,12 +12,12 @@ from typing import Any
 
 from ebpf_apm.consumers.alert_rules import STATUS_CLASSES
 from ebpf_apm.schemas.avro_codec import codec
-from ebpf_apm.schemas.event_batch import MAX_NAME_LEN, MAX_PATH_LEN
+from ebpf_apm.schemas.event_batch import MAX_NAME_LEN, MAX_STRING_BYTES
 from ebpf_apm.schemas.input_limits import InputRejected, TimeBounds
 
 MAX_WINDOW_NS = 24 * 3600 * 1_000_000_000
 # series = workload|operation|status; operation = method and route.
-MAX_SERIES_LEN = 3 * (2 * MAX_NAME_LEN + MAX_PATH_LEN)
+MAX_SERIES_LEN = 3 * (2 * MAX_NAME_LEN + MAX_STRING_BYTES)
 _QUANTILES = ("min", "p50", "p90", "p95", "p99", "p999", "max")
 
 
@@ -29,7 +29,7 @@ def read_latency_window(value: bytes | None, now_ns: int, bounds: TimeBounds) ->
     for name, limit in (
         ("series", MAX_SERIES_LEN),
         ("workload", MAX_NAME_LEN * 2),
-        ("operation", MAX_NAME_LEN + MAX_PATH_LEN),
+        ("operation", MAX_NAME_LEN + MAX_STRING_BYTES),
     ):
         if len(window[name]) > limit:
             raise InputRejected(f"{name} longer than {limit} characters")

@@ -22,7 +22,7 @@ from typing import Any, cast
 import numpy as np
 
 from ebpf_apm.schemas.avro_codec import HEADER_SIZE, AvroDecodeError, codec
-from ebpf_apm.schemas.event_batch import MAX_METHOD_LEN, MAX_NAME_LEN, MAX_PATH_LEN
+from ebpf_apm.schemas.event_batch import MAX_NAME_LEN, MAX_STRING_BYTES
 from ebpf_apm.schemas.input_limits import MAX_MESSAGE_BYTES, TimeBounds
 
 # Zero bytes after the last message. A read position is brought back into its message at
@@ -230,13 +230,13 @@ def explain_bad_span(value: bytes) -> str:
 
 # What the aggregator rejects of a readable apm.spans record (schemas/span.avsc documents
 # the fields; the limits are the event batches', which the join copies into spans).
-_STRING_LIMITS = {
-    "exe": MAX_NAME_LEN,
-    "func": MAX_NAME_LEN,
-    "http_method": MAX_METHOD_LEN,
-    "http_path": MAX_PATH_LEN,
-    "k8s_namespace": MAX_NAME_LEN,
-    "k8s_workload": MAX_NAME_LEN,
+_STRING_LIMITS = {  # UTF-8 bytes
+    "exe": 4 * MAX_NAME_LEN,
+    "func": 4 * MAX_NAME_LEN,
+    "http_method": MAX_STRING_BYTES,
+    "http_path": MAX_STRING_BYTES,
+    "k8s_namespace": 4 * MAX_NAME_LEN,
+    "k8s_workload": 4 * MAX_NAME_LEN,
 }
 
 
@@ -257,7 +257,7 @@ def check_span_values(columns: SpanColumns, now_ns: int, bounds: TimeBounds) -> 
          "http_status outside 100..599 (0 or null for unknown)"),
     ]  # fmt: skip
     for name, limit in _STRING_LIMITS.items():
-        checks.append((columns.lengths[name] > 4 * limit, f"{name} longer than {limit} characters"))
+        checks.append((columns.lengths[name] > limit, f"{name} longer than {limit} bytes"))
     reasons: dict[int, str] = {}
     for wrong, reason in checks:
         for row in np.flatnonzero(wrong & good).tolist():

@@ -38,9 +38,8 @@ HTTP_FLUSHED = np.dtype("<i8")
 # What a reader accepts (schemas/uprobe_events.md lists them with the reasons).
 MAX_BATCH_EVENTS = 65_536  # the agent cuts batches at 16384 events by default
 MAX_FUNCS = 65_536
-MAX_NAME_LEN = 4096  # node, exe, function names, k8s values
-MAX_METHOD_LEN = 32
-MAX_PATH_LEN = 8192
+MAX_NAME_LEN = 4096  # node, exe, function names, k8s values (characters)
+MAX_STRING_BYTES = 8192  # any string, e.g. an HTTP method or path (UTF-8 bytes)
 MAX_K8S_FIELDS = 16
 MAX_CONTAINERS = 8  # maps and lists in one message: the format has at most 7
 # Items in all lists of a message: funcs, and http.method and http.path (one per span).
@@ -51,9 +50,10 @@ MAX_PID = (1 << 32) - 1
 MAX_GOID = (1 << 48) - (1 << 32) - 1
 MAX_IO_BYTES = 1 << 31  # one send or receive system call moves less than 2 GiB
 MAX_FLUSH_DELAY_NS = 60 * 1_000_000_000  # a response flushed this long after its handler
-FAMILIES = np.array([0, 2, 10], dtype=np.uint8)
+_FAMILY_OK = np.zeros(256, dtype=np.bool_)
+_FAMILY_OK[[0, 2, 10]] = True  # unknown, AF_INET, AF_INET6
 _UNPACK_LIMITS = {
-    "max_str_len": MAX_PATH_LEN * 4,  # UTF-8 bytes
+    "max_str_len": MAX_STRING_BYTES,
     "max_bin_len": MAX_MESSAGE_BYTES,
     "max_array_len": MAX_BATCH_EVENTS,
     "max_map_len": 64,
@@ -203,12 +203,15 @@ def _text(value: Any, what: str, limit: int) -> str:
     return value
 
 
-def _texts(value: Any, what: str, count: int, limit: int) -> list[str]:
+def _texts(value: Any, what: str, count: int) -> list[str]:
+    """A list of `count` strings (each at most MAX_STRING_BYTES: the msgpack limit)."""
     if not isinstance(value, list) or len(value) != count:
         size = f"{len(value)} items" if isinstance(value, list) else type(value).__name__
         raise BatchDecodeError(f"{what}: expected a list of {count} strings, got {size}")
-    for item in value:
-        _text(item, what, limit)
+    try:  # a type check in C: these lists have one item per HTTP span
+        "".join(value)
+    except TypeError:
+        raise BatchDecodeError(f"{what}: expected a list of strings") from None
     return value
 
 
@@ -275,8 +278,8 @@ def _http(raw: Any, columns: dict[str, np.ndarray]) -> HttpColumns:
             )
     return HttpColumns(
         rows=rows,
-        method=_texts(raw.get("method"), "http.method", m, MAX_METHOD_LEN),
-        path=_texts(raw.get("path"), "http.path", m, MAX_PATH_LEN),
+        method=_texts(raw.get("method"), "http.method", m),
+        path=_texts(raw.get("path"), "http.path", m),
         status=status,
         flushed_ns=flushed,
     )
@@ -417,7 +420,7 @@ def decode_net_batch(value: bytes) -> NetBatch:
             raise BatchDecodeError("negative byte count (an error result, not bytes moved)")
         if int(nbytes.max()) > MAX_IO_BYTES:
             raise BatchDecodeError(f"a byte count above {MAX_IO_BYTES} (one system call)")
-        if not np.isin(columns["family"], FAMILIES).all():
+        if not _FAMILY_OK[columns["family"]].all():
             raise BatchDecodeError("family outside 0 (unknown), 2 (IPv4), 10 (IPv6)")
         _check_goid(columns["goid"])
     return NetBatch(
