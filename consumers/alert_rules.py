@@ -280,10 +280,18 @@ def parse_rules(text: str, source: str = "rules.yaml") -> list[Rule]:
     return [r for r in rules if r is not None]
 
 
+MAX_RULES_FILE_CHARS = 1 << 20  # a few thousand rules; read no further
+
+
 def load_rules(path: str) -> list[Rule]:
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+            text = handle.read(MAX_RULES_FILE_CHARS + 1)
+        if len(text) > MAX_RULES_FILE_CHARS:
+            raise RulesError(
+                [f"{path}: the rules file is larger than {MAX_RULES_FILE_CHARS} characters"],
+                path,
+            )
     except (OSError, UnicodeDecodeError) as exc:
         raise RulesError([f"{path}: cannot read the rules file: {exc}"], path) from None
     try:

@@ -6,10 +6,19 @@ consumers see; each table here is filled past its cap with such values.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 from join_data import Net, Span, net_batch, span_batch
 
-from ebpf_apm.consumers.alert_rules import AlertEngine, parse_rules
+from ebpf_apm.consumers.alert_rules import (
+    MAX_RULES_FILE_CHARS,
+    AlertEngine,
+    RulesError,
+    load_rules,
+    parse_rules,
+)
 from ebpf_apm.consumers.kafka_io import PARTITION_CACHE_LIMIT, AckedOutput
 from ebpf_apm.consumers.route_template import (
     OVERFLOW_OPERATION,
@@ -87,3 +96,10 @@ def test_the_join_keeps_no_table_per_process() -> None:
     out = joiner.advance(T0 + 3600 * S)
     sent = {part.token: int(np.sum(part.io.bytes_sent)) for part in out}
     assert sent == {pid: pid for pid in range(1, 200)}
+
+
+def test_a_rules_file_too_large_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text("rules:\n" + "#" * MAX_RULES_FILE_CHARS)
+    with pytest.raises(RulesError, match="larger than"):
+        load_rules(str(path))
