@@ -4,6 +4,12 @@ One Kafka message carries many spans of one process, stored column by column: ea
 column is one little-endian byte string, so the agent encodes a batch with a handful of numpy
 calls and a consumer decodes it into arrays without a Python call per span. `iter_events`
 turns a batch back into one dict per span, the shape `ebpf-apm tail --json` prints.
+
+The decoders are the one place these formats are checked: anyone who can write to the
+topics can send anything, so every type, size and value range the consumers rely on is
+checked here (msgpack limits first, so that decoding itself is bounded), and anything else
+raises `BatchDecodeError` with the reason (schemas/uprobe_events.md lists the limits).
+`check_span_times` and `check_net_times` add the bounds around the reader's clock.
 """
 
 from __future__ import annotations
