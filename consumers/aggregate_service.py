@@ -77,7 +77,6 @@ class AggregateConfig:
     max_workloads: int = DEFAULT_MAX_WORKLOADS
     max_series: int = DEFAULT_MAX_SERIES
     session_timeout_ms: int = 10_000
-    max_future_ns: int = 600_000_000_000  # spans from a clock 10 min ahead are left out
     crash_after_writes: int = 0  # tests: SIGKILL itself after that many writes, before commit
     time_bounds: TimeBounds = field(default_factory=TimeBounds)
     # Dead letters are retried while Kafka refuses them, waiting up to this long in between.
@@ -142,7 +141,7 @@ class AggregateService:
             config.idle_timeout_ns,
             relative_accuracy=DEFAULT_RELATIVE_ACCURACY,
             watermark_ns=progress.watermark_ns if progress else None,
-            max_future_ns=config.max_future_ns,
+            max_future_ns=config.time_bounds.max_skew_ns,
         )
         return cls(config, store, registry, aggregator)
 

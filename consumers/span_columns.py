@@ -242,8 +242,7 @@ _STRING_LIMITS = {  # UTF-8 bytes
 
 def check_span_values(columns: SpanColumns, now_ns: int, bounds: TimeBounds) -> dict[int, str]:
     """Rows (not already bad) whose values are out of range -> the reason, in numpy over all
-    rows. Times older than the bounds' maximum age are rejected here; times ahead of the
-    clock are the aggregator's `max_future_ns` rule (counted, left out)."""
+    rows; times outside the bounds around the reader's clock `now_ns` too."""
     good = ~columns.bad
     end, duration = columns.ints["end_ns"], columns.ints["duration_ns"]
     status = columns.ints["http_status"]
@@ -253,6 +252,9 @@ def check_span_values(columns: SpanColumns, now_ns: int, bounds: TimeBounds) -> 
         (end < now_ns - bounds.max_age_ns,
          f"end_ns older than the maximum age {bounds.max_age_ns // 1_000_000_000} s "
          "(--max-event-age)"),
+        (end > now_ns + bounds.max_skew_ns,
+         f"end_ns more than the allowed clock skew {bounds.max_skew_ns // 1_000_000_000} s "
+         "ahead (--max-clock-skew)"),
         ((status != -1) & (status != 0) & ((status < 100) | (status > 599)),
          "http_status outside 100..599 (0 or null for unknown)"),
     ]  # fmt: skip

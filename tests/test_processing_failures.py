@@ -72,6 +72,7 @@ def test_the_aggregator_rejects_impossible_span_values_with_reasons() -> None:
         "negative duration_ns": {"duration_ns": -1},
         "span starts before the Unix epoch": {"duration_ns": NOW + 1},
         "older than the maximum age": {"end_ns": NOW - 8 * 24 * 3600 * S},
+        "allowed clock skew": {"end_ns": NOW + 3600 * S},
         "http_status outside 100..599": {"http_method": "GET", "http_status": 1000},
         "http_path longer than": {"http_method": "GET", "http_path": "/" + "a" * 40_000},
     }
