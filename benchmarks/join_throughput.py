@@ -52,6 +52,7 @@ from ebpf_apm.schemas.event_batch import (
     encode_net_batch,
     encode_span_batch,
 )
+from ebpf_apm.schemas.input_limits import TimeBounds
 
 REPO = Path(__file__).resolve().parent.parent
 MS = 1_000_000
@@ -165,6 +166,9 @@ def partition_of(key: bytes) -> int:
 # -- 1. the join in this process, no Kafka ------------------------------------------------
 
 
+BOUNDS = TimeBounds()  # the run's times are the last hour's
+
+
 def core_throughput(messages: list[Message]) -> tuple[float, int]:
     """Input events per CPU second through decode, join and Avro encoding; spans out."""
     settings = JoinSettings(allowed_lateness_ns=200 * MS, idle_advance_ns=200 * MS)
@@ -178,11 +182,11 @@ def core_throughput(messages: list[Message]) -> tuple[float, int]:
             joiner = joiners[partition_of(m.key)]
             now = m.published_ns
             if m.topic == SPAN_TOPIC:
-                spans = read_span_message(m.topic, 0, i, m.key, m.value)
+                spans = read_span_message(m.topic, 0, i, m.key, m.value, now, BOUNDS)
                 assert not isinstance(spans, DeadLetter)
                 joiner.add_spans(spans, None, now)
             else:
-                net = read_net_message(m.topic, 0, i, m.key, m.value)
+                net = read_net_message(m.topic, 0, i, m.key, m.value, now, BOUNDS)
                 assert not isinstance(net, DeadLetter)
                 joiner.add_net(net, now)
         for joiner in joiners.values():

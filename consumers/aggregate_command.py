@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 
 from ebpf_apm import runner
 from ebpf_apm.consumers.aggregate_service import AggregateConfig, AggregateService
@@ -18,9 +19,17 @@ from ebpf_apm.consumers.consumer_telemetry import (
 )
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.latency_store import DEFAULT_STORAGE, STORAGE_ENV, open_store, storage_url
-from ebpf_apm.consumers.time_spec import parse_duration_ns
+from ebpf_apm.consumers.route_template import DEFAULT_MAX_SERIES, DEFAULT_MAX_WORKLOADS
+from ebpf_apm.consumers.time_spec import (
+    add_time_bounds_arguments,
+    parse_duration_ns,
+    time_bounds_from_args,
+)
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
+
+MAX_WORKLOADS_ENV = "EBPF_APM_MAX_WORKLOADS"
+MAX_SERIES_ENV = "EBPF_APM_MAX_SERIES"
 
 
 def config_from_args(args: argparse.Namespace) -> AggregateConfig:
@@ -30,16 +39,20 @@ def config_from_args(args: argparse.Namespace) -> AggregateConfig:
             name: parse_duration_ns(getattr(args, name))
             for name in ("window", "lateness", "idle_timeout", "session_timeout")
         }
+        bounds = time_bounds_from_args(args)
     except ValueError as exc:
         raise ConsumerConfigError(str(exc)) from exc
     if durations["window"] < 1_000_000:
         raise ConsumerConfigError(
             f"--window {args.window} is shorter than 1ms; use e.g. --window 10s"
         )
-    if args.max_series_per_workload < 1:
-        raise ConsumerConfigError(
-            f"--max-series-per-workload {args.max_series_per_workload} must be at least 1"
-        )
+    for flag, value in (
+        ("--max-series-per-workload", args.max_series_per_workload),
+        ("--max-workloads", args.max_workloads),
+        ("--max-series", args.max_series),
+    ):
+        if value < 1:
+            raise ConsumerConfigError(f"{flag} {value} must be at least 1")
     return AggregateConfig(
         connection=connection,
         storage=storage_url(args.storage),
@@ -51,8 +64,11 @@ def config_from_args(args: argparse.Namespace) -> AggregateConfig:
         lateness_ns=durations["lateness"],
         idle_timeout_ns=durations["idle_timeout"],
         max_series_per_workload=args.max_series_per_workload,
+        max_workloads=args.max_workloads,
+        max_series=args.max_series,
         session_timeout_ms=max(1, durations["session_timeout"] // 1_000_000),
         crash_after_writes=args.crash_after_writes,
+        time_bounds=bounds,
     )
 
 
@@ -78,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_connection_arguments(parser)
     add_telemetry_arguments(parser)
+    add_time_bounds_arguments(parser)
     parser.add_argument("--group", default="ebpf-apm-aggregate", help="Kafka consumer group")
     parser.add_argument(
         "--spans-topic", default=topics.SPANS, help=f"input (default: {topics.SPANS})"
@@ -98,6 +115,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=500,
         metavar="N",
         help="series beyond N in a workload go to its {overflow} series (default: 500)",
+    )
+    parser.add_argument(
+        "--max-workloads",
+        type=int,
+        default=int(os.environ.get(MAX_WORKLOADS_ENV) or DEFAULT_MAX_WORKLOADS),
+        metavar="N",
+        help="series of workloads beyond N go to the {overflow}|{overflow}| series (default: "
+        f"${MAX_WORKLOADS_ENV}, else {DEFAULT_MAX_WORKLOADS})",
+    )
+    parser.add_argument(
+        "--max-series",
+        type=int,
+        default=int(os.environ.get(MAX_SERIES_ENV) or DEFAULT_MAX_SERIES),
+        metavar="N",
+        help="past N series in all, new series go to their workload's {overflow} series "
+        f"(default: ${MAX_SERIES_ENV}, else {DEFAULT_MAX_SERIES})",
     )
     parser.add_argument(
         "--session-timeout",

@@ -33,7 +33,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -44,9 +44,18 @@ from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, To
 from ebpf_apm.consumers.latency_sketch import DEFAULT_RELATIVE_ACCURACY
 from ebpf_apm.consumers.latency_store import LatencyRow, LatencyStore, redact_url
 from ebpf_apm.consumers.outage import Outage
-from ebpf_apm.consumers.route_template import SeriesRegistry
+from ebpf_apm.consumers.route_template import (
+    DEFAULT_MAX_SERIES,
+    DEFAULT_MAX_WORKLOADS,
+    SeriesRegistry,
+)
 from ebpf_apm.consumers.series_resolver import SeriesResolver
-from ebpf_apm.consumers.span_columns import decode_spans, explain_bad_span
+from ebpf_apm.consumers.span_columns import (
+    SpanColumns,
+    check_span_values,
+    decode_spans,
+    explain_bad_span,
+)
 from ebpf_apm.consumers.time_spec import format_duration_ns
 from ebpf_apm.consumers.window_aggregator import ClosedWindow, WindowAggregator
 from ebpf_apm.kafka import topics
@@ -54,6 +63,7 @@ from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.deadletter import DeadLetter
 from ebpf_apm.schemas.avro_codec import codec
+from ebpf_apm.schemas.input_limits import TimeBounds
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +83,11 @@ class AggregateConfig:
     lateness_ns: int = 5_000_000_000
     idle_timeout_ns: int = 2_000_000_000
     max_series_per_workload: int = 500
+    max_workloads: int = DEFAULT_MAX_WORKLOADS
+    max_series: int = DEFAULT_MAX_SERIES
     session_timeout_ms: int = 10_000
-    max_future_ns: int = 600_000_000_000  # spans from a clock 10 min ahead are left out
     crash_after_writes: int = 0  # tests: SIGKILL itself after that many writes, before commit
+    time_bounds: TimeBounds = field(default_factory=TimeBounds)
 
 
 _value = operator.attrgetter("value")
@@ -142,7 +154,9 @@ class AggregateService:
                 f"not --window {format_duration_ns(config.window_ns)}: use the same --window, "
                 "or another --group and --storage"
             )
-        registry = SeriesRegistry(config.max_series_per_workload)
+        registry = SeriesRegistry(
+            config.max_series_per_workload, config.max_workloads, config.max_series
+        )
         registry.seed(await store.series())
         aggregator = WindowAggregator(
             config.window_ns,
@@ -150,7 +164,7 @@ class AggregateService:
             config.idle_timeout_ns,
             relative_accuracy=DEFAULT_RELATIVE_ACCURACY,
             watermark_ns=progress.watermark_ns if progress else None,
-            max_future_ns=config.max_future_ns,
+            max_future_ns=config.time_bounds.max_skew_ns,
         )
         return cls(config, store, registry, aggregator, telemetry)
 
@@ -242,11 +256,11 @@ class AggregateService:
         partitions = np.concatenate(
             [np.full(len(part), part[0].partition, dtype=np.int64) for part in parts]
         )
-        bad = self.add_spans(values, partitions, offsets, now_ns)
         generation = self.generation
+        bad = self.add_spans(values, partitions, offsets, now_ns)
         if bad:
             records = [r for part in parts for r in part]
-            await self._deadletter([records[i] for i in bad])
+            await self._deadletter([(records[i], why) for i, why in sorted(bad.items())])
         if generation != self.generation:
             return  # partitions were revoked meanwhile: these spans will be read again
         for (_, partition), records in batches.items():
@@ -259,40 +273,54 @@ class AggregateService:
         partitions: np.ndarray,
         offsets: np.ndarray,
         now_ns: int,
-    ) -> list[int]:
+    ) -> dict[int, str]:
         """Decode apm.spans message values and add them to the windows; the indices of the
-        messages that could not be decoded."""
-        bad: list[int] = []
-        parts: list[tuple[np.ndarray, ...]] = []
+        messages that could not be used, with the reason (for the dead letter)."""
+        bad: dict[int, str] = {}
         for first in range(0, len(values), DECODE_CHUNK):
-            columns = decode_spans(values[first : first + DECODE_CHUNK])
-            if columns.bad.any():
-                bad.extend((np.flatnonzero(columns.bad) + first).tolist())
-            good = np.flatnonzero(~columns.bad)
-            series = self.resolver.resolve(columns, good)
-            parts.append(
-                (
-                    series,
-                    columns.ints["end_ns"][good],
-                    columns.ints["duration_ns"][good],
-                    partitions[first + good],
-                    offsets[first + good],
-                )
-            )
-        series, end_ns, durations, sources, positions = (
-            np.concatenate(c) for c in zip(*parts, strict=True)
-        )
-        self.aggregator.add(
-            series, end_ns, durations, arrival_ns=now_ns, sources=sources, positions=positions
-        )
+            chunk = values[first : first + DECODE_CHUNK]
+            columns = decode_spans(chunk)
+            rejected = check_span_values(columns, now_ns, self.config.time_bounds)
+            for row in np.flatnonzero(columns.bad).tolist():
+                rejected[row] = explain_bad_span(chunk[row] or b"")
+            good = np.setdiff1d(np.arange(columns.n), np.fromiter(rejected, np.int64))
+            try:
+                self._add(columns, good, partitions[first + good], offsets[first + good], now_ns)
+            except Exception:  # find the messages that fail on their own
+                for row in good.tolist():
+                    one = np.array([row])
+                    try:
+                        self._add(
+                            columns, one, partitions[first + one], offsets[first + one], now_ns
+                        )
+                    except Exception as exc:
+                        rejected[row] = f"aggregating failed: {type(exc).__name__}: {exc}"
+            bad.update({first + row: why for row, why in rejected.items()})
         return bad
 
-    async def _deadletter(self, records: Sequence[InputRecord]) -> None:
+    def _add(
+        self,
+        columns: SpanColumns,
+        rows: np.ndarray,
+        sources: np.ndarray,
+        positions: np.ndarray,
+        now_ns: int,
+    ) -> None:
+        series = self.resolver.resolve(columns, rows)
+        self.aggregator.add(
+            series,
+            columns.ints["end_ns"][rows],
+            columns.ints["duration_ns"][rows],
+            arrival_ns=now_ns,
+            sources=sources,
+            positions=positions,
+        )
+
+    async def _deadletter(self, rejected: Sequence[tuple[InputRecord, str]]) -> None:
+        """Dead-letter the messages (retried while Kafka refuses them)."""
         letters = [
-            DeadLetter.of(
-                r.topic, r.partition, r.offset, r.key, r.value, explain_bad_span(r.value or b"")
-            )
-            for r in records
+            DeadLetter.of(r.topic, r.partition, r.offset, r.key, r.value, why)
+            for r, why in rejected
         ]
         await self.output.outage.retry(
             f"dead-lettering {len(letters)} message(s)",
@@ -320,7 +348,7 @@ class AggregateService:
         stats = self.aggregator.stats
         log.info(
             "wrote %d windows (%d series, up to %s); spans %d, late %d, from the future %d, "
-            "dead-lettered %d, series refused by the cap %d",
+            "dead-lettered %d, series refused by the cap %d (per workload) and %d (global caps)",
             len({r.window_start_ns for r in rows}),
             len(rows),
             time.strftime("%H:%M:%S", time.localtime(rows[-1].window_end_ns / 1e9)),
@@ -329,6 +357,7 @@ class AggregateService:
             stats.future,
             self.deadlettered,
             sum(self.registry.refused.values()),
+            self.registry.refused_workloads + self.registry.refused_global,
         )
         if self.config.crash_after_writes and self.writes >= self.config.crash_after_writes:
             os.kill(os.getpid(), signal.SIGKILL)  # tests: die between the write and the commit

@@ -18,7 +18,11 @@ from ebpf_apm.consumers.consumer_telemetry import (
     telemetry_settings_from_args,
 )
 from ebpf_apm.consumers.errors import ConsumerConfigError
-from ebpf_apm.consumers.time_spec import parse_duration_ns
+from ebpf_apm.consumers.time_spec import (
+    add_time_bounds_arguments,
+    parse_duration_ns,
+    time_bounds_from_args,
+)
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
 
@@ -28,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--check", action="store_true", help="only check the rules file, then exit")
     add_connection_arguments(parser)
     add_telemetry_arguments(parser)
+    add_time_bounds_arguments(parser)
     parser.add_argument("--group", default="ebpf-apm-alert", help="Kafka consumer group")
     parser.add_argument("--latency-topic", default=topics.LATENCY, help="input windows")
     parser.add_argument("--alerts-topic", default=topics.ALERTS, help="output transitions")
@@ -48,6 +53,7 @@ def config_from_args(args: argparse.Namespace) -> AlertConfig:
     connection = connection_from_args(args)
     try:
         settle_ns = parse_duration_ns(args.settle)
+        bounds = time_bounds_from_args(args)
     except ValueError as exc:
         raise ConsumerConfigError(str(exc)) from exc
     return AlertConfig(
@@ -59,6 +65,7 @@ def config_from_args(args: argparse.Namespace) -> AlertConfig:
         alerts_topic=args.alerts_topic,
         settle_ns=settle_ns,
         from_beginning=args.from_beginning,
+        time_bounds=bounds,
     )
 
 

@@ -280,10 +280,18 @@ def parse_rules(text: str, source: str = "rules.yaml") -> list[Rule]:
     return [r for r in rules if r is not None]
 
 
+MAX_RULES_FILE_CHARS = 1 << 20  # a few thousand rules; read no further
+
+
 def load_rules(path: str) -> list[Rule]:
     try:
         with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+            text = handle.read(MAX_RULES_FILE_CHARS + 1)
+        if len(text) > MAX_RULES_FILE_CHARS:
+            raise RulesError(
+                [f"{path}: the rules file is larger than {MAX_RULES_FILE_CHARS} characters"],
+                path,
+            )
     except (OSError, UnicodeDecodeError) as exc:
         raise RulesError([f"{path}: cannot read the rules file: {exc}"], path) from None
     try:
@@ -377,6 +385,10 @@ class AlertEngine:
     rules: list[Rule]
     _pending: dict[int, list[Mapping[str, Any]]] = field(default_factory=dict)
     _states: dict[tuple[str, SeriesKey], _State] = field(default_factory=dict)
+    # Rule states (one per rule and series) kept at most; evictions and refusals counted.
+    max_states: int = 200_000
+    evicted_states: int = 0
+    refused_states: int = 0
 
     @property
     def pending_windows(self) -> list[int]:
@@ -439,7 +451,18 @@ class AlertEngine:
     def _step(
         self, rule: Rule, subject: SeriesKey, value: float, start: int, end: int
     ) -> Transition | None:
-        state = self._states.setdefault((rule.name, subject), _State())
+        state = self._states.get((rule.name, subject))
+        if state is None:
+            if len(self._states) >= self.max_states:
+                # Series names come from input: a state that is not firing is dropped to make
+                # room (it only delays a new alert by its `for` windows), never a firing one.
+                idle = next((k for k, v in self._states.items() if not v.firing), None)
+                if idle is None:
+                    self.refused_states += 1
+                    return None
+                del self._states[idle]
+                self.evicted_states += 1
+            state = self._states[(rule.name, subject)] = _State()
         if state.last_start_ns is not None and start <= state.last_start_ns:
             return None  # a replayed or out-of-order window
         adjacent = state.last_end_ns == start

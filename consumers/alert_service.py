@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import Counter
@@ -30,11 +30,13 @@ from prometheus_client import Counter
 from ebpf_apm.consumers.alert_rules import AlertEngine, Rule, Transition
 from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.kafka_io import AckedOutput, GroupInput, InputRecord, TopicPart
+from ebpf_apm.consumers.latency_input import read_latency_window
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.deadletter import DeadLetter
-from ebpf_apm.schemas.avro_codec import AvroDecodeError, codec
+from ebpf_apm.schemas.avro_codec import codec
+from ebpf_apm.schemas.input_limits import InputRejected, TimeBounds
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class AlertConfig:
     deadletter_topic: str = topics.DEADLETTER
     settle_ns: int = 1_000_000_000
     from_beginning: bool = False
+    time_bounds: TimeBounds = field(default_factory=TimeBounds)
 
 
 class AlertService:
@@ -133,7 +136,12 @@ class AlertService:
                     window = self._decode(record, rejected)
                     if window is None:
                         continue
-                    self.engine.add(window)
+                    try:
+                        self.engine.add(window)
+                    except Exception as exc:  # one bad window must not stop the service
+                        why = f"alert engine failed: {type(exc).__name__}: {exc}"
+                        rejected.append(self._letter(record, why))
+                        continue
                     start = int(window["window_start_ns"])
                     window_ns = int(window["window_end_ns"]) - start
                     newest_start = start if newest_start is None else max(newest_start, start)
@@ -164,19 +172,16 @@ class AlertService:
 
     def _decode(self, record: InputRecord, rejected: list[DeadLetter]) -> dict[str, Any] | None:
         try:
-            return self.latency_codec.decode(record.value or b"")
-        except AvroDecodeError as exc:
-            rejected.append(
-                DeadLetter.of(
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    record.key,
-                    record.value,
-                    f"latency window: {exc}",
-                )
-            )
+            return read_latency_window(record.value, time.time_ns(), self.config.time_bounds)
+        except InputRejected as exc:
+            rejected.append(self._letter(record, f"latency window: {exc}"))
             return None
+
+    @staticmethod
+    def _letter(record: InputRecord, why: str) -> DeadLetter:
+        return DeadLetter.of(
+            record.topic, record.partition, record.offset, record.key, record.value, why
+        )
 
     async def publish(self, transitions: list[Transition]) -> None:
         if not transitions:

@@ -19,6 +19,7 @@ from ebpf_apm.consumers.consumer_telemetry import (
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.join_service import JoinConfig, JoinService
 from ebpf_apm.consumers.span_joiner import MS, JoinSettings
+from ebpf_apm.consumers.time_spec import add_time_bounds_arguments, time_bounds_from_args
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
 
@@ -40,6 +41,10 @@ def config_from_args(args: argparse.Namespace) -> JoinConfig:
         problems.append(f"--stats-interval-s {args.stats_interval_s}: must be positive")
     if not args.group:
         problems.append("--group must not be empty")
+    try:
+        bounds = time_bounds_from_args(args)
+    except ValueError as exc:
+        problems.append(str(exc))
     if problems:
         raise ConsumerConfigError("; ".join(problems))
     return JoinConfig(
@@ -48,7 +53,9 @@ def config_from_args(args: argparse.Namespace) -> JoinConfig:
             allowed_lateness_ns=args.allowed_lateness_ms * MS,
             idle_advance_ns=args.idle_advance_ms * MS,
             max_span_ns=args.max_span_ms * MS,
+            event_time_at_most_now=True,
         ),
+        time_bounds=bounds,
         group=args.group,
         partitions=args.partitions,
         session_timeout_ms=args.session_timeout_ms,
@@ -59,6 +66,7 @@ def config_from_args(args: argparse.Namespace) -> JoinConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_connection_arguments(parser)
     add_telemetry_arguments(parser)
+    add_time_bounds_arguments(parser)
     parser.add_argument(
         "--group", default="ebpf-apm-join", help="consumer group (default: ebpf-apm-join)"
     )

@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ebpf_apm.consumers.consumer_telemetry import ConsumerTelemetry
 from ebpf_apm.consumers.errors import ConsumerError, ConsumerKafkaError, TopicLayoutError
@@ -47,6 +48,7 @@ from ebpf_apm.kafka.admin import ensure_topics, existing_partition_counts
 from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.deadletter import DeadLetter
 from ebpf_apm.kafka.errors import describe_error
+from ebpf_apm.schemas.input_limits import TimeBounds
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class JoinConfig:
     commit_interval_s: float = 1.0
     stats_interval_s: float = 10.0
     close_timeout_s: float = 10.0
+    # How far an event's time may be from the wall clock (older: max age; newer: skew).
+    time_bounds: TimeBounds = field(default_factory=TimeBounds)
 
 
 @dataclass(eq=False)
@@ -176,7 +180,7 @@ class JoinService:
         self._stop = asyncio.Event()  # set by run()'s caller, or by a failure
         # Why the service stopped on its own: raised when it has shut down cleanly.
         self._failure: ConsumerError | None = None
-        self._dead: list[tuple[DeadLetter, InputMessage]] = []
+        self._dead: list[tuple[DeadLetter, InputMessage, int]] = []
         self._rewind_reason: str | None = None  # output failed: read input again
         self.totals = JoinTotals()
         self.telemetry.server.register(JoinCollector(self))
@@ -383,30 +387,53 @@ class JoinService:
 
     def _read(self, records: list[InputRecord], now_ns: int) -> None:
         assigned = self._input.assignment()
+        bounds = self.config.time_bounds
         for r in records:
             if (r.topic, r.partition) not in assigned:
                 continue  # not ours any more: the new owner reads it
             part = self._partition(r.partition, now_ns)
             part.first_read.setdefault(r.topic, r.offset)
             if r.topic == SPAN_TOPIC:
-                spans = read_span_message(r.topic, r.partition, r.offset, r.key, r.value)
+                spans = read_span_message(
+                    r.topic, r.partition, r.offset, r.key, r.value, now_ns, bounds
+                )
                 if isinstance(spans, DeadLetter):
-                    self._dead.append((spans, part.spans.track(r.offset, outstanding=1)))
+                    self._dead.append((spans, part.spans.track(r.offset, outstanding=1), 1))
                     continue
-                message = part.spans.track(r.offset, outstanding=len(spans))
-                part.joiner.add_spans(spans, message, now_ns)
+                message = part.spans.track(r.offset, outstanding=len(spans), record=r)
+                try:
+                    part.joiner.add_spans(spans, message, now_ns)
+                except Exception as exc:  # one bad message must not stop the join
+                    self._dead_letter(r, message, len(spans), "joining", exc)
             else:
-                net = read_net_message(r.topic, r.partition, r.offset, r.key, r.value)
+                net = read_net_message(
+                    r.topic, r.partition, r.offset, r.key, r.value, now_ns, bounds
+                )
                 if isinstance(net, DeadLetter):
-                    self._dead.append((net, part.net.track(r.offset, outstanding=1)))
+                    self._dead.append((net, part.net.track(r.offset, outstanding=1), 1))
                     continue
-                newest_kept = part.joiner.add_net(net, now_ns)
+                try:
+                    newest_kept = part.joiner.add_net(net, now_ns)
+                except Exception as exc:
+                    self._dead_letter(r, part.net.track(r.offset, outstanding=1), 1, "joining", exc)
+                    continue
                 part.net.track(r.offset, newest_kept_ns=newest_kept)
 
+    def _dead_letter(
+        self, record: Any, message: InputMessage, count: int, step: str, exc: Exception
+    ) -> None:
+        """Dead-letter a message whose processing failed; `count` of its outputs are then
+        done (when the dead letter is acknowledged)."""
+        why = f"{step} failed: {type(exc).__name__}: {exc}"
+        letter = DeadLetter.of(
+            record.topic, record.partition, record.offset, record.key, record.value, why
+        )
+        self._dead.append((letter, message, count))
+
     async def _send_dead_letters(self) -> None:
-        for letter, message in self._dead:
+        for letter, message, count in self._dead:
             delivery = _Delivery(None, None, self.totals.rewinds)
-            delivery.sources[message] = 1
+            delivery.sources[message] = count
             try:
                 future = await self._output.dead_letter(letter)
             except ConsumerKafkaError as exc:
@@ -429,7 +456,14 @@ class JoinService:
 
     async def _publish(self, joined: list[JoinedSpans], step: EmitStep, steps: EmitSteps) -> None:
         topic = OUTPUT_TOPIC
-        encoded = encode_spans(joined)
+        try:
+            encoded = encode_spans(joined)
+        except Exception:  # find the spans that cannot be encoded, dead-letter their input
+            joined = self._encodable(joined)
+            await self._send_dead_letters()
+            if not joined:
+                return
+            encoded = encode_spans(joined)
         open_batches: dict[int, tuple[OutputBatch, _Delivery]] = {}
         for spans, values in zip(joined, encoded.parts, strict=True):
             key = f"{spans.batch.node}/{spans.batch.pid}".encode()
@@ -453,6 +487,21 @@ class JoinService:
                 batch, delivery = open_batches[number] = self._new_batch(topic, number, step, steps)
         for batch, delivery in open_batches.values():
             await self._send(batch, delivery)
+
+    def _encodable(self, joined: list[JoinedSpans]) -> list[JoinedSpans]:
+        """The parts that encode on their own; the others' input messages are queued as
+        dead letters."""
+        good: list[JoinedSpans] = []
+        for spans in joined:
+            try:
+                encode_spans([spans])
+            except Exception as exc:
+                message = spans.token
+                assert isinstance(message, InputMessage)
+                self._dead_letter(message.record, message, len(spans), "encoding spans", exc)
+            else:
+                good.append(spans)
+        return good
 
     def _new_batch(
         self, topic: str, number: int, step: EmitStep, steps: EmitSteps

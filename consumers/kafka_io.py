@@ -42,6 +42,8 @@ from ebpf_apm.kafka.errors import describe_error, unreachable_hint
 log = logging.getLogger(__name__)
 
 TopicPart = tuple[str, int]
+# Keys whose partition AckedOutput remembers (murmur2 in Python costs ~2 us a key).
+PARTITION_CACHE_LIMIT = 65_536
 RebalanceCallback = Callable[[list[TopicPart]], Awaitable[None]]
 
 # How long output may wait for a broker before aiokafka fails it (its request timeout and
@@ -371,6 +373,9 @@ class AckedOutput:
         self.outage = Outage(f"Kafka at {connection} (acknowledging output)")
         self._unacked: set[asyncio.Future[object]] = set()
         self._progress_at = 0.0  # loop time of the last acknowledgement, or of the first send
+        self.partition_cache_resets = 0
+        self._last_dead_letter_log = -1e9
+        self._unlogged = 0
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -452,6 +457,10 @@ class AckedOutput:
         cached = self._partition_of_key.get((topic, key))
         if cached is None:
             cached = (murmur2(key) & 0x7FFFFFFF) % self._partitions[topic]
+            if len(self._partition_of_key) >= PARTITION_CACHE_LIMIT:
+                # Keys come from input (node/pid): start over rather than grow without end.
+                self._partition_of_key.clear()
+                self.partition_cache_resets += 1
             self._partition_of_key[(topic, key)] = cached
         return cached
 
@@ -486,9 +495,20 @@ class AckedOutput:
 
     async def dead_letter(self, letter: DeadLetter) -> asyncio.Future[object]:
         """Send a rejected input message to the dead-letter topic, unchanged, with why."""
-        log.warning(
-            "message %s goes to %s: %s", letter.source, self.deadletter_topic, letter.reason
-        )
+        # At most one line a second: a flood of poison must not flood the log too.
+        now = time.monotonic()
+        if now - self._last_dead_letter_log >= 1.0:
+            more = f" (and {self._unlogged} more since the last line)" if self._unlogged else ""
+            log.warning(
+                "message %s goes to %s: %s%s",
+                letter.source,
+                self.deadletter_topic,
+                letter.reason,
+                more,
+            )
+            self._last_dead_letter_log, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
         return await self.send_one(self.deadletter_topic, letter.key, letter.value, letter.headers)
 
     async def deliver(

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ebpf_apm.schemas import event_batch
+
 # A thread code is one int64 per event or span: the goroutine (goid + 2**32) in Go, else the
 # kernel thread id. The (process, thread) code of a piece keeps it in the low 48 bits.
 GOID_BASE = 1 << 32
 THREAD_BITS = 48
 MAX_GOID = (1 << THREAD_BITS) - GOID_BASE - 1
+assert MAX_GOID == event_batch.MAX_GOID, "the batch decoders' goroutine limit"
 _THREAD_MASK = (1 << THREAD_BITS) - 1
 # segment * scale must stay below this (int64 keys).
 _KEY_LIMIT = 1 << 62

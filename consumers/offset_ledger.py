@@ -20,13 +20,22 @@ from collections import deque
 class InputMessage:
     """One consumed message; `outstanding` counts its unacknowledged outputs."""
 
-    __slots__ = ("offset", "outstanding", "newest_kept_ns")
+    __slots__ = ("offset", "outstanding", "newest_kept_ns", "record")
 
-    def __init__(self, offset: int, outstanding: int, newest_kept_ns: int | None) -> None:
+    def __init__(
+        self,
+        offset: int,
+        outstanding: int,
+        newest_kept_ns: int | None,
+        record: object | None = None,
+    ) -> None:
         self.offset = offset
         self.outstanding = outstanding
         # Net batches: newest timestamp among the events the join kept (None: kept none).
         self.newest_kept_ns = newest_kept_ns
+        # The consumed record itself while its spans wait: what is dead-lettered if they
+        # cannot be processed.
+        self.record = record
 
 
 class TopicPartitionLedger:
@@ -37,9 +46,13 @@ class TopicPartitionLedger:
         self._next_offset: int | None = None
 
     def track(
-        self, offset: int, outstanding: int = 0, newest_kept_ns: int | None = None
+        self,
+        offset: int,
+        outstanding: int = 0,
+        newest_kept_ns: int | None = None,
+        record: object | None = None,
     ) -> InputMessage:
-        message = InputMessage(offset, outstanding, newest_kept_ns)
+        message = InputMessage(offset, outstanding, newest_kept_ns, record)
         self._messages.append(message)
         self._next_offset = offset + 1
         return message

@@ -11,7 +11,11 @@ to know which paths share a route). tests/test_route_template.py keeps them equa
 
 Cardinality: `SeriesRegistry` gives each new series of a workload an id until the workload
 has `max_series_per_workload`; after that the workload's new series all go to one overflow
-series (operation `{overflow}`), and the registry counts the series it refused.
+series (operation `{overflow}`), and the registry counts the series it refused. Two global
+caps bound it whatever the input: past `max_workloads` workloads, a new workload's series
+all go to the series `{overflow}|{overflow}|`; past `max_series` series in all, every new
+series goes to its workload's overflow series. The set of refused keys (kept so that each
+is counted once) is capped too; past it, refusals are still counted.
 """
 
 from __future__ import annotations
@@ -31,6 +35,11 @@ log = logging.getLogger(__name__)
 
 ID = "{id}"
 OVERFLOW_OPERATION = "{overflow}"
+OVERFLOW_WORKLOAD = "{overflow}"
+# Global caps (aggregate --max-workloads, --max-series): a few hundred bytes of registry and
+# one sketch per open window each.
+DEFAULT_MAX_WORKLOADS = 5_000
+DEFAULT_MAX_SERIES = 200_000
 MIN_HEX_ID = 8
 UUID_LENGTH = 36
 UUID_DASHES = (8, 13, 18, 23)
@@ -169,12 +178,28 @@ class SeriesKey:
 class SeriesRegistry:
     """Series ids, at most `max_series_per_workload` per workload plus one overflow series."""
 
-    def __init__(self, max_series_per_workload: int) -> None:
-        if max_series_per_workload < 1:
-            raise ValueError(
-                f"the series cap per workload must be at least 1, got {max_series_per_workload}"
-            )
+    def __init__(
+        self,
+        max_series_per_workload: int,
+        max_workloads: int = DEFAULT_MAX_WORKLOADS,
+        max_series: int = DEFAULT_MAX_SERIES,
+        max_refused_keys: int = 100_000,
+    ) -> None:
+        for what, value in (
+            ("series cap per workload", max_series_per_workload),
+            ("workload cap", max_workloads),
+            ("series cap", max_series),
+        ):
+            if value < 1:
+                raise ValueError(f"the {what} must be at least 1, got {value}")
         self.max_series_per_workload = max_series_per_workload
+        self.max_workloads = max_workloads
+        self.max_series = max_series
+        self.max_refused_keys = max_refused_keys
+        # Series refused by the global caps (new workloads past max_workloads; new series
+        # past max_series).
+        self.refused_workloads = 0
+        self.refused_global = 0
         self.keys: list[SeriesKey] = []
         self._ids: dict[SeriesKey, int] = {}
         self._per_workload: Counter[str] = Counter()
@@ -191,14 +216,17 @@ class SeriesRegistry:
             self._per_workload[key.workload] += 1
         return self._ids[key]
 
+    def _room(self, key: SeriesKey) -> bool:
+        """Whether a new series may have an id of its own."""
+        count = self._per_workload.get(key.workload)
+        if count is None and len(self._per_workload) >= self.max_workloads:
+            return False
+        return (count or 0) < self.max_series_per_workload and len(self.keys) < self.max_series
+
     def seed(self, keys: Iterable[SeriesKey]) -> None:
         """Series already stored count against the cap (they keep their slots on restart)."""
         for key in sorted(set(keys)):
-            if (
-                key not in self._ids
-                and not key.is_overflow
-                and self._per_workload[key.workload] < self.max_series_per_workload
-            ):
+            if key not in self._ids and not key.is_overflow and self._room(key):
                 self._add(key)
 
     def resolve(self, key: SeriesKey) -> int:
@@ -206,10 +234,33 @@ class SeriesRegistry:
         found = self._ids.get(key)
         if found is not None:
             return found
-        if self._per_workload[key.workload] < self.max_series_per_workload:
+        if self._room(key):
             return self._add(key)
+        if key.workload not in self._per_workload:  # past the cap on workloads
+            self.refused_workloads += 1
+            if self.refused_workloads == 1:
+                log.warning(
+                    "%d workloads: series of new workloads such as %r go to the %s series "
+                    "(raise --max-workloads if they are real)",
+                    self.max_workloads,
+                    key.workload,
+                    OVERFLOW_WORKLOAD,
+                )
+            overflow = SeriesKey(OVERFLOW_WORKLOAD, OVERFLOW_OPERATION, None)
+            found = self._ids.get(overflow)
+            return found if found is not None else self._add(overflow)
+        if len(self.keys) >= self.max_series:
+            self.refused_global += 1
+            if self.refused_global == 1:
+                log.warning(
+                    "%d series in all: new series go to their workload's %s series (raise "
+                    "--max-series if they are real)",
+                    self.max_series,
+                    OVERFLOW_OPERATION,
+                )
         if key not in self._refused_keys:
-            self._refused_keys.add(key)
+            if len(self._refused_keys) < self.max_refused_keys:
+                self._refused_keys.add(key)
             if not self.refused[key.workload]:
                 log.warning(
                     "workload %r has reached %d series; new operations go to its %s series "

@@ -22,6 +22,8 @@ from typing import Any, cast
 import numpy as np
 
 from ebpf_apm.schemas.avro_codec import HEADER_SIZE, AvroDecodeError, codec
+from ebpf_apm.schemas.event_batch import MAX_NAME_LEN, MAX_STRING_BYTES
+from ebpf_apm.schemas.input_limits import MAX_MESSAGE_BYTES, TimeBounds
 
 # Zero bytes after the last message. A read position is brought back into its message at
 # each string field; in between, each number field may read up to 20 bytes past it.
@@ -173,7 +175,7 @@ def decode_spans(values: Sequence[bytes | None]) -> SpanColumns:
     starts = ends - sizes
     buf = np.frombuffer(b"".join([*data, _PADDING]), dtype=np.uint8)  # read-only
     words = _words(buf)
-    bad = (sizes < HEADER_SIZE) | (words[starts] != _HEADER_WORD)
+    bad = (sizes < HEADER_SIZE) | (sizes > MAX_MESSAGE_BYTES) | (words[starts] != _HEADER_WORD)
     bad |= (words[starts + 8] & np.uint64(0xFFFF)) != _HEADER_TAIL
     pos = starts + HEADER_SIZE
 
@@ -214,6 +216,8 @@ def decode_spans(values: Sequence[bytes | None]) -> SpanColumns:
 def explain_bad_span(value: bytes) -> str:
     """Why a message decode_spans marked bad cannot be read (for the dead-letter reason)."""
     span_codec = codec("span.avsc")
+    if len(value) > MAX_MESSAGE_BYTES:
+        return f"{len(value)} bytes, more than the limit of {MAX_MESSAGE_BYTES}"
     try:
         record = span_codec.decode(value)
     except AvroDecodeError as exc:
@@ -222,3 +226,42 @@ def explain_bad_span(value: bytes) -> str:
     if extra > 0:
         return f"{extra} bytes left over after the span.avsc record"
     return "fastavro reads this message but the columnar reader did not: a bug, please report it"
+
+
+# What the aggregator rejects of a readable apm.spans record (schemas/span.avsc documents
+# the fields; the limits are the event batches', which the join copies into spans).
+_STRING_LIMITS = {  # UTF-8 bytes
+    "exe": 4 * MAX_NAME_LEN,
+    "func": 4 * MAX_NAME_LEN,
+    "http_method": MAX_STRING_BYTES,
+    "http_path": MAX_STRING_BYTES,
+    "k8s_namespace": 4 * MAX_NAME_LEN,
+    "k8s_workload": 4 * MAX_NAME_LEN,
+}
+
+
+def check_span_values(columns: SpanColumns, now_ns: int, bounds: TimeBounds) -> dict[int, str]:
+    """Rows (not already bad) whose values are out of range -> the reason, in numpy over all
+    rows; times outside the bounds around the reader's clock `now_ns` too."""
+    good = ~columns.bad
+    end, duration = columns.ints["end_ns"], columns.ints["duration_ns"]
+    status = columns.ints["http_status"]
+    checks = [
+        (duration < 0, "negative duration_ns"),
+        (end - duration < 0, "span starts before the Unix epoch (end_ns - duration_ns < 0)"),
+        (end < now_ns - bounds.max_age_ns,
+         f"end_ns older than the maximum age {bounds.max_age_ns // 1_000_000_000} s "
+         "(--max-event-age)"),
+        (end > now_ns + bounds.max_skew_ns,
+         f"end_ns more than the allowed clock skew {bounds.max_skew_ns // 1_000_000_000} s "
+         "ahead (--max-clock-skew)"),
+        ((status != -1) & (status != 0) & ((status < 100) | (status > 599)),
+         "http_status outside 100..599 (0 or null for unknown)"),
+    ]  # fmt: skip
+    for name, limit in _STRING_LIMITS.items():
+        checks.append((columns.lengths[name] > limit, f"{name} longer than {limit} bytes"))
+    reasons: dict[int, str] = {}
+    for wrong, reason in checks:
+        for row in np.flatnonzero(wrong & good).tolist():
+            reasons.setdefault(row, f"span record: {reason}")
+    return reasons

@@ -4,8 +4,12 @@ time is an argument."""
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 from datetime import UTC, datetime, timedelta
+
+from ebpf_apm.schemas.input_limits import DEFAULT_MAX_AGE_NS, DEFAULT_MAX_SKEW_NS, TimeBounds
 
 _UNITS_NS = {
     "ns": 1,
@@ -60,3 +64,42 @@ def format_duration_ns(ns: int) -> str:
         if ns >= _UNITS_NS[unit] and ns % _UNITS_NS[unit] == 0:
             return f"{ns // _UNITS_NS[unit]}{unit}"
     return f"{ns}ns"
+
+
+# -- how far from the wall clock input times may be (schemas/input_limits.py) --------------
+
+MAX_EVENT_AGE_ENV = "EBPF_APM_MAX_EVENT_AGE"
+MAX_CLOCK_SKEW_ENV = "EBPF_APM_MAX_CLOCK_SKEW"
+
+
+def add_time_bounds_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-event-age",
+        default=os.environ.get(MAX_EVENT_AGE_ENV) or format_duration_ns(DEFAULT_MAX_AGE_NS),
+        metavar="DURATION",
+        help="input with times older than this is dead-lettered (default: "
+        f"${MAX_EVENT_AGE_ENV}, else {format_duration_ns(DEFAULT_MAX_AGE_NS)})",
+    )
+    parser.add_argument(
+        "--max-clock-skew",
+        default=os.environ.get(MAX_CLOCK_SKEW_ENV) or format_duration_ns(DEFAULT_MAX_SKEW_NS),
+        metavar="DURATION",
+        help="input with times further than this in the future is dead-lettered (default: "
+        f"${MAX_CLOCK_SKEW_ENV}, else {format_duration_ns(DEFAULT_MAX_SKEW_NS)})",
+    )
+
+
+def time_bounds_from_args(args: argparse.Namespace) -> TimeBounds:
+    """The bounds the flags give; ValueError naming the flag for a bad value."""
+    values = {}
+    for flag, text in (
+        ("--max-event-age", args.max_event_age),
+        ("--max-clock-skew", args.max_clock_skew),
+    ):
+        try:
+            values[flag] = parse_duration_ns(text)
+        except ValueError as exc:
+            raise ValueError(f"{flag}: {exc}") from None
+    if values["--max-event-age"] <= 0:
+        raise ValueError(f"--max-event-age {args.max_event_age}: must be positive")
+    return TimeBounds(values["--max-event-age"], values["--max-clock-skew"])

@@ -13,7 +13,8 @@ the wall clock since the last span arrived.
 
 One span from a node whose clock runs far ahead would move the watermark past everyone
 else's windows; with `max_future_ns`, spans whose event time is further than that past
-their arrival (wall clock) are counted and left out instead.
+their arrival (wall clock) are counted and left out instead, and event time never runs
+ahead of the arrival for the watermark.
 
 For offset commits the aggregator remembers, per open window, the lowest position (Kafka
 offset) each source (partition) contributed: replaying every source from
@@ -228,6 +229,11 @@ class WindowAggregator:
         if not keep.any():
             return
         newest = int(event_ns[keep].max())
+        if self.max_future_ns is not None:
+            # Event time is tied to the wall clock: a span a little ahead (within
+            # max_future_ns) counts in its window, but moves the watermark no further than its
+            # arrival, or a forged one would make every real span late until then.
+            newest = min(newest, arrival_ns)
         if self.max_event_ns is None or newest > self.max_event_ns:
             self.max_event_ns = newest
         self._raise_watermark(self.max_event_ns - self.allowed_lateness_ns)

@@ -16,12 +16,14 @@ from typing import Any
 import fastavro
 import fastavro.schema
 
+from ebpf_apm.schemas.input_limits import MAX_MESSAGE_BYTES, InputRejected
+
 SCHEMA_DIR = Path(str(resources.files(__package__ or "ebpf_apm.schemas")))
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = len(MAGIC) + 8
 
 
-class AvroDecodeError(ValueError):
+class AvroDecodeError(InputRejected):
     """A message is not a single-object Avro record of the expected schema."""
 
 
@@ -43,6 +45,8 @@ class AvroCodec:
         return out.getvalue()
 
     def decode(self, value: bytes) -> dict[str, Any]:
+        if len(value) > MAX_MESSAGE_BYTES:
+            raise AvroDecodeError(f"{len(value)} bytes, more than the limit of {MAX_MESSAGE_BYTES}")
         if len(value) < HEADER_SIZE or value[:2] != MAGIC:
             raise AvroDecodeError("not Avro single-object encoding (no 0xC3 0x01 marker)")
         if value[2:HEADER_SIZE] != self.fingerprint:

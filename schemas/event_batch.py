@@ -4,6 +4,12 @@ One Kafka message carries many spans of one process, stored column by column: ea
 column is one little-endian byte string, so the agent encodes a batch with a handful of numpy
 calls and a consumer decodes it into arrays without a Python call per span. `iter_events`
 turns a batch back into one dict per span, the shape `ebpf-apm tail --json` prints.
+
+The decoders are the one place these formats are checked: anyone who can write to the
+topics can send anything, so every type, size and value range the consumers rely on is
+checked here (msgpack limits first, so that decoding itself is bounded), and anything else
+raises `BatchDecodeError` with the reason (schemas/uprobe_events.md lists the limits).
+`check_span_times` and `check_net_times` add the bounds around the reader's clock.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from typing import Any
 
 import msgpack
 import numpy as np
+
+from ebpf_apm.schemas.input_limits import MAX_MESSAGE_BYTES, InputRejected, TimeBounds, check_size
 
 FORMAT_VERSION = 1
 KIND_SPAN = "span"
@@ -33,8 +41,34 @@ HTTP_STATUS = np.dtype("<u2")
 HTTP_FLUSHED = np.dtype("<i8")
 
 
-class BatchDecodeError(ValueError):
-    """A message on an event topic is not a batch this version can read."""
+# What a reader accepts (schemas/uprobe_events.md lists them with the reasons).
+MAX_BATCH_EVENTS = 65_536  # the agent cuts batches at 16384 events by default
+MAX_FUNCS = 65_536
+MAX_NAME_LEN = 4096  # node, exe, function names, k8s values (characters)
+MAX_STRING_BYTES = 8192  # any string, e.g. an HTTP method or path (UTF-8 bytes)
+MAX_K8S_FIELDS = 16
+MAX_CONTAINERS = 8  # maps and lists in one message: the format has at most 7
+# Items in all lists of a message: funcs, and http.method and http.path (one per span).
+MAX_LIST_ITEMS = MAX_FUNCS + 2 * MAX_BATCH_EVENTS
+MAX_PID = (1 << 32) - 1
+# The join keeps a goroutine id in the low 48 bits of a key, above the 32-bit thread ids
+# (consumers/net_event_store.py).
+MAX_GOID = (1 << 48) - (1 << 32) - 1
+MAX_IO_BYTES = 1 << 31  # one send or receive system call moves less than 2 GiB
+MAX_FLUSH_DELAY_NS = 60 * 1_000_000_000  # a response flushed this long after its handler
+_FAMILY_OK = np.zeros(256, dtype=np.bool_)
+_FAMILY_OK[[0, 2, 10]] = True  # unknown, AF_INET, AF_INET6
+_UNPACK_LIMITS = {
+    "max_str_len": MAX_STRING_BYTES,
+    "max_bin_len": MAX_MESSAGE_BYTES,
+    "max_array_len": MAX_BATCH_EVENTS,
+    "max_map_len": 64,
+    "max_ext_len": 0,
+}
+
+
+class BatchDecodeError(InputRejected):
+    """A message on an event topic is not a batch this version can read (the reason)."""
 
 
 @dataclass
@@ -114,65 +148,191 @@ def _column(raw: Any, dtype: np.dtype[Any], n: int, name: str) -> np.ndarray:
 
 
 def _unpack(value: bytes, kind: str | None) -> dict[str, Any]:
+    if not isinstance(value, bytes):
+        raise BatchDecodeError(f"expected bytes, got {type(value).__name__}")
+    check_size(value, "batch", MAX_MESSAGE_BYTES)
+    containers = items = 0
+
+    def count(container: Any) -> Any:
+        # A batch has a handful of maps and lists; a message of many small ones costs
+        # ~70x its size in Python objects, so stop at the first one too many.
+        nonlocal containers, items
+        containers += 1
+        if containers > MAX_CONTAINERS:
+            raise BatchDecodeError(f"more than {MAX_CONTAINERS} maps and lists")
+        if isinstance(container, list):
+            items += len(container)
+            if items > MAX_LIST_ITEMS:
+                raise BatchDecodeError(f"more than {MAX_LIST_ITEMS} list items")
+        return container
+
     try:
-        message = msgpack.unpackb(value, raw=False, strict_map_key=True)
+        message = msgpack.unpackb(
+            value, raw=False, strict_map_key=True, object_hook=count, list_hook=count,
+            **_UNPACK_LIMITS,
+        )  # fmt: skip
+    except BatchDecodeError:
+        raise
     except Exception as exc:  # msgpack raises several unrelated types
-        raise BatchDecodeError(f"not msgpack: {exc}") from exc
+        raise BatchDecodeError(f"not msgpack: {type(exc).__name__}: {exc}") from exc
     if not isinstance(message, dict):
         raise BatchDecodeError(f"expected a msgpack map, got {type(message).__name__}")
     known = (kind,) if kind else (KIND_SPAN, KIND_NET)
     if message.get("v") != FORMAT_VERSION or message.get("kind") not in known:
         raise BatchDecodeError(
-            f"unsupported batch v={message.get('v')!r} kind={message.get('kind')!r}; "
+            f"unsupported batch v={_show(message.get('v'))} kind={_show(message.get('kind'))}; "
             f"this reader knows v={FORMAT_VERSION} kind in {known}"
         )
     return message
 
 
-def decode_span_batch(value: bytes) -> SpanBatch:
-    """Parse one message value; every size is checked before it is trusted."""
-    message = _unpack(value, KIND_SPAN)
-    try:
-        n = int(message["n"])
-        raw_cols = message["cols"]
-        columns = {
-            name: _column(raw_cols.get(name), dtype, n, name)
-            for name, dtype in SPAN_COLUMNS.items()
-        }
-        funcs = [str(f) for f in message["funcs"]]
-        if n and int(columns["func"].max()) >= len(funcs):
-            raise BatchDecodeError("func index outside the batch's function table")
-        http = None
-        if "http" in message:
-            h = message["http"]
-            rows = np.frombuffer(h["row"], dtype=HTTP_ROW)
-            m = len(rows)
-            http = HttpColumns(
-                rows=rows,
-                method=list(h["method"]),
-                path=list(h["path"]),
-                status=_column(h["status"], HTTP_STATUS, m, "http.status"),
-                flushed_ns=(
-                    _column(h["flushed_ns"], HTTP_FLUSHED, m, "http.flushed_ns")
-                    if "flushed_ns" in h
-                    else None
-                ),
-            )
-            if len(http.method) != m or len(http.path) != m or (m and int(rows.max()) >= n):
-                raise BatchDecodeError("http columns do not match the batch's spans")
-        return SpanBatch(
-            node=str(message["node"]),
-            pid=int(message["pid"]),
-            exe=str(message.get("exe", "")),
-            funcs=funcs,
-            columns=columns,
-            http=http,
-            k8s=message.get("k8s"),
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _int(message: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = message.get(key)
+    if type(value) is not int or not low <= value <= high:  # bool is not a count
+        raise BatchDecodeError(
+            f"{key}: expected a whole number in [{low}, {high}], got {_show(value)}"
         )
-    except BatchDecodeError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BatchDecodeError(f"malformed span batch: {exc!r}") from exc
+    return value
+
+
+def _text(value: Any, what: str, limit: int) -> str:
+    if not isinstance(value, str) or len(value) > limit:
+        size = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+        raise BatchDecodeError(
+            f"{what}: expected a string of at most {limit} characters, got {size}"
+        )
+    return value
+
+
+def _texts(value: Any, what: str, count: int) -> list[str]:
+    """A list of `count` strings (each at most MAX_STRING_BYTES: the msgpack limit)."""
+    if not isinstance(value, list) or len(value) != count:
+        size = f"{len(value)} items" if isinstance(value, list) else type(value).__name__
+        raise BatchDecodeError(f"{what}: expected a list of {count} strings, got {size}")
+    try:  # a type check in C: these lists have one item per HTTP span
+        "".join(value)
+    except TypeError:
+        raise BatchDecodeError(f"{what}: expected a list of strings") from None
+    return value
+
+
+def _map(message: dict[str, Any], key: str) -> dict[str, Any]:
+    value = message.get(key)
+    if not isinstance(value, dict):
+        raise BatchDecodeError(f"{key}: expected a map, got {type(value).__name__}")
+    return value
+
+
+def _k8s(message: dict[str, Any]) -> dict[str, str | None] | None:
+    value = message.get("k8s")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(value) > MAX_K8S_FIELDS:
+        raise BatchDecodeError(
+            f"k8s: expected a map of at most {MAX_K8S_FIELDS} strings, got {_show(value)}"
+        )
+    for name, text in value.items():
+        _text(name, "k8s field name", MAX_NAME_LEN)
+        if text is not None:
+            _text(text, f"k8s.{name}", MAX_NAME_LEN)
+    return value
+
+
+def _columns(message: dict[str, Any], spec: dict[str, np.dtype[Any]]) -> dict[str, np.ndarray]:
+    n = _int(message, "n", 0, MAX_BATCH_EVENTS)
+    raw = _map(message, "cols")
+    return {name: _column(raw.get(name), dtype, n, name) for name, dtype in spec.items()}
+
+
+def _check_goid(goid: np.ndarray) -> None:
+    if len(goid) and int(goid.max()) > MAX_GOID:
+        raise BatchDecodeError(f"goroutine id above {MAX_GOID}")
+
+
+def _http(raw: Any, columns: dict[str, np.ndarray]) -> HttpColumns:
+    if not isinstance(raw, dict):
+        raise BatchDecodeError(f"http: expected a map, got {type(raw).__name__}")
+    row = raw.get("row")
+    n = len(columns["tid"])
+    if (
+        not isinstance(row, bytes)
+        or len(row) % HTTP_ROW.itemsize
+        or len(row) > n * HTTP_ROW.itemsize
+    ):
+        raise BatchDecodeError(f"http.row: expected at most {n} x 4 bytes, got {_show(row)}")
+    rows = np.frombuffer(row, dtype=HTTP_ROW)
+    m = len(rows)
+    if m and (int(rows.max()) >= n or bool((np.diff(rows.astype(np.int64)) <= 0).any())):
+        raise BatchDecodeError("http.row: rows must be increasing indexes of the batch's spans")
+    status = _column(raw.get("status"), HTTP_STATUS, m, "http.status")
+    if bool(((status != 0) & ((status < 100) | (status > 599))).any()):
+        raise BatchDecodeError("http.status: a status outside 100..599 (0 for unknown)")
+    flushed = None
+    if raw.get("flushed_ns") is not None:
+        flushed = _column(raw["flushed_ns"], HTTP_FLUSHED, m, "http.flushed_ns")
+        end = columns["end_ns"][rows]
+        known = flushed != 0
+        if bool((known & ((flushed < end) | (flushed - end > MAX_FLUSH_DELAY_NS))).any()):
+            raise BatchDecodeError(
+                "http.flushed_ns: a response flushed before its span's end or more than "
+                f"{MAX_FLUSH_DELAY_NS // 1_000_000_000} s after it"
+            )
+    return HttpColumns(
+        rows=rows,
+        method=_texts(raw.get("method"), "http.method", m),
+        path=_texts(raw.get("path"), "http.path", m),
+        status=status,
+        flushed_ns=flushed,
+    )
+
+
+def decode_span_batch(value: bytes) -> SpanBatch:
+    """Parse and check one message value (schemas/uprobe_events.md, "What a reader
+    rejects"); BatchDecodeError, with the reason, for anything else."""
+    message = _unpack(value, KIND_SPAN)
+    columns = _columns(message, SPAN_COLUMNS)
+    n = len(columns["tid"])
+    raw_funcs = message.get("funcs")
+    if not isinstance(raw_funcs, list) or len(raw_funcs) > MAX_FUNCS:
+        raise BatchDecodeError(
+            f"funcs: expected a list of at most {MAX_FUNCS} names, got {_show(raw_funcs)}"
+        )
+    funcs = [_text(f, "funcs", MAX_NAME_LEN) for f in raw_funcs]
+    if n:
+        if int(columns["func"].max()) >= len(funcs):
+            raise BatchDecodeError("func index outside the batch's function table")
+        start, end = columns["start_ns"], columns["end_ns"]
+        if int(start.min()) < 0:
+            raise BatchDecodeError("span times outside the Unix epoch nanosecond range")
+        if bool((end < start).any()):
+            raise BatchDecodeError("a span ends before it starts")
+        _check_goid(columns["goid"])
+    http = _http(message["http"], columns) if message.get("http") is not None else None
+    return SpanBatch(
+        node=_text(message.get("node"), "node", MAX_NAME_LEN),
+        pid=_int(message, "pid", 0, MAX_PID),
+        exe=_text(message.get("exe", ""), "exe", MAX_NAME_LEN),
+        funcs=funcs,
+        columns=columns,
+        http=http,
+        k8s=_k8s(message),
+    )
+
+
+def check_span_times(batch: SpanBatch, now_ns: int, bounds: TimeBounds) -> None:
+    """Reject a batch whose times are outside `bounds` around the reader's clock `now_ns`."""
+    if len(batch):
+        end = batch.columns["end_ns"]
+        newest = int(end.max())
+        http = batch.http
+        if http is not None and http.flushed_ns is not None and len(http.flushed_ns):
+            newest = max(newest, int(http.flushed_ns.max()))
+        bounds.check(int(batch.columns["start_ns"].min()), newest, now_ns, "span time")
 
 
 K8S_FIELDS = ("k8s_namespace", "k8s_pod", "k8s_container", "k8s_workload")
@@ -252,26 +412,37 @@ def encode_net_batch(batch: NetBatch) -> bytes:
 
 
 def decode_net_batch(value: bytes) -> NetBatch:
+    """Parse and check one message value (schemas/kprobe_events.md, "What a reader
+    rejects"); BatchDecodeError, with the reason, for anything else."""
     message = _unpack(value, KIND_NET)
-    try:
-        n = int(message["n"])
-        raw_cols = message["cols"]
-        columns = {
-            name: _column(raw_cols.get(name), dtype, n, name) for name, dtype in NET_COLUMNS.items()
-        }
-        if n and int(columns["direction"].max()) > DIRECTION_RECV:
+    columns = _columns(message, NET_COLUMNS)
+    if len(columns["tid"]):
+        if int(columns["direction"].max()) > DIRECTION_RECV:
             raise BatchDecodeError("direction outside send/recv")
-        return NetBatch(
-            node=str(message["node"]),
-            pid=int(message["pid"]),
-            exe=str(message.get("exe", "")),
-            columns=columns,
-            k8s=message.get("k8s"),
-        )
-    except BatchDecodeError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BatchDecodeError(f"malformed net batch: {exc!r}") from exc
+        if int(columns["ts_ns"].min()) < 0:
+            raise BatchDecodeError("event times outside the Unix epoch nanosecond range")
+        nbytes = columns["bytes"]
+        if int(nbytes.min()) < 0:
+            raise BatchDecodeError("negative byte count (an error result, not bytes moved)")
+        if int(nbytes.max()) > MAX_IO_BYTES:
+            raise BatchDecodeError(f"a byte count above {MAX_IO_BYTES} (one system call)")
+        if not _FAMILY_OK[columns["family"]].all():
+            raise BatchDecodeError("family outside 0 (unknown), 2 (IPv4), 10 (IPv6)")
+        _check_goid(columns["goid"])
+    return NetBatch(
+        node=_text(message.get("node"), "node", MAX_NAME_LEN),
+        pid=_int(message, "pid", 0, MAX_PID),
+        exe=_text(message.get("exe", ""), "exe", MAX_NAME_LEN),
+        columns=columns,
+        k8s=_k8s(message),
+    )
+
+
+def check_net_times(batch: NetBatch, now_ns: int, bounds: TimeBounds) -> None:
+    """Reject a batch whose times are outside `bounds` around the reader's clock `now_ns`."""
+    if len(batch):
+        ts = batch.columns["ts_ns"]
+        bounds.check(int(ts.min()), int(ts.max()), now_ns, "event time")
 
 
 def _address(family: int, raw: bytes) -> str | None:

@@ -297,6 +297,8 @@ def test_the_service_publishes_each_transition_once(
                 "500ms",
                 "--metrics-address",
                 metrics_address,
+                "--max-event-age",  # the windows are from 2023 (T0)
+                "100000d",
             ],
             cwd=REPO,
             stdout=out,

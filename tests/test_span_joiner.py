@@ -11,13 +11,13 @@ import pytest
 from join_data import HTTP_FUNC, Net, Span, Totals, brute_force, http_traffic, net_batch, span_batch
 
 from ebpf_apm.consumers.event_clock import NET, SPANS, EventClock
-from ebpf_apm.consumers.span_joiner import (
-    JoinedSpans,
-    JoinInputError,
-    JoinSettings,
-    PartitionJoiner,
-    check_net_batch,
-    check_span_batch,
+from ebpf_apm.consumers.span_joiner import JoinedSpans, JoinSettings, PartitionJoiner
+from ebpf_apm.schemas.event_batch import (
+    BatchDecodeError,
+    decode_net_batch,
+    decode_span_batch,
+    encode_net_batch,
+    encode_span_batch,
 )
 
 MS = 1_000_000
@@ -320,7 +320,7 @@ def test_many_small_steps_merge_pieces_without_changing_sums() -> None:
     assert real == {i: v for (_, _, i), v in expected.items()}
 
 
-# -- input checks -----------------------------------------------------------------------
+# -- input checks (the decoder, schemas/event_batch.py, rejects what cannot be joined) -----
 
 
 @pytest.mark.parametrize(
@@ -332,11 +332,28 @@ def test_many_small_steps_merge_pieces_without_changing_sums() -> None:
     ],
 )
 def test_span_batches_that_cannot_be_joined_are_rejected(span: Span, message: str) -> None:
-    with pytest.raises(JoinInputError, match=message):
-        check_span_batch(span_batch("n", 1, [span]))
+    with pytest.raises(BatchDecodeError, match=message):
+        decode_span_batch(encode_span_batch(span_batch("n", 1, [span])))
 
 
 def test_net_batches_with_error_results_are_rejected() -> None:
-    with pytest.raises(JoinInputError, match="negative byte count"):
-        check_net_batch(net_batch("n", 1, [Net(T0, -11, True, tid=1)]))
-    check_net_batch(net_batch("n", 1, [Net(T0, 0, True, tid=1)]))
+    with pytest.raises(BatchDecodeError, match="negative byte count"):
+        decode_net_batch(encode_net_batch(net_batch("n", 1, [Net(T0, -11, True, tid=1)])))
+    decode_net_batch(encode_net_batch(net_batch("n", 1, [Net(T0, 0, True, tid=1)])))
+
+
+def test_event_time_never_runs_ahead_of_the_wall_clock() -> None:
+    """A far-future batch (a forged one, or a node clock far ahead) must not push the
+    watermark past the wall clock: real events after it would all be late."""
+    settings = JoinSettings(LATENESS, IDLE, emit_step_ns=10 * MS, event_time_at_most_now=True)
+    joiner = PartitionJoiner(settings, T0)
+    future = T0 + 3600 * S
+    joiner.add_spans(span_batch("n", 1, [Span("f", future, future + 1, tid=1)]), "x", T0)
+    joiner.add_net(net_batch("n", 1, [Net(future, 10, True, tid=1)]), T0)
+    joiner.advance(T0)
+    assert joiner.watermark_ns is not None and joiner.watermark_ns <= T0 - LATENESS
+    joiner.add_spans(span_batch("n", 2, [Span("f", T0 + 1, T0 + 9, tid=1)]), "real", T0 + 10)
+    joiner.add_net(net_batch("n", 2, [Net(T0 + 5, 33, True, tid=1)]), T0 + 10)
+    assert joiner.counters.net_late == 0
+    got = totals(drain(joiner, T0 + 10))
+    assert [v for (token, _), v in got.items() if token == "real"] == [(33, 0, 1, 0)]

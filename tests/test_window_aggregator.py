@@ -182,9 +182,14 @@ def test_spans_from_a_clock_far_ahead_are_left_out() -> None:
     arrival = T0 + 5 * S
     agg.add(*arrays([0, 0, 0], [T0, T0 + 64 * S, T0 + 3600 * S], [1, 2, 3]), arrival_ns=arrival)
     assert (agg.stats.spans, agg.stats.future) == (2, 1)
-    assert agg.max_event_ns == T0 + 64 * S  # the span from the future moved nothing
+    # The span from the far future moved nothing; the one 59 s ahead counts in its window
+    # but moves event time only to its arrival, so real spans after it are not late.
+    assert agg.max_event_ns == arrival
+    assert agg.open_windows == [T0, T0 + 60 * S]
     agg.add(*arrays([0], [T0 + 3600 * S], [3]), arrival_ns=arrival)
     assert agg.stats.future == 2
+    agg.add(*arrays([0], [T0 + 6 * S], [4]), arrival_ns=arrival + S)
+    assert (agg.stats.spans, agg.stats.late) == (3, 0)
 
 
 def test_negative_durations_count_as_zero() -> None:
