@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,13 @@ def test_every_request_is_counted_at_its_probe_sites(go_targets: dict, probes: A
         try:
             for _ in range(REQUESTS):
                 assert server.get("/health")[0] == 200
+            # finishRequest returns after the response is on the wire: the client may read the
+            # last response before that RET fires. Wait for it (briefly), then compare exactly.
+            deadline = time.monotonic() + 2.0
             counted = hit_counts(probes)[server.pid]
+            while counted["ret"] < 2 * REQUESTS and time.monotonic() < deadline:
+                time.sleep(0.02)
+                counted = hit_counts(probes)[server.pid]
         finally:
             probes.detach_process(server.pid)
     net = counted.pop("net")
