@@ -16,47 +16,17 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib
-import os
 import signal
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
+from bench_support import REPO, BenchmarkError, build_goserver, process_cpu_ns
 from prometheus_client.parser import text_string_to_metric_families
 
 from ebpf_apm.kafka.embedded_broker import EmbeddedBroker, free_port
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-class BenchmarkError(RuntimeError):
-    """Something failed: the figures would mean nothing."""
-
-
-def build_goserver() -> Path:
-    sys.path.insert(0, str(REPO / "tests"))
-    go_builds = importlib.import_module("go_builds")
-    out = go_builds.default_cache_dir() / "bench" / "goserver-go1.27"
-    try:
-        return Path(go_builds.build_go(go_builds.TARGETS_DIR / "goserver", out, "1.27", False))
-    except go_builds.BuildError as exc:
-        raise BenchmarkError(f"building goserver: {exc}") from exc
-
-
-def cpu_ns(pid: int) -> int:
-    """CPU time of every thread of the process so far (schedstat: on-CPU nanoseconds)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # a thread that ended meanwhile: its time is in the process's exit
-    return total
 
 
 class Load(threading.Thread):
@@ -179,9 +149,9 @@ def main() -> int:
                     else:
                         scraper.on.clear()
                     time.sleep(0.5)  # a scrape under way ends inside its own phase
-                    before, started = cpu_ns(agent.pid), time.monotonic()
+                    before, started = process_cpu_ns(agent.pid), time.monotonic()
                     time.sleep(args.seconds)
-                    used = cpu_ns(agent.pid) - before
+                    used = process_cpu_ns(agent.pid) - before
                     per_condition[condition].append(used / (time.monotonic() - started) / 1e6)
             scraper.on.clear()
             load.stop.set()

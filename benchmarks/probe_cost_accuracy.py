@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib
 import os
 import re
 import signal
@@ -32,37 +31,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench_support import REPO, BenchmarkError, build_goserver, process_cpu_ns
+
 from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
 
-REPO = Path(__file__).resolve().parent.parent
 TARGET = 0.25
 
 
-class BenchmarkError(RuntimeError):
-    """Something failed: the figures would mean nothing."""
 
-
-def build_goserver() -> Path:
-    """goserver built with Go 1.27 by the tests' builder, into its content-hash cache."""
-    sys.path.insert(0, str(REPO / "tests"))  # tests/ is not a package
-    go_builds = importlib.import_module("go_builds")
-    out = go_builds.default_cache_dir() / "bench" / "goserver-go1.27"
-    try:
-        return Path(go_builds.build_go(go_builds.TARGETS_DIR / "goserver", out, "1.27", False))
-    except go_builds.BuildError as exc:
-        raise BenchmarkError(f"building goserver: {exc}") from exc
-
-
-def process_cpu_ns(pid: int) -> int:
-    """User + system time of every live thread of `pid`, in ns (Go threads do not exit)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
-                total += int(stat.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return total
 
 
 class Server:

@@ -52,6 +52,19 @@ def start_join(bootstrap: str, log: Path, *extra: str) -> subprocess.Popen[bytes
         )
 
 
+def stop_service(process: subprocess.Popen[bytes], name: str, log: Path) -> None:
+    """SIGTERM a consumer service this test started (SIGKILL after 30 s); it must have
+    exited 0, else the assertion shows its log."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, f"{name} exited {process.returncode}:\n{log.read_text()}"
+
+
 def assigned(log: Path) -> list[list[int]]:
     lines = [ln for ln in log.read_text().splitlines() if "assigned partitions" in ln]
     return [json.loads(ln.rsplit("assigned partitions ", 1)[1]) for ln in lines]

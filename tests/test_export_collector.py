@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from agent_harness import Agent, Request, go_server, send_concurrently
-from join_harness import outside_decoder, start_join, wait_for
+from join_harness import outside_decoder, start_join, stop_service, wait_for
 from kafka_fixtures import read_topic
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from otlp_collector import Received, Rotel, TraceSink, collector
@@ -66,16 +66,6 @@ def start_export(
     with log.open("wb") as out:
         return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
-
-def stop(process: subprocess.Popen[bytes], name: str, log: Path) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, f"{name} exited {process.returncode}:\n{log.read_text()}"
 
 
 def check_span(got: Received, record: dict[str, Any], server_pid: int) -> None:
@@ -167,8 +157,8 @@ def test_every_span_comes_out_of_the_collector_over_both_protocols(
                 time.sleep(0.5)  # duplicates, if any, show up in the counts below
             finally:
                 for name, process in exporters.items():
-                    stop(process, f"export ({name})", logs[name])
-                stop(join, "join", logs["join"])
+                    stop_service(process, f"export ({name})", logs[name])
+                stop_service(join, "join", logs["join"])
             assert agent.stop() == 0, agent.log
 
     by_id = {bytes.fromhex(s["span_id"])[:8]: s for s in spans}
@@ -236,8 +226,8 @@ def test_a_collector_away_for_30_s_loses_nothing_and_memory_stays_bounded(
                 ids = {bytes.fromhex(decode(r.value)["span_id"])[:8] for r in records}
                 wait_for_spans(sink, ids, log, 60)
             finally:
-                stop(export, "export", log)
-                stop(join, "join", join_log)
+                stop_service(export, "export", log)
+                stop_service(join, "join", join_log)
                 rotel.stop()
             assert agent.stop() == 0, agent.log
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from agent_harness import Agent, go_server, plan_requests, send_concurrently
 from aiokafka.errors import KafkaConnectionError
-from join_harness import start_join, wait_for
+from join_harness import start_join, stop_service, wait_for
 from tls_fixtures import BROKER_NAME, KEY_PASSWORD, Pki, Stunnel, make_pki, tls_broker
 
 from ebpf_apm.consumers.latency_store import StorageError, open_store
@@ -333,16 +333,6 @@ def stored_count(storage: str) -> int:
         return 0
 
 
-def stop(process: subprocess.Popen[bytes], name: str, log: Path) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, f"{name} exited {process.returncode}:\n{log.read_text()}"
-
 
 @pytest.mark.bpf
 @pytest.mark.integration
@@ -390,8 +380,8 @@ def test_agent_join_aggregate_over_mutual_tls(
                 tail = run_cli("tail", "apm.spans", "--from-beginning", "--json", "--timeout",
                                "3", env={})  # fmt: skip
             finally:
-                stop(aggregate, "aggregate", aggregate_log)
-                stop(join, "join", join_log)
+                stop_service(aggregate, "aggregate", aggregate_log)
+                stop_service(join, "join", join_log)
             assert agent.stop() == 0, agent.log
     assert stored_count(storage) == len(requests)
     assert tail.returncode == 0, tail.stderr

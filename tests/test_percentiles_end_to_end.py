@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from agent_harness import Agent, Request, go_server, send_concurrently
 from dashboard_harness import check_rows_equal_query, dashboard, get_page, table_rows
-from join_harness import outside_decoder, start_join, wait_for
+from join_harness import outside_decoder, start_join, stop_service, wait_for
 from kafka_fixtures import read_topic
 
 from ebpf_apm.consumers.latency_store import LatencyRow, StorageError, open_store
@@ -118,16 +118,6 @@ def start_aggregate(bootstrap: str, storage: str, log: Path) -> subprocess.Popen
         return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
 
-def stop(process: subprocess.Popen[bytes], name: str, log: Path) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    assert process.returncode == 0, f"{name} exited {process.returncode}:\n{log.read_text()}"
-
 
 def test_stored_percentiles_match_the_spans_of_each_window(
     go_targets: dict[tuple[str, bool], Path], tmp_path: Path
@@ -171,8 +161,8 @@ def test_stored_percentiles_match_the_spans_of_each_window(
                     cwd=REPO, capture_output=True, text=True, timeout=60,
                 )  # fmt: skip
             finally:
-                stop(aggregate, "aggregate", aggregate_log)
-                stop(join, "join", join_log)
+                stop_service(aggregate, "aggregate", aggregate_log)
+                stop_service(join, "join", join_log)
             assert agent.stop() == 0, agent.log
 
     decode = outside_decoder()
