@@ -111,6 +111,8 @@ class AgentPipeline:
         self.cost_meter = cost_meter
         self._costs: dict[int, ProcessCost] = {}  # at the previous stats line
         self._costs_at = time.monotonic()
+        # Processes detached before the end (exited): their costs summed, for the totals line.
+        self._detached_hits, self._detached_cpu_ns = 0, 0.0
         self._on_turn = on_turn
 
     def attach(self, target: TargetProcess, k8s: dict[str, str | None] | None = None) -> None:
@@ -126,6 +128,11 @@ class AgentPipeline:
         """Remove a process's probes; its records already read still leave with its name."""
         self._unwatch(pid)
         self.targets.pop(pid, None)
+        if self.cost_meter is not None:  # its last figures, before detaching clears them
+            cost = self.cost_meter.sample().get(pid)
+            if cost is not None:
+                self._detached_hits += cost.hits
+                self._detached_cpu_ns += cost.cpu_ns
         self.probes.detach_process(pid)
         self._retired.add(pid)
 
@@ -317,7 +324,7 @@ class AgentPipeline:
                 f"{net_pub.acked_events}, dropped {_drops(net_pub)}, "
                 f"failed {net_pub.failed_events}"
             )
-        if not all(s.publisher.stats.connected for s in self.streams):
+        if not final and not all(s.publisher.stats.connected for s in self.streams):
             buffered = sum(s.publisher.stats.buffered_bytes for s in self.streams)
             line += f"; Kafka unreachable, {buffered} bytes buffered"
         if self.cost_meter is not None:
@@ -328,7 +335,13 @@ class AgentPipeline:
     def _cost_summary(self, final: bool) -> str:
         assert self.cost_meter is not None
         if final:
-            return format_totals(self._costs)
+            summary = format_totals(self._costs)
+            if self._detached_hits:
+                summary += (", " if summary else "") + (
+                    f"processes gone before the end: hits {self._detached_hits} "
+                    f"cpu {self._detached_cpu_ns / 1e9:.3f} s"
+                )
+            return summary
         now, costs = time.monotonic(), self.cost_meter.sample()
         rates = cost_rates(self._costs, costs, now - self._costs_at)
         self._costs, self._costs_at = costs, now

@@ -285,6 +285,29 @@ def test_agent_reports_the_cost_per_process(go_targets: dict, kafka_broker) -> N
 
 
 @pytest.mark.bpf
+@pytest.mark.integration
+def test_the_totals_keep_the_cost_of_a_process_that_exited(go_targets: dict, kafka_broker) -> None:
+    """The target exits first (the agent then exits on its own): its cost stays in the totals."""
+    with go_server(go_targets[("1.27", False)]) as server:
+        args = ["--pid", str(server.pid), "--net-hooks", "off"]
+        args += ["--bootstrap-servers", kafka_broker.bootstrap_servers, "--node-name", "n1"]
+        with Agent(args) as agent:
+            agent.wait_ready()
+            for _ in range(REQUESTS):
+                assert server.get("/health")[0] == 200
+            time.sleep(0.2)  # the last finishRequest RET fires after the client has its answer
+            server.process.terminate()
+            assert agent.wait() == 0, agent.log
+    totals = re.search(r"totals: .*probe cost: (.*)", agent.log)
+    assert totals is not None, agent.log
+    gone = re.search(r"processes gone before the end: hits (\d+) cpu ([\d.]+) s", totals.group(1))
+    assert gone is not None, totals.group(0)
+    assert int(gone.group(1)) == REQUESTS * sum(HITS_PER_REQUEST.values())
+    assert float(gone.group(2)) > 0
+    assert "Kafka unreachable" not in totals.group(0)
+
+
+@pytest.mark.bpf
 def test_without_cap_sys_admin_run_time_statistics_stay_off_and_say_so() -> None:
     """BPF_ENABLE_STATS needs CAP_SYS_ADMIN (the DaemonSet does not grant it): the agent
     goes on with the trap cost only, and says what to do."""
