@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, GoServer, Request, go_server, send_concurrently
-from join_harness import start_join, wait_for
-from test_percentiles_end_to_end import start_aggregate, stop
+from join_harness import start_join, stop_service, wait_for
+from test_percentiles_end_to_end import start_aggregate
 
 from ebpf_apm.consumers.latency_store import StorageError, open_store
 from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
@@ -108,8 +108,8 @@ class Pipeline:
         return stored_counts(self.storage)
 
     def stop(self) -> None:
-        stop(self.aggregate, "aggregate", self.aggregate_log)
-        stop(self.join, "join", self.join_log)
+        stop_service(self.aggregate, "aggregate", self.aggregate_log)
+        stop_service(self.join, "join", self.join_log)
 
 
 @contextmanager

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from agent_harness import Agent, Connection, go_server, run_client
 from aiokafka import AIOKafkaProducer
-from join_harness import assigned, outside_decoder, start_join, wait_for
+from join_harness import assigned, outside_decoder, start_join, stop_service, wait_for
 from kafka_fixtures import read_topic
-from test_percentiles_end_to_end import start_aggregate, stop, stored_rows
+from test_percentiles_end_to_end import start_aggregate, stored_rows
 
 from ebpf_apm.consumers.latency_store import StorageError
 from ebpf_apm.kafka import topics
@@ -198,8 +198,8 @@ def test_poison_messages_are_dead_lettered_and_real_traffic_goes_on(
                 wait_for(all_stored, 60, "the aggregator to store every span")
                 survived = join.poll() is None and aggregate.poll() is None
             finally:
-                stop(aggregate, "aggregate", aggregate_log)
-                stop(join, "join", join_log)
+                stop_service(aggregate, "aggregate", aggregate_log)
+                stop_service(join, "join", join_log)
             assert agent.stop() == 0, agent.log
 
     # Every consumer stayed up through the poison and exited cleanly (checked by stop()).
