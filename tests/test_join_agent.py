@@ -58,7 +58,13 @@ def test_every_request_gets_the_bytes_its_server_wrote_though_a_join_is_killed(
         agent_args = ["--pid", str(server.pid), "--func", HANDLE_CHUNKS, "--node-name", NODE]
         with Agent([*agent_args, "--bootstrap-servers", bootstrap]) as agent:
             agent.wait_ready()
-            joins = [start_join(bootstrap, log, "--session-timeout-ms", "6000") for log in logs]
+            # The allowed lateness is raised from its 2 s default: on CI's 2 shared cores, with
+            # 16 clients, the agent, two joins and the broker, the agent's network stream can
+            # fall seconds behind its span stream, and a join then drops events as late (by
+            # design, counted in its stats line; tests/test_span_joiner.py covers that). What
+            # this test checks is the takeover: a replay must equal the first emission.
+            join_args = ("--session-timeout-ms", "6000", "--allowed-lateness-ms", "8000")
+            joins = [start_join(bootstrap, log, *join_args) for log in logs]
             try:
 
                 def latest(log: Path) -> list[int]:
@@ -113,7 +119,8 @@ def test_every_request_gets_the_bytes_its_server_wrote_though_a_join_is_killed(
     by_id: dict[str, dict[str, Any]] = {}
     for record in records:
         span = decode(record.value)
-        assert by_id.setdefault(span["span_id"], span) == span, "a replay differs"
+        first = by_id.setdefault(span["span_id"], span)
+        assert first == span, f"a replay differs; joins' last stats: {last_stats(logs)}"
     requests: dict[str, dict[str, Any]] = {}  # URL path (unique per request) -> ServeHTTP
     handlers: dict[int, list[dict[str, Any]]] = {}  # goroutine -> its handler spans
     for span in by_id.values():
@@ -150,6 +157,15 @@ def test_every_request_gets_the_bytes_its_server_wrote_though_a_join_is_killed(
             wire_total += exchange.response_bytes
             span_total += span["bytes_sent"]
     assert span_total == wire_total  # and so no send landed on the wrong request
+
+
+def last_stats(logs: list[Path]) -> list[str]:
+    """Each join's last stats line (its late and dropped counts), for a failure message."""
+    lines = []
+    for log in logs:
+        stats = [line for line in log.read_text().splitlines() if "join: in " in line]
+        lines.append(stats[-1] if stats else f"{log.name}: no stats line")
+    return lines
 
 
 def read_all_sync(bootstrap: str, until: int) -> list[Any]:
