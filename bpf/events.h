@@ -12,6 +12,13 @@
 #define EVENT_KIND_HTTP_SPAN 2
 #define EVENT_KIND_NET 3
 
+/* http_span_event.protocol: which server made the span */
+#define PROTO_HTTP 0         /* net/http's serverHandler, protocol not told (no HTTP/2 probe) */
+#define PROTO_HTTP1 1
+#define PROTO_HTTP2 2        /* net/http's bundled h2 server or golang.org/x/net/http2 */
+#define PROTO_GRPC 3         /* google.golang.org/grpc: path is the full method, status the code */
+#define STATUS_UNKNOWN 0xffff
+
 #define NET_SEND 0
 #define NET_RECV 1
 
@@ -40,13 +47,16 @@ struct span_event {
     __u32 _pad;
 };
 
-/* One request served by Go's net/http.serverHandler.ServeHTTP. */
+/* One request a Go server served: HTTP/1 or HTTP/2 (net/http, x/net/http2) or a gRPC call
+ * (then method is empty, path the full method /package.Service/Method, status the code). */
 struct http_span_event {
     struct span_event span;
-    __u16 status;        /* 0 when the handler wrote nothing: net/http then sends 200 */
+    __u16 status;        /* 0 when the handler wrote nothing: net/http then sends 200;
+                          * STATUS_UNKNOWN when it could not be read */
     __u16 path_len;      /* length of URL.Path before truncation to HTTP_PATH_MAX */
     __u8 method_len;
-    __u8 _pad[3];
+    __u8 protocol;       /* PROTO_* */
+    __u8 _pad[2];
     char method[HTTP_METHOD_MAX];
     char path[HTTP_PATH_MAX];
     __u64 flushed_ns;    /* HTTP/1: when net/http had written the response (after the span's

@@ -6,6 +6,9 @@
  * through `span_uretprobe`. Which function a hit belongs to is looked up by instruction
  * address in `probe_sites`, which the agent fills per process.
  *
+ * Server spans (HTTP/1, HTTP/2, gRPC) go to `http_events`, one record type for all: the
+ * site's flags say which server function it is (probe_maps.h).
+ *
  * Go calls are keyed by goroutine (the g pointer is in R14 under Go's register ABI), because
  * a goroutine that blocks may resume on another thread. Non-Go calls are keyed by thread.
  *
@@ -155,22 +158,39 @@ static __always_inline u32 read_go_string(u64 addr, char *dst, u32 cap)
 }
 
 static __always_inline void fill_http(struct http_span_event *e, struct process_layout *layout,
-                                      struct call_start *start)
+                                      struct site *site, struct call_start *start)
 {
-    e->status = 0;
+    e->status = STATUS_UNKNOWN;
     e->path_len = 0;
     e->method_len = 0;
+    e->protocol = PROTO_HTTP;
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
     __builtin_memset(e->method, 0, sizeof(e->method));
     __builtin_memset(e->path, 0, sizeof(e->path));
-    if (layout->request_method >= 0) {
-        u32 n = read_go_string(start->request + layout->request_method, e->method,
-                               HTTP_METHOD_MAX);
+    e->flushed_ns = 0;
+    if (start->flags & CALL_GRPC) {
+        e->protocol = PROTO_GRPC;
+        u32 n = read_go_string(start->request, e->path, HTTP_PATH_MAX);
+        e->path_len = n > 65535 ? 65535 : n;
+        if (start->rpc_status >= 0 && start->rpc_status < STATUS_UNKNOWN)
+            e->status = (u16)start->rpc_status;
+        return;
+    }
+    s32 method_at = layout->request_method, url_at = layout->request_url;
+    if (start->flags & CALL_HTTP1) {
+        e->protocol = PROTO_HTTP1;
+    } else if (start->flags & CALL_HTTP2) {
+        e->protocol = PROTO_HTTP2;
+        method_at = site->field_c;  /* runHandler's request type may not be *http.Request */
+        url_at = site->field_d;
+    }
+    if (method_at >= 0) {
+        u32 n = read_go_string(start->request + method_at, e->method, HTTP_METHOD_MAX);
         e->method_len = n > 255 ? 255 : n;
     }
     u64 url = 0;
-    if (layout->request_url >= 0 &&
-        bpf_probe_read_user(&url, sizeof(url), (void *)(start->request + layout->request_url)) == 0 &&
+    if (url_at >= 0 &&
+        bpf_probe_read_user(&url, sizeof(url), (void *)(start->request + url_at)) == 0 &&
         url != 0 && layout->url_path >= 0) {
         u32 n = read_go_string(url + layout->url_path, e->path, HTTP_PATH_MAX);
         e->path_len = n > 65535 ? 65535 : n;
@@ -178,20 +198,17 @@ static __always_inline void fill_http(struct http_span_event *e, struct process_
     if (start->flags & CALL_HANDLER_RETURNED) {
         e->flushed_ns = e->span.hdr.ts_ns;          /* now: finishRequest has returned */
         e->span.hdr.ts_ns = start->handler_end_ns;  /* the span ends where ServeHTTP did */
-    } else {
-        e->flushed_ns = 0;
     }
-    if (layout->response_status >= 0 && start->response != 0) {
+    if (start->response != 0) {
         s64 status = 0;
-        if (bpf_probe_read_user(&status, sizeof(status),
-                                (void *)(start->response + layout->response_status)) == 0)
+        if (bpf_probe_read_user(&status, sizeof(status), (void *)start->response) == 0)
             e->status = (u16)status;
         else
             count(COUNTER_READ_FAILED);
     }
 }
 
-static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, u32 func_id, s64 goid,
+static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site *site, s64 goid,
                                       struct call_start *start, struct process_layout *layout)
 {
 #ifdef USE_PERF_BUFFER
@@ -199,9 +216,9 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, u32 func_id
     struct http_span_event *e = http_scratch.lookup(&zero);
     if (!e)
         return;
-    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, func_id, goid, start->start_ns,
-              start->tid);
-    fill_http(e, layout, start);
+    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_http(e, layout, site, start);
     if (http_events.perf_submit(ctx, e, sizeof(*e)) != 0)
         count(COUNTER_RING_FULL);
     else
@@ -212,9 +229,9 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, u32 func_id
         count(COUNTER_RING_FULL);
         return;
     }
-    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, func_id, goid, start->start_ns,
-              start->tid);
-    fill_http(e, layout, start);
+    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_http(e, layout, site, start);
     http_events.ringbuf_submit(e, wakeup_flag(1));
     count(COUNTER_EMITTED);
 #endif
@@ -260,23 +277,61 @@ int span_entry(struct pt_regs *ctx)
     struct call_key key = {.tgid = tgid, .func_id = site->func_id};
     if (read_goid(ctx, layout, &key.id) != 0)
         return 0;
-    struct call_start start = {.start_ns = now, .tid = (u32)pid_tgid};
+    if (site->flags & SITE_FLAG_GRPC_STATUS) {
+        /* WriteStatus(t, s *Stream, st *status.Status) (st in RCX), called by handleStream's
+         * goroutine: the code of the call in flight there. */
+        struct call_start *call = calls_in_flight.lookup(&key);
+        if (!call)
+            return 0;
+        u64 inner = 0;
+        s32 code = -1;
+        if (bpf_probe_read_user(&inner, sizeof(inner), (void *)(ctx->cx + site->field_a)) == 0 &&
+            inner != 0 &&
+            bpf_probe_read_user(&code, sizeof(code), (void *)(inner + site->field_b)) == 0)
+            call->rpc_status = code;
+        else
+            count(COUNTER_READ_FAILED);
+        return 0;
+    }
+    struct call_start start = {.start_ns = now, .tid = (u32)pid_tgid, .rpc_status = -1};
     if (site->flags & SITE_FLAG_HTTP) {
         /* serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request): sh.srv in RAX, the
          * interface rw in RBX (type) and RCX (data: *response), req in RDI. */
-        start.response = ctx->cx;
         start.request = ctx->di;
-        /* net/http writes a buffered response after ServeHTTP returns, in
-         * (*response).finishRequest on the same goroutine: an HTTP/1 span is emitted when
-         * that returns, with its flush time, so the join can give it the whole response.
-         * HTTP/1 iff rw is a *response whose conn (its first field) serves this server
+        /* HTTP/1 iff rw is a *response whose conn (its first field) serves this server
          * (conn's first field): HTTP/2's writer is another type. */
         u64 conn = 0, server = 0;
-        if (layout->http_finish &&
-            bpf_probe_read_user(&conn, sizeof(conn), (void *)ctx->cx) == 0 && conn != 0 &&
+        if (bpf_probe_read_user(&conn, sizeof(conn), (void *)ctx->cx) == 0 && conn != 0 &&
             bpf_probe_read_user(&server, sizeof(server), (void *)conn) == 0 &&
-            server == ctx->ax)
-            start.flags = CALL_FINISH_EXPECTED;
+            server == ctx->ax) {
+            start.flags = CALL_HTTP1;
+            if (layout->response_status >= 0)
+                start.response = ctx->cx + layout->response_status;
+            /* net/http writes a buffered response after ServeHTTP returns, in
+             * (*response).finishRequest on the same goroutine: an HTTP/1 span is emitted
+             * when that returns, with its flush time, so the join can give it the whole
+             * response. */
+            if (layout->http_finish)
+                start.flags |= CALL_FINISH_EXPECTED;
+        } else if (layout->h2_server) {
+            return 0; /* an HTTP/2 stream: runHandler's probe makes its span */
+        }
+    } else if (site->flags & SITE_FLAG_H2) {
+        /* runHandler(sc, rw *responseWriter, req *http.Request, handler): rw in RBX, req in
+         * RCX. The status is read at the return through rws, which handlerDone detaches from
+         * rw (and pools) just before runHandler returns. */
+        start.flags = CALL_HTTP2;
+        start.request = ctx->cx;
+        u64 rws = 0;
+        if (site->field_a >= 0 && site->field_b >= 0 &&
+            bpf_probe_read_user(&rws, sizeof(rws), (void *)(ctx->bx + site->field_a)) == 0 &&
+            rws != 0)
+            start.response = rws + site->field_b;
+    } else if (site->flags & SITE_FLAG_GRPC) {
+        /* handleStream(s, t ServerTransport, stream *Stream, trInfo): t's type and data in
+         * RBX and RCX, stream in RDI. */
+        start.flags = CALL_GRPC;
+        start.request = ctx->di + site->field_a;
     }
     if (calls_in_flight.update(&key, &start) != 0)
         count(COUNTER_TABLE_FULL);
@@ -301,7 +356,10 @@ int span_return(struct pt_regs *ctx)
         return 0;
     struct call_start *start = calls_in_flight.lookup(&key);
     if (!start) {
-        if (!(site->flags & SITE_FLAG_HTTP_FINISH))
+        /* finishRequest of a request not timed, or ServeHTTP of an HTTP/2 stream (its span
+         * is runHandler's): expected, not a lost entry. */
+        if (!(site->flags & SITE_FLAG_HTTP_FINISH) &&
+            !((site->flags & SITE_FLAG_HTTP) && layout->h2_server))
             count(COUNTER_NO_ENTRY);
         return 0;
     }
@@ -313,8 +371,8 @@ int span_return(struct pt_regs *ctx)
         start->flags |= CALL_HANDLER_RETURNED;
         return 0; /* emitted when finishRequest has written the response */
     }
-    if (site->flags & SITE_FLAG_HTTP)
-        emit_http(ctx, tgid, site->func_id, key.id, start, layout);
+    if (site->flags & (SITE_FLAG_HTTP | SITE_FLAG_H2 | SITE_FLAG_GRPC))
+        emit_http(ctx, tgid, site, key.id, start, layout);
     else
         emit_span(ctx, tgid, site->func_id, key.id, start->start_ns, start->tid);
     calls_in_flight.delete(&key);

@@ -89,6 +89,7 @@ class ProcessLayout:
     url_path: int = -1
     response_status: int = -1
     http_finish: bool = False  # net/http.(*response).finishRequest is probed too
+    h2_server: bool = False  # an HTTP/2 runHandler is probed: it makes HTTP/2 spans
 
 
 @dataclass
@@ -218,12 +219,18 @@ class AgentProbes:
         http: bool,
         is_go: bool,
         http_finish: bool = False,
+        server_flags: int = 0,
+        fields: tuple[int, int, int, int] = (-1, -1, -1, -1),
+        entry_only: bool = False,
     ) -> None:
         """Attach one function: `address` is its ELF address, `load_bias` what the process
         added to ELF addresses when it mapped the binary (0 unless PIE). `http_finish`:
-        only its returns, which end the HTTP span of `func_id` (finishRequest)."""
+        only its returns, which end the HTTP span of `func_id` (finishRequest).
+        `server_flags` (SITE_FLAG_H2, _GRPC, _GRPC_STATUS) and the field offsets it
+        reads make it an HTTP/2 or gRPC server probe; `entry_only`: no return probes
+        (WriteStatus only adds the status to the call `func_id`)."""
         proc = self._processes[pid]
-        flags = SITE_FLAG_HTTP if http else 0
+        flags = (SITE_FLAG_HTTP if http else 0) | server_flags
         if http_finish:
             flags |= SITE_FLAG_HTTP_FINISH
         path = binary.encode()
@@ -231,15 +238,19 @@ class AgentProbes:
         try:
             if not http_finish:
                 self._add_site(
-                    proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags
+                    proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags,
+                    fields,
                 )
                 self._bpf.attach_uprobe(
                     name=path, addr=address + entry_offset, fn_name=b"span_entry", pid=pid
                 )
-            if is_go:
+            if entry_only:
+                pass
+            elif is_go:
                 for offset in return_offsets:
                     self._add_site(
-                        proc, pid, load_bias + address + offset, func_id, SITE_RETURN, flags
+                        proc, pid, load_bias + address + offset, func_id, SITE_RETURN, flags,
+                        fields,
                     )
                     self._bpf.attach_uprobe(
                         name=path, addr=address + offset, fn_name=b"span_return", pid=pid
@@ -258,9 +269,17 @@ class AgentProbes:
             proc.uprobe_events |= set(self._bpf.uprobe_fds) - known
 
     def _add_site(
-        self, proc: _AttachedProcess, pid: int, ip: int, func_id: int, role: int, flags: int
+        self,
+        proc: _AttachedProcess,
+        pid: int,
+        ip: int,
+        func_id: int,
+        role: int,
+        flags: int,
+        fields: tuple[int, int, int, int] = (-1, -1, -1, -1),
     ) -> None:
-        self._sites[self._sites.Key(pid, 0, ip)] = self._sites.Leaf(func_id, role, flags)
+        leaf = self._sites.Leaf(func_id, role, flags, *fields)
+        self._sites[self._sites.Key(pid, 0, ip)] = leaf
         proc.sites.append(ip)
 
     def detach_process(self, pid: int) -> None:

@@ -11,6 +11,11 @@ import numpy as np
 EVENT_KIND_SPAN = 1
 EVENT_KIND_HTTP_SPAN = 2
 EVENT_KIND_NET = 3
+PROTO_HTTP = 0  # net/http's serverHandler, protocol not told
+PROTO_HTTP1 = 1
+PROTO_HTTP2 = 2
+PROTO_GRPC = 3
+STATUS_UNKNOWN = 0xFFFF
 NET_SEND = 0
 NET_RECV = 1
 HTTP_METHOD_MAX = 8
@@ -42,7 +47,8 @@ HTTP_SPAN_EVENT = np.dtype(
         ("status", "<u2"),
         ("path_len", "<u2"),
         ("method_len", "u1"),
-        ("_pad2", "u1", (3,)),
+        ("protocol", "u1"),
+        ("_pad2", "u1", (2,)),
         ("method", f"S{HTTP_METHOD_MAX}"),
         ("path", f"S{HTTP_PATH_MAX}"),
         ("flushed_ns", "<u8"),
@@ -90,6 +96,7 @@ C_FIELDS: dict[str, dict[str, str]] = {
         "status": "status",
         "path_len": "path_len",
         "method_len": "method_len",
+        "protocol": "protocol",
         "method": "method",
         "path": "path",
         "flushed_ns": "flushed_ns",

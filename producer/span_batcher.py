@@ -17,11 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from ebpf_apm.producer.event_layout import HTTP_PATH_MAX
+from ebpf_apm.producer.event_layout import HTTP_PATH_MAX, PROTO_GRPC
 from ebpf_apm.producer.path_redaction import PathRedactor
 from ebpf_apm.schemas.event_batch import (
+    RPC_STATUS_MAX,
+    RPC_STATUS_UNKNOWN,
+    SPAN_KIND,
+    SPAN_KIND_INTERNAL,
+    SPAN_KIND_SERVER,
     HttpColumns,
     NetBatch,
+    RpcColumns,
     SpanBatch,
     encode_net_batch,
     encode_span_batch,
@@ -158,7 +164,7 @@ class ProcessBatcher:
 
 
 class SpanBatcher(ProcessBatcher):
-    """Function spans and HTTP spans -> `apm.uprobe.events` batches."""
+    """Function spans and server spans (HTTP, gRPC) -> `apm.uprobe.events` batches."""
 
     RINGS = ("span", "http")
 
@@ -196,26 +202,48 @@ class SpanBatcher(ProcessBatcher):
             "start_ns": records["start_ns"].astype(np.int64) + offset,
             "end_ns": records["ts_ns"].astype(np.int64) + offset,
         }
-        http_columns = None
+        http_columns = rpc_columns = None
+        kinds = np.full(n, SPAN_KIND_INTERNAL, dtype=SPAN_KIND)
         if http is not None:
-            methods = [
-                _decode_text(m, int(n_))
-                for m, n_ in zip(http["method"], http["method_len"], strict=True)
-            ]
-            redact = self.redactor.redact
-            paths = [
-                redact(_decode_text(p, min(int(n_), HTTP_PATH_MAX)))
-                for p, n_ in zip(http["path"], http["path_len"], strict=True)
-            ]
-            http_columns = HttpColumns(
-                rows=np.arange(n, dtype=np.uint32),
-                method=methods,
-                path=paths,
-                status=np.array([_http_status(int(s)) for s in http["status"]], dtype=np.uint16),
-                flushed_ns=np.where(
-                    http["flushed_ns"] > 0, http["flushed_ns"].astype(np.int64) + offset, 0
-                ),
-            )
+            # One record type for every server span: gRPC calls carry the full method in
+            # `path` and the status code in `status`.
+            kinds[:] = SPAN_KIND_SERVER
+            is_rpc = http["protocol"] == PROTO_GRPC
+            rpc_rows = np.flatnonzero(is_rpc).astype(np.uint32)
+            http_rows = np.flatnonzero(~is_rpc).astype(np.uint32)
+            if len(http_rows):
+                rows = http[http_rows]
+                redact = self.redactor.redact
+                http_columns = HttpColumns(
+                    rows=http_rows,
+                    method=[
+                        _decode_text(m, int(n_))
+                        for m, n_ in zip(rows["method"], rows["method_len"], strict=True)
+                    ],
+                    path=[
+                        redact(_decode_text(p, min(int(n_), HTTP_PATH_MAX)))
+                        for p, n_ in zip(rows["path"], rows["path_len"], strict=True)
+                    ],
+                    status=np.array(
+                        [_http_status(int(s)) for s in rows["status"]], dtype=np.uint16
+                    ),
+                    flushed_ns=np.where(
+                        rows["flushed_ns"] > 0, rows["flushed_ns"].astype(np.int64) + offset, 0
+                    ),
+                )
+            if len(rpc_rows):
+                rows = http[rpc_rows]
+                codes = rows["status"]
+                rpc_columns = RpcColumns(
+                    rows=rpc_rows,
+                    method=[
+                        _decode_text(p, min(int(n_), HTTP_PATH_MAX))
+                        for p, n_ in zip(rows["path"], rows["path_len"], strict=True)
+                    ],
+                    status=np.where(codes <= RPC_STATUS_MAX, codes, RPC_STATUS_UNKNOWN).astype(
+                        np.uint8
+                    ),
+                )
         info = self.process_info.get(pid, ProcessInfo(exe=""))
         batch = SpanBatch(
             node=self.node,
@@ -225,6 +253,8 @@ class SpanBatcher(ProcessBatcher):
             columns=columns,
             http=http_columns,
             k8s=info.k8s,
+            rpc=rpc_columns,
+            span_kind=kinds,
         )
         return encode_span_batch(batch)
 

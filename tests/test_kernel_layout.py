@@ -47,6 +47,11 @@ CONTRACTS: dict[str, tuple[Structs, dict[str, int]]] = {
             "NET_RECV": event_layout.NET_RECV,
             "HTTP_METHOD_MAX": event_layout.HTTP_METHOD_MAX,
             "HTTP_PATH_MAX": event_layout.HTTP_PATH_MAX,
+            "PROTO_HTTP": event_layout.PROTO_HTTP,
+            "PROTO_HTTP1": event_layout.PROTO_HTTP1,
+            "PROTO_HTTP2": event_layout.PROTO_HTTP2,
+            "PROTO_GRPC": event_layout.PROTO_GRPC,
+            "STATUS_UNKNOWN": event_layout.STATUS_UNKNOWN,
         },
     ),
     "probe_maps.h": (
