@@ -36,6 +36,20 @@
  * goroutine of the handleStream call `func_id`: the call's status code. field_a:
  * internal/status.Status.s, field_b: (genproto) status.Status.Code. */
 #define SITE_FLAG_GRPC_STATUS 16
+/* Client calls (producer/client_probes.py); span records go to `client_events`.
+ * net/http.(*Client).do(c, req *Request) (*Response, error): one span per request the
+ * program made (redirects followed inside). field_a: url.URL.Host, field_b:
+ * Response.StatusCode. */
+#define SITE_FLAG_CLIENT_HTTP 32
+/* google.golang.org/grpc.invoke(ctx, method string, req, reply, cc, opts...) error: one unary
+ * call (under any interceptors). field_a: internal/status.Error.e, field_b: (genproto)
+ * status.Status.Code. */
+#define SITE_FLAG_CLIENT_GRPC 64
+/* database/sql.(*DB|*Tx|*Conn).QueryContext and ExecContext(x, ctx, query string, args...):
+ * one statement. field_a: the register of the returned error's type word (1: RBX for
+ * (*Rows, error), 2: RCX for (Result, error)), field_b: DB_SYSTEM_* of the binary. */
+#define SITE_FLAG_CLIENT_SQL 128
+#define SITE_FLAG_CLIENT (SITE_FLAG_CLIENT_HTTP | SITE_FLAG_CLIENT_GRPC | SITE_FLAG_CLIENT_SQL)
 
 /* call_start.flags */
 #define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
@@ -86,8 +100,10 @@ struct call_key {
 
 struct call_start {
     __u64 start_ns;
-    __u64 request;       /* *net/http.Request (HTTP); address of the method string (gRPC) */
-    __u64 response;      /* address of the response's status int (HTTP), 0 unknown */
+    __u64 request;       /* *net/http.Request (HTTP); address of the method string (gRPC);
+                          * client gRPC and SQL: the method's or statement's bytes */
+    __u64 response;      /* address of the response's status int (HTTP), 0 unknown;
+                          * client gRPC and SQL: the length of the string at `request` */
     __u32 tid;
     __u32 flags;         /* CALL_* */
     __u64 handler_end_ns; /* HTTP/1: when ServeHTTP returned (the span's end) */

@@ -16,7 +16,8 @@
  * The maps' key and value structs and the counter and site constants are in probe_maps.h,
  * which the agent mirrors (producer/map_layout.py) and a compiled test checks.
  * Options come in as -D defines from producer/bpf_loader.py:
- *   SPAN_RING_PAGES, HTTP_RING_PAGES  ring buffer sizes in pages (powers of two)
+ *   SPAN_RING_PAGES, HTTP_RING_PAGES, CLIENT_RING_PAGES
+ *                                     ring buffer sizes in pages (powers of two)
  *   WAKEUP_EVERY                      records per CPU between forced wakeups of the reader
  *   MAX_CALLS_IN_FLIGHT               in-flight calls tracked at once, all processes
  *   USE_PERF_BUFFER                   perf buffer instead of the ring buffer (kernels < 5.8)
@@ -33,6 +34,9 @@
 #ifndef HTTP_RING_PAGES
 #define HTTP_RING_PAGES 256
 #endif
+#ifndef CLIENT_RING_PAGES
+#define CLIENT_RING_PAGES 256
+#endif
 #ifndef WAKEUP_EVERY
 #define WAKEUP_EVERY 256
 #endif
@@ -48,13 +52,16 @@ BPF_HASH(calls_in_flight, struct call_key, struct call_start, MAX_CALLS_IN_FLIGH
 BPF_HASH(thread_stacks, struct thread_key, struct thread_calls, MAX_CALLS_IN_FLIGHT);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
 BPF_PERCPU_HASH(probe_hits, u32, struct probe_hits, MAX_PROCESSES);
-BPF_PERCPU_ARRAY(unwoken, u64, 3); /* spans, http, net */
+BPF_PERCPU_ARRAY(unwoken, u64, 4); /* spans, http, net, client */
 
 #ifdef USE_PERF_BUFFER
 BPF_PERF_OUTPUT(span_events);
 BPF_PERF_OUTPUT(http_events);
 BPF_PERCPU_ARRAY(http_scratch, struct http_span_event, 1); /* too big for the BPF stack */
+BPF_PERF_OUTPUT(client_events);
+BPF_PERCPU_ARRAY(client_scratch, struct client_span_event, 1);
 #else
+BPF_RINGBUF_OUTPUT(client_events, CLIENT_RING_PAGES);
 BPF_RINGBUF_OUTPUT(span_events, SPAN_RING_PAGES);
 BPF_RINGBUF_OUTPUT(http_events, HTTP_RING_PAGES);
 #endif
@@ -237,6 +244,119 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site
 #endif
 }
 
+/* Copy `len` bytes of user memory at `ptr` (a Go string's data) into `dst`. */
+static __always_inline void read_user_text(u64 ptr, u64 len, char *dst, u32 cap)
+{
+    u32 n = len < cap ? (u32)len : cap;
+    if (n > 0 && ptr != 0)
+        bpf_probe_read_user(dst, n & (2 * cap - 1), (void *)ptr);
+}
+
+/* A client call returns (a RET of its function): results are in registers (Go's register
+ * ABI), the request's fields are read from what the entry kept. */
+static __always_inline void fill_client(struct pt_regs *ctx, struct client_span_event *e,
+                                        struct process_layout *layout, struct site *site,
+                                        struct call_start *start)
+{
+    e->status = -1;
+    e->text_len = 0;
+    e->host_len = 0;
+    e->error = 0;
+    e->method_len = 0;
+    e->db_system = 0;
+    __builtin_memset(e->_pad, 0, sizeof(e->_pad));
+    __builtin_memset(e->method, 0, sizeof(e->method));
+    __builtin_memset(e->host, 0, sizeof(e->host));
+    __builtin_memset(e->text, 0, sizeof(e->text));
+    if (site->flags & SITE_FLAG_CLIENT_HTTP) {
+        /* do returns (*Response in RAX, error in RBX/RCX). */
+        e->client = CLIENT_HTTP;
+        u64 req = start->request;
+        if (layout->request_method >= 0) {
+            u32 n = read_go_string(req + layout->request_method, e->method, HTTP_METHOD_MAX);
+            e->method_len = n > 255 ? 255 : n;
+        }
+        u64 url = 0;
+        if (layout->request_url >= 0 &&
+            bpf_probe_read_user(&url, sizeof(url), (void *)(req + layout->request_url)) == 0 &&
+            url != 0) {
+            if (site->field_a >= 0) {
+                u32 n = read_go_string(url + site->field_a, e->host, CLIENT_HOST_MAX);
+                e->host_len = n > 65535 ? 65535 : n;
+            }
+            if (layout->url_path >= 0)
+                e->text_len = read_go_string(url + layout->url_path, e->text, CLIENT_TEXT_MAX);
+        }
+        if (ctx->bx != 0) {
+            e->error = 1;
+        } else if (ctx->ax != 0 && site->field_b >= 0) {
+            s64 code = 0;
+            if (bpf_probe_read_user(&code, sizeof(code), (void *)(ctx->ax + site->field_b)) == 0)
+                e->status = (s32)code;
+            else
+                count(COUNTER_READ_FAILED);
+        }
+    } else if (site->flags & SITE_FLAG_CLIENT_GRPC) {
+        /* invoke returns an error (RAX type, RBX data): nil is OK, else a *status.Error
+         * whose proto status holds the code. */
+        e->client = CLIENT_GRPC;
+        e->text_len = start->response > 0xffffffff ? 0xffffffff : (u32)start->response;
+        read_user_text(start->request, start->response, e->text, CLIENT_TEXT_MAX);
+        if (ctx->ax == 0) {
+            e->status = 0;
+        } else {
+            e->error = 1;
+            u64 proto = 0;
+            s32 code = -1;
+            if (site->field_a >= 0 && site->field_b >= 0 &&
+                bpf_probe_read_user(&proto, sizeof(proto), (void *)(ctx->bx + site->field_a)) == 0 &&
+                proto != 0 &&
+                bpf_probe_read_user(&code, sizeof(code), (void *)(proto + site->field_b)) == 0)
+                e->status = code;
+            else
+                count(COUNTER_READ_FAILED);
+        }
+    } else {
+        /* QueryContext returns (*Rows, error): the error's type word in RBX; ExecContext
+         * (Result, error): in RCX. */
+        e->client = CLIENT_SQL;
+        e->db_system = (u8)site->field_b;
+        e->text_len = start->response > 0xffffffff ? 0xffffffff : (u32)start->response;
+        read_user_text(start->request, start->response, e->text, CLIENT_TEXT_MAX);
+        e->error = (site->field_a == 2 ? ctx->cx : ctx->bx) != 0;
+    }
+}
+
+static __always_inline void emit_client(struct pt_regs *ctx, u32 tgid, struct site *site,
+                                        s64 goid, struct call_start *start,
+                                        struct process_layout *layout)
+{
+#ifdef USE_PERF_BUFFER
+    u32 zero = 0;
+    struct client_span_event *e = client_scratch.lookup(&zero);
+    if (!e)
+        return;
+    fill_span(&e->span, EVENT_KIND_CLIENT_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_client(ctx, e, layout, site, start);
+    if (client_events.perf_submit(ctx, e, sizeof(*e)) != 0)
+        count(COUNTER_RING_FULL);
+    else
+        count(COUNTER_EMITTED);
+#else
+    struct client_span_event *e = client_events.ringbuf_reserve(sizeof(struct client_span_event));
+    if (!e) {
+        count(COUNTER_RING_FULL);
+        return;
+    }
+    fill_span(&e->span, EVENT_KIND_CLIENT_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_client(ctx, e, layout, site, start);
+    client_events.ringbuf_submit(e, wakeup_flag(3));
+    count(COUNTER_EMITTED);
+#endif
+}
+
 /* Entry of a probed function (Go: after its stack-growth check, so a stack copy that
  * restarts the function does not enter it twice). */
 int span_entry(struct pt_regs *ctx)
@@ -332,6 +452,19 @@ int span_entry(struct pt_regs *ctx)
          * RBX and RCX, stream in RDI. */
         start.flags = CALL_GRPC;
         start.request = ctx->di + site->field_a;
+    } else if (site->flags & SITE_FLAG_CLIENT_HTTP) {
+        /* (*Client).do(c, req *Request): req in RBX, read when do returns (the client
+         * does not change the caller's request). */
+        start.request = ctx->bx;
+    } else if (site->flags & SITE_FLAG_CLIENT_GRPC) {
+        /* invoke(ctx context.Context, method string, ...): method in RCX (data), RDI. */
+        start.request = ctx->cx;
+        start.response = ctx->di;
+    } else if (site->flags & SITE_FLAG_CLIENT_SQL) {
+        /* QueryContext/ExecContext(x, ctx context.Context, query string, args ...any):
+         * query in RDI (data), RSI. */
+        start.request = ctx->di;
+        start.response = ctx->si;
     }
     if (calls_in_flight.update(&key, &start) != 0)
         count(COUNTER_TABLE_FULL);
@@ -361,6 +494,11 @@ int span_return(struct pt_regs *ctx)
         if (!(site->flags & SITE_FLAG_HTTP_FINISH) &&
             !((site->flags & SITE_FLAG_HTTP) && layout->h2_server))
             count(COUNTER_NO_ENTRY);
+        return 0;
+    }
+    if (site->flags & SITE_FLAG_CLIENT) {
+        emit_client(ctx, tgid, site, key.id, start, layout);
+        calls_in_flight.delete(&key);
         return 0;
     }
     if (site->flags & SITE_FLAG_HTTP_FINISH) {

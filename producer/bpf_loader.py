@@ -20,7 +20,12 @@ import numpy as np
 from ebpf_apm import bpf as bpf_sources
 from ebpf_apm.producer.bpf_run_stats import RunStats, RunTimeStats, program_run_stats
 from ebpf_apm.producer.errors import KernelSupportError, PrivilegeError, TargetError
-from ebpf_apm.producer.event_layout import HTTP_SPAN_EVENT, NET_EVENT, SPAN_EVENT
+from ebpf_apm.producer.event_layout import (
+    CLIENT_SPAN_EVENT,
+    HTTP_SPAN_EVENT,
+    NET_EVENT,
+    SPAN_EVENT,
+)
 from ebpf_apm.producer.map_layout import (
     COUNTERS,
     PROBE_HITS,
@@ -51,6 +56,7 @@ class ProbeOptions:
 
     span_ring_pages: int = 1024
     http_ring_pages: int = 256
+    client_ring_pages: int = 256  # outgoing calls (HTTP, gRPC, SQL clients)
     net_ring_pages: int = 1024
     net_hooks: str = "auto"  # NET_HOOKS; "auto" picks kprobes when the kernel has them
     wakeup_every: int = 256
@@ -63,6 +69,7 @@ class ProbeOptions:
             f"-I{BPF_DIR}",
             f"-DSPAN_RING_PAGES={self.span_ring_pages}",
             f"-DHTTP_RING_PAGES={self.http_ring_pages}",
+            f"-DCLIENT_RING_PAGES={self.client_ring_pages}",
             f"-DNET_RING_PAGES={self.net_ring_pages}",
             f"-DWAKEUP_EVERY={self.wakeup_every}",
             f"-DMAX_CALLS_IN_FLIGHT={self.max_calls_in_flight}",
@@ -166,10 +173,14 @@ class AgentProbes:
         self._layouts = self._bpf[b"process_layouts"]
         self.span_reader: Reader
         self.http_reader: Reader
+        self.client_reader: Reader
         self.net_reader: Reader | None = None
         if self.options.use_perf_buffer:
             self.span_reader = PerfBufferReader(self._bpf, "span_events", SPAN_EVENT, 256)
             self.http_reader = PerfBufferReader(self._bpf, "http_events", HTTP_SPAN_EVENT, 64)
+            self.client_reader = PerfBufferReader(
+                self._bpf, "client_events", CLIENT_SPAN_EVENT, 64
+            )
             if self.net_enabled:
                 self.net_reader = PerfBufferReader(self._bpf, "net_events", NET_EVENT, 256)
         else:
@@ -178,6 +189,11 @@ class AgentProbes:
             )
             self.http_reader = RingBufReader(
                 self._bpf[b"http_events"].map_fd, self.options.http_ring_pages, HTTP_SPAN_EVENT
+            )
+            self.client_reader = RingBufReader(
+                self._bpf[b"client_events"].map_fd,
+                self.options.client_ring_pages,
+                CLIENT_SPAN_EVENT,
             )
             if self.net_enabled:
                 self.net_reader = RingBufReader(
@@ -193,7 +209,8 @@ class AgentProbes:
         """File descriptors that turn readable when the kernel forces a reader wakeup."""
         if self.options.use_perf_buffer:
             return []
-        rings = [b"span_events", b"http_events"] + ([b"net_events"] if self.net_enabled else [])
+        rings = [b"span_events", b"http_events", b"client_events"]
+        rings += [b"net_events"] if self.net_enabled else []
         return [self._bpf[ring].map_fd for ring in rings]
 
     @property

@@ -56,7 +56,7 @@ HTTP_SERVER_FUNCTION = "net/http.(*conn).serve"
 WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "runtime.g": ("goid",),
     "net/http.Request": ("Method", "URL"),
-    "net/url.URL": ("Path",),
+    "net/url.URL": ("Path", "Host"),
     "net/http.response": ("status",),
     # HTTP/2 and gRPC servers (producer/server_probes.py): present only when linked in.
     "net/http.http2responseWriter": ("rws",),
@@ -69,6 +69,9 @@ WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "google.golang.org/grpc/internal/transport.Stream": ("method",),
     "google.golang.org/grpc/internal/status.Status": ("s",),
     "google.golang.org/genproto/googleapis/rpc/status.Status": ("Code",),
+    # Clients (producer/client_probes.py)
+    "net/http.Response": ("StatusCode",),
+    "google.golang.org/grpc/internal/status.Error": ("e",),
 }
 #: Bigger member offsets than this in those structs are damaged DWARF (runtime.g is < 1 KB).
 MAX_MEMBER_OFFSET = 1 << 16

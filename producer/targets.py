@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ebpf_apm.producer.binary_guard import BinaryLimits, parsing
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProcessLayout
+from ebpf_apm.producer.client_probes import client_probes
 from ebpf_apm.producer.elf_symbols import SymbolTable
 from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
 from ebpf_apm.producer.go_binary import go_layout
@@ -166,10 +167,12 @@ def _plan_binary(
         layout = ProcessLayout(is_go=False)
     serves_http = go and HTTP_SERVER_SYMBOL in table
     servers = server_probes(table, go_layout(binary)) if go and http else []
-    if not symbols and not (http and (serves_http or servers)):
+    clients = client_probes(table, go_layout(binary)) if go and http else []
+    if not symbols and not (http and (serves_http or servers or clients)):
         raise TargetError(
-            f"{exe} is not a Go net/http or gRPC server, so there is nothing to trace "
-            "automatically; name functions with --func SYMBOL"
+            f"{exe} is not a Go net/http or gRPC server nor an HTTP, gRPC or database/sql "
+            "client, so there is nothing to trace automatically; name functions with "
+            "--func SYMBOL"
             if http
             else f"{exe}: nothing to trace: HTTP tracing is off and no --func was given"
         )
@@ -206,6 +209,19 @@ def _plan_binary(
         )
     if any(server.flags & SITE_FLAG_H2 for server in servers):
         layout = replace(layout, h2_server=True)
+    for client in clients:
+        functions += (
+            FunctionTarget(
+                names.id_of(client.symbol),
+                plan_function(binary, table, client.symbol, go),
+                False,
+                server_flags=client.flags,
+                fields=client.fields,
+            ),
+        )
+        # A client-only binary's table layout has no request offsets (no HTTP server).
+        unknown = {name: value for name, value in client.layout if getattr(layout, name) < 0}
+        layout = replace(layout, **unknown)
     return BinaryPlan(exe=exe, layout=layout, go_version=version, functions=functions)
 
 

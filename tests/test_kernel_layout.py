@@ -38,6 +38,10 @@ CONTRACTS: dict[str, tuple[Structs, dict[str, int]]] = {
                 event_layout.C_FIELDS["http_span_event"],
             ),
             "net_event": (event_layout.NET_EVENT, event_layout.C_FIELDS["net_event"]),
+            "client_span_event": (
+                event_layout.CLIENT_SPAN_EVENT,
+                event_layout.C_FIELDS["client_span_event"],
+            ),
         },
         {
             "EVENT_KIND_SPAN": event_layout.EVENT_KIND_SPAN,
@@ -52,6 +56,16 @@ CONTRACTS: dict[str, tuple[Structs, dict[str, int]]] = {
             "PROTO_HTTP2": event_layout.PROTO_HTTP2,
             "PROTO_GRPC": event_layout.PROTO_GRPC,
             "STATUS_UNKNOWN": event_layout.STATUS_UNKNOWN,
+            "EVENT_KIND_CLIENT_SPAN": event_layout.EVENT_KIND_CLIENT_SPAN,
+            "CLIENT_HTTP": event_layout.CLIENT_HTTP,
+            "CLIENT_GRPC": event_layout.CLIENT_GRPC,
+            "CLIENT_SQL": event_layout.CLIENT_SQL,
+            "CLIENT_HOST_MAX": event_layout.CLIENT_HOST_MAX,
+            "CLIENT_TEXT_MAX": event_layout.CLIENT_TEXT_MAX,
+            "DB_SYSTEM_POSTGRESQL": event_layout.DB_SYSTEMS.index("postgresql"),
+            "DB_SYSTEM_MYSQL": event_layout.DB_SYSTEMS.index("mysql"),
+            "DB_SYSTEM_SQLITE": event_layout.DB_SYSTEMS.index("sqlite"),
+            "DB_SYSTEM_MSSQL": event_layout.DB_SYSTEMS.index("mssql"),
         },
     ),
     "probe_maps.h": (
