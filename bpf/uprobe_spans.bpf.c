@@ -323,7 +323,11 @@ static __always_inline void fill_client(struct pt_regs *ctx, struct client_span_
         e->db_system = (u8)site->field_b;
         e->text_len = start->response > 0xffffffff ? 0xffffffff : (u32)start->response;
         read_user_text(start->request, start->response, e->text, CLIENT_TEXT_MAX);
-        e->error = (site->field_a == 2 ? ctx->cx : ctx->bx) != 0;
+        /* Both registers read before choosing (the empty asm keeps the compiler from
+         * turning the choice into a computed context offset, which the verifier refuses). */
+        u64 rbx = ctx->bx, rcx = ctx->cx;
+        asm volatile("" : "+r"(rbx), "+r"(rcx));
+        e->error = site->field_a == 2 ? rcx != 0 : rbx != 0;
     }
 }
 

@@ -17,14 +17,27 @@ from typing import Any
 
 import numpy as np
 
-from ebpf_apm.producer.event_layout import HTTP_PATH_MAX, PROTO_GRPC
+from ebpf_apm.producer.event_layout import (
+    CLIENT_GRPC,
+    CLIENT_HOST_MAX,
+    CLIENT_HTTP,
+    CLIENT_SQL,
+    CLIENT_TEXT_MAX,
+    DB_SYSTEMS,
+    HTTP_PATH_MAX,
+    PROTO_GRPC,
+)
 from ebpf_apm.producer.path_redaction import PathRedactor
+from ebpf_apm.producer.sql_sanitizer import sanitize, sql_operation
 from ebpf_apm.schemas.event_batch import (
     RPC_STATUS_MAX,
     RPC_STATUS_UNKNOWN,
     SPAN_KIND,
+    SPAN_KIND_CLIENT,
     SPAN_KIND_INTERNAL,
     SPAN_KIND_SERVER,
+    ClientColumns,
+    DbColumns,
     HttpColumns,
     NetBatch,
     RpcColumns,
@@ -163,10 +176,28 @@ class ProcessBatcher:
         raise NotImplementedError
 
 
-class SpanBatcher(ProcessBatcher):
-    """Function spans and server spans (HTTP, gRPC) -> `apm.uprobe.events` batches."""
+#: Client records are published in one message per kind of call, so that no message has
+#: more parts than a reader accepts (schemas/event_batch.py MAX_CONTAINERS).
+CLIENT_TAGS = {CLIENT_HTTP: "client_http", CLIENT_GRPC: "client_grpc", CLIENT_SQL: "client_sql"}
 
-    RINGS = ("span", "http")
+
+class SpanBatcher(ProcessBatcher):
+    """Function spans, server spans (HTTP, gRPC) and client spans (HTTP, gRPC, SQL) ->
+    `apm.uprobe.events` batches.
+
+    `add` takes the span, http and client rings' records; the client records are split by
+    kind (CLIENT_TAGS), each kind its own messages."""
+
+    RINGS = ("span", "http", *CLIENT_TAGS.values())
+
+    def add(self, drained: Sequence[np.ndarray], now_ns: int) -> list[OutgoingBatch]:
+        if len(drained) == 3:  # span, http, client
+            client = drained[2]
+            kinds = client["client"] if len(client) else None
+            split = [client[kinds == kind] if kinds is not None else client
+                     for kind in CLIENT_TAGS]  # fmt: skip
+            drained = [drained[0], drained[1], *split]
+        return super().add(drained, now_ns)
 
     def __init__(
         self,
@@ -186,10 +217,18 @@ class SpanBatcher(ProcessBatcher):
     def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
         if tag == "http":
             return self._encode(pid, None, records)
+        if tag in CLIENT_TAGS.values():
+            return self._encode(pid, None, None, records)
         return self._encode(pid, records, None)
 
-    def _encode(self, pid: int, spans: np.ndarray | None, http: np.ndarray | None) -> bytes:
-        records = spans if spans is not None else http
+    def _encode(
+        self,
+        pid: int,
+        spans: np.ndarray | None,
+        http: np.ndarray | None,
+        client: np.ndarray | None = None,
+    ) -> bytes:
+        records = spans if spans is not None else http if http is not None else client
         assert records is not None
         n = len(records)
         func_ids, local_func = np.unique(records["func_id"], return_inverse=True)
@@ -244,6 +283,10 @@ class SpanBatcher(ProcessBatcher):
                         np.uint8
                     ),
                 )
+        client_columns = db_columns = None
+        if client is not None:
+            kinds[:] = SPAN_KIND_CLIENT
+            http_columns, rpc_columns, client_columns, db_columns = self._client_parts(client)
         info = self.process_info.get(pid, ProcessInfo(exe=""))
         batch = SpanBatch(
             node=self.node,
@@ -255,8 +298,61 @@ class SpanBatcher(ProcessBatcher):
             k8s=info.k8s,
             rpc=rpc_columns,
             span_kind=kinds,
+            client=client_columns,
+            db=db_columns,
         )
         return encode_span_batch(batch)
+
+    def _client_parts(
+        self, client: np.ndarray
+    ) -> tuple[HttpColumns | None, RpcColumns | None, ClientColumns, DbColumns | None]:
+        """The parts of one kind of client records (all HTTP, all gRPC or all SQL)."""
+        n = len(client)
+        rows = np.arange(n, dtype=np.uint32)
+        error = client["error"].astype(np.uint8)
+        text = [
+            _decode_text(t, min(int(n_), CLIENT_TEXT_MAX))
+            for t, n_ in zip(client["text"], client["text_len"], strict=True)
+        ]
+        kind = int(client["client"][0]) if n else CLIENT_HTTP
+        http = rpc = db = None
+        host = [""] * n
+        if kind == CLIENT_HTTP:
+            host = [
+                _decode_text(h, min(int(n_), CLIENT_HOST_MAX))
+                for h, n_ in zip(client["host"], client["host_len"], strict=True)
+            ]
+            status = client["status"]
+            http = HttpColumns(
+                rows=rows,
+                method=[
+                    _decode_text(m, int(n_))
+                    for m, n_ in zip(client["method"], client["method_len"], strict=True)
+                ],
+                path=[self.redactor.redact(p) for p in text],
+                # a transport error (or a status outside HTTP's range) is 0
+                status=np.where((status >= 100) & (status <= 599) & (error == 0), status, 0)
+                .astype(np.uint16),
+            )  # fmt: skip
+        elif kind == CLIENT_GRPC:
+            codes = client["status"]
+            known = (codes >= 0) & (codes <= RPC_STATUS_MAX)
+            rpc = RpcColumns(
+                rows=rows,
+                method=text,
+                status=np.where(known, codes, RPC_STATUS_UNKNOWN).astype(np.uint8),
+            )
+        else:
+            systems = [DB_SYSTEMS[s] if s < len(DB_SYSTEMS) else "" for s in client["db_system"]]
+            # Literals never leave the node: sanitized here, before the batch is encoded.
+            statements = [sanitize(t, system) for t, system in zip(text, systems, strict=True)]
+            db = DbColumns(
+                rows=rows,
+                system=systems,
+                operation=[sql_operation(s) for s in statements],
+                statement=statements,
+            )
+        return http, rpc, ClientColumns(rows=rows, host=host, error=error), db
 
 
 class NetBatcher(ProcessBatcher):

@@ -220,8 +220,14 @@ def _plan_binary(
             ),
         )
         # A client-only binary's table layout has no request offsets (no HTTP server).
-        unknown = {name: value for name, value in client.layout if getattr(layout, name) < 0}
-        layout = replace(layout, **unknown)
+        given = dict(client.layout)
+        if given:
+            layout = replace(
+                layout,
+                request_method=_known(layout.request_method, given["request_method"]),
+                request_url=_known(layout.request_url, given["request_url"]),
+                url_path=_known(layout.url_path, given["url_path"]),
+            )
     return BinaryPlan(exe=exe, layout=layout, go_version=version, functions=functions)
 
 
@@ -256,6 +262,10 @@ def resolve_target(
     except FileNotFoundError as exc:
         raise TargetError(f"process {pid} exited while its binary was read") from exc
     return bind_process(pid, plan, exe)
+
+
+def _known(offset: int, fallback: int) -> int:
+    return offset if offset >= 0 else fallback
 
 
 def attach_target(probes: AgentProbes, target: TargetProcess) -> None:

@@ -48,6 +48,8 @@ SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 0, 1, 2
 #: gRPC status codes are 0 (OK) to 16 (UNAUTHENTICATED); the batch says 255 for unknown.
 RPC_STATUS_MAX = 16
 RPC_STATUS_UNKNOWN = 255
+CLIENT_ROW = np.dtype("<u4")
+CLIENT_ERROR = np.dtype("u1")
 
 
 # What a reader accepts (schemas/uprobe_events.md lists them with the reasons).
@@ -57,8 +59,10 @@ MAX_NAME_LEN = 4096  # node, exe, function names, k8s values (characters)
 MAX_STRING_BYTES = 8192  # any string, e.g. an HTTP method or path (UTF-8 bytes)
 MAX_K8S_FIELDS = 16
 MAX_CONTAINERS = 10  # maps and lists in one message: the format has at most 9
+# (The agent sends each kind of client span in messages of their own so that this holds:
+# client HTTP spans carry http + client, gRPC rpc + client, SQL db + client.)
 # Items in all lists of a message: funcs, and http.method and http.path (one per span).
-MAX_LIST_ITEMS = MAX_FUNCS + 2 * MAX_BATCH_EVENTS
+MAX_LIST_ITEMS = MAX_FUNCS + 4 * MAX_BATCH_EVENTS  # SQL: db's 3 lists and client.host
 MAX_PID = (1 << 32) - 1
 # The join keeps a goroutine id in the low 48 bits of a key, above the 32-bit thread ids
 # (consumers/net_event_store.py).
@@ -103,6 +107,25 @@ class RpcColumns:
 
 
 @dataclass
+class ClientColumns:
+    """Fields every client span has (HTTP, gRPC, SQL): `rows` index the batch's spans."""
+
+    rows: np.ndarray
+    host: list[str]  # HTTP: the request URL's host as requested; "" for gRPC and SQL
+    error: np.ndarray  # 1: the call returned an error (HTTP: a transport error, status 0)
+
+
+@dataclass
+class DbColumns:
+    """database/sql statements: `rows` index the batch's spans."""
+
+    rows: np.ndarray
+    system: list[str]  # OpenTelemetry db.system ("postgresql"...), "" when not known
+    operation: list[str]  # SELECT, INSERT, ... (the statement's first word)
+    statement: list[str]  # sanitized by the agent: literals are ?, at most 256 bytes
+
+
+@dataclass
 class SpanBatch:
     node: str
     pid: int
@@ -116,6 +139,8 @@ class SpanBatch:
     # SPAN_KIND_* per span; None (an older writer): HTTP and gRPC rows are server spans,
     # the others internal (see span_kinds()).
     span_kind: np.ndarray | None = None
+    client: ClientColumns | None = None
+    db: DbColumns | None = None
 
     def span_kinds(self) -> np.ndarray:
         """The kind of every span, derived for batches that do not carry the column."""
@@ -170,6 +195,19 @@ def encode_span_batch(batch: SpanBatch) -> bytes:
             "row": np.ascontiguousarray(batch.rpc.rows, dtype=RPC_ROW).tobytes(),
             "method": batch.rpc.method,
             "status": np.ascontiguousarray(batch.rpc.status, dtype=RPC_STATUS).tobytes(),
+        }
+    if batch.client is not None and len(batch.client.rows):
+        message["client"] = {
+            "row": np.ascontiguousarray(batch.client.rows, dtype=CLIENT_ROW).tobytes(),
+            "host": batch.client.host,
+            "error": np.ascontiguousarray(batch.client.error, dtype=CLIENT_ERROR).tobytes(),
+        }
+    if batch.db is not None and len(batch.db.rows):
+        message["db"] = {
+            "row": np.ascontiguousarray(batch.db.rows, dtype=CLIENT_ROW).tobytes(),
+            "system": batch.db.system,
+            "operation": batch.db.operation,
+            "statement": batch.db.statement,
         }
     if batch.span_kind is not None:
         message["span_kind"] = np.ascontiguousarray(batch.span_kind, dtype=SPAN_KIND).tobytes()
@@ -307,9 +345,7 @@ def _rows(raw: Any, part: str, n: int) -> np.ndarray:
         raise BatchDecodeError(f"{part}.row: expected at most {n} x 4 bytes, got {_show(row)}")
     rows = np.frombuffer(row, dtype=HTTP_ROW)
     if len(rows) and (int(rows.max()) >= n or bool((np.diff(rows.astype(np.int64)) <= 0).any())):
-        raise BatchDecodeError(
-            f"{part}.row: rows must be increasing indexes of the batch's spans"
-        )
+        raise BatchDecodeError(f"{part}.row: rows must be increasing indexes of the batch's spans")
     return rows
 
 
@@ -333,6 +369,28 @@ def _span_kind(raw: Any, n: int) -> np.ndarray:
             f"span_kind: values are 0..{len(SPAN_KINDS) - 1} ({', '.join(SPAN_KINDS)})"
         )
     return kinds
+
+
+def _client(raw: Any, n: int) -> ClientColumns:
+    rows = _rows(raw, "client", n)
+    m = len(rows)
+    error = _column(raw.get("error"), CLIENT_ERROR, m, "client.error")
+    if len(error) and int(error.max()) > 1:
+        raise BatchDecodeError("client.error: values are 0 (no error) or 1 (error)")
+    return ClientColumns(rows=rows, host=_texts(raw.get("host"), "client.host", m), error=error)
+
+
+def _db(raw: Any, n: int, others: list[np.ndarray]) -> DbColumns:
+    rows = _rows(raw, "db", n)
+    m = len(rows)
+    if any(len(np.intersect1d(rows, other)) for other in others):
+        raise BatchDecodeError("db.row: a statement cannot be an HTTP request or gRPC call too")
+    return DbColumns(
+        rows=rows,
+        system=_texts(raw.get("system"), "db.system", m),
+        operation=_texts(raw.get("operation"), "db.operation", m),
+        statement=_texts(raw.get("statement"), "db.statement", m),
+    )
 
 
 def _http(raw: Any, columns: dict[str, np.ndarray]) -> HttpColumns:
@@ -384,6 +442,11 @@ def decode_span_batch(value: bytes) -> SpanBatch:
     http = _http(message["http"], columns) if message.get("http") is not None else None
     rpc = _rpc(message["rpc"], n, http) if message.get("rpc") is not None else None
     kinds = _span_kind(message["span_kind"], n) if message.get("span_kind") is not None else None
+    client = _client(message["client"], n) if message.get("client") is not None else None
+    others = [part.rows for part in (http, rpc) if part is not None]
+    db = _db(message["db"], n, others) if message.get("db") is not None else None
+    if (client is not None or db is not None) and kinds is None:
+        raise BatchDecodeError("client and db parts need the span_kind column")
     return SpanBatch(
         node=_text(message.get("node"), "node", MAX_NAME_LEN),
         pid=_int(message, "pid", 0, MAX_PID),
@@ -394,6 +457,8 @@ def decode_span_batch(value: bytes) -> SpanBatch:
         k8s=_k8s(message),
         rpc=rpc,
         span_kind=kinds,
+        client=client,
+        db=db,
     )
 
 
@@ -420,6 +485,12 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
     rpc_at: dict[int, int] = {}
     if batch.rpc is not None:
         rpc_at = {row: i for i, row in enumerate(batch.rpc.rows.tolist())}
+    client_at: dict[int, int] = {}
+    if batch.client is not None:
+        client_at = {row: i for i, row in enumerate(batch.client.rows.tolist())}
+    db_at: dict[int, int] = {}
+    if batch.db is not None:
+        db_at = {row: i for i, row in enumerate(batch.db.rows.tolist())}
     kinds = batch.span_kinds().tolist()
     k8s = batch.k8s or {}
     for i in range(len(batch)):
@@ -449,6 +520,16 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             event["rpc_method"] = batch.rpc.method[r]
             code = int(batch.rpc.status[r])
             event["rpc_status"] = None if code == RPC_STATUS_UNKNOWN else code
+        c = client_at.get(i)
+        if c is not None and batch.client is not None:
+            if j is not None:
+                event["http_host"] = batch.client.host[c]
+            event["error"] = bool(batch.client.error[c])
+        d = db_at.get(i)
+        if d is not None and batch.db is not None:
+            event["db_system"] = batch.db.system[d] or None
+            event["db_operation"] = batch.db.operation[d]
+            event["db_statement"] = batch.db.statement[d]
         for name in K8S_FIELDS:
             event[name] = k8s.get(name)
         yield event
