@@ -21,6 +21,7 @@ from ebpf_apm.producer.event_layout import (
     CLIENT_GRPC,
     CLIENT_HOST_MAX,
     CLIENT_HTTP,
+    CLIENT_SPAN_EVENT,
     CLIENT_SQL,
     CLIENT_TEXT_MAX,
     DB_SYSTEMS,
@@ -191,11 +192,10 @@ class SpanBatcher(ProcessBatcher):
     RINGS = ("span", "http", *CLIENT_TAGS.values())
 
     def add(self, drained: Sequence[np.ndarray], now_ns: int) -> list[OutgoingBatch]:
-        if len(drained) == 3:  # span, http, client
-            client = drained[2]
-            kinds = client["client"] if len(client) else None
-            split = [client[kinds == kind] if kinds is not None else client
-                     for kind in CLIENT_TAGS]  # fmt: skip
+        """Records of the span, http and client rings (the client ring may be left out)."""
+        if len(drained) in (2, 3):
+            client = drained[2] if len(drained) == 3 else np.empty(0, CLIENT_SPAN_EVENT)
+            split = [client[client["client"] == kind] for kind in CLIENT_TAGS]
             drained = [drained[0], drained[1], *split]
         return super().add(drained, now_ns)
 
@@ -316,7 +316,7 @@ class SpanBatcher(ProcessBatcher):
         ]
         kind = int(client["client"][0]) if n else CLIENT_HTTP
         http = rpc = db = None
-        host = [""] * n
+        host = None
         if kind == CLIENT_HTTP:
             host = [
                 _decode_text(h, min(int(n_), CLIENT_HOST_MAX))

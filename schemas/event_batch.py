@@ -61,8 +61,9 @@ MAX_K8S_FIELDS = 16
 MAX_CONTAINERS = 10  # maps and lists in one message: the format has at most 9
 # (The agent sends each kind of client span in messages of their own so that this holds:
 # client HTTP spans carry http + client, gRPC rpc + client, SQL db + client.)
-# Items in all lists of a message: funcs, and http.method and http.path (one per span).
-MAX_LIST_ITEMS = MAX_FUNCS + 4 * MAX_BATCH_EVENTS  # SQL: db's 3 lists and client.host
+# Items in all lists of a message: funcs, and at most 3 lists with one item per span
+# (client HTTP spans: http.method, http.path, client.host; SQL: db's 3 lists)
+MAX_LIST_ITEMS = MAX_FUNCS + 3 * MAX_BATCH_EVENTS
 MAX_PID = (1 << 32) - 1
 # The join keeps a goroutine id in the low 48 bits of a key, above the 32-bit thread ids
 # (consumers/net_event_store.py).
@@ -111,7 +112,7 @@ class ClientColumns:
     """Fields every client span has (HTTP, gRPC, SQL): `rows` index the batch's spans."""
 
     rows: np.ndarray
-    host: list[str]  # HTTP: the request URL's host as requested; "" for gRPC and SQL
+    host: list[str] | None  # HTTP: the request URL's host as requested; None for gRPC, SQL
     error: np.ndarray  # 1: the call returned an error (HTTP: a transport error, status 0)
 
 
@@ -199,9 +200,10 @@ def encode_span_batch(batch: SpanBatch) -> bytes:
     if batch.client is not None and len(batch.client.rows):
         message["client"] = {
             "row": np.ascontiguousarray(batch.client.rows, dtype=CLIENT_ROW).tobytes(),
-            "host": batch.client.host,
             "error": np.ascontiguousarray(batch.client.error, dtype=CLIENT_ERROR).tobytes(),
         }
+        if batch.client.host is not None:
+            message["client"]["host"] = batch.client.host
     if batch.db is not None and len(batch.db.rows):
         message["db"] = {
             "row": np.ascontiguousarray(batch.db.rows, dtype=CLIENT_ROW).tobytes(),
@@ -377,7 +379,12 @@ def _client(raw: Any, n: int) -> ClientColumns:
     error = _column(raw.get("error"), CLIENT_ERROR, m, "client.error")
     if len(error) and int(error.max()) > 1:
         raise BatchDecodeError("client.error: values are 0 (no error) or 1 (error)")
-    return ClientColumns(rows=rows, host=_texts(raw.get("host"), "client.host", m), error=error)
+    host = raw.get("host")
+    return ClientColumns(
+        rows=rows,
+        host=None if host is None else _texts(host, "client.host", m),
+        error=error,
+    )
 
 
 def _db(raw: Any, n: int, others: list[np.ndarray]) -> DbColumns:
@@ -522,7 +529,7 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             event["rpc_status"] = None if code == RPC_STATUS_UNKNOWN else code
         c = client_at.get(i)
         if c is not None and batch.client is not None:
-            if j is not None:
+            if j is not None and batch.client.host is not None:
                 event["http_host"] = batch.client.host[c]
             event["error"] = bool(batch.client.error[c])
         d = db_at.get(i)
