@@ -531,7 +531,7 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
         if c is not None and batch.client is not None:
             if j is not None and batch.client.host is not None:
                 event["http_host"] = batch.client.host[c]
-            event["error"] = bool(batch.client.error[c])
+            event["error"] = int(batch.client.error[c])  # 0 or 1, as in apm.spans
         d = db_at.get(i)
         if d is not None and batch.db is not None:
             event["db_system"] = batch.db.system[d] or None
