@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from test_span_avro import check_against_fastavro, joined
 from test_span_batcher import http_records, make_batcher, spans
 
+from ebpf_apm.consumers.otlp_spans import to_span
+from ebpf_apm.consumers.span_avro import SPAN_CODEC as SPAN
 from ebpf_apm.consumers.span_avro import encode_spans
 from ebpf_apm.producer.event_layout import (
     CLIENT_GRPC,
@@ -102,3 +106,31 @@ def _containers(value: object) -> int:
     if isinstance(value, list):
         return 1 + sum(_containers(v) for v in value)
     return 0
+
+
+def test_client_spans_map_to_otlp_client_spans() -> None:
+    batcher = make_batcher()
+    batcher.add([spans([]), http_records(11, [], []), client_records(11, CALLS)], 0)
+    batches = [decode_span_batch(m.value) for m in batcher.flush_all()]
+    parts = [joined(b, list(range(len(b))), [(1, 2, 3, 4)] * len(b)) for b in batches]
+    records = [SPAN.decode(v) for v in encode_spans(parts).values]
+    out = [to_span(r) for r in records]
+    assert {s.kind for s in out} == {Span.SPAN_KIND_CLIENT}
+    attrs = [{a.key: _value(a.value) for a in s.attributes} for s in out]
+    ok_http, refused, rpc_error, rpc_ok, select, insert = range(6)
+    assert attrs[ok_http]["server.address"] == "api" and attrs[ok_http]["server.port"] == 8080
+    assert attrs[ok_http]["http.response.status_code"] == 404
+    assert out[ok_http].status.code == Status.STATUS_CODE_ERROR  # a client's 4xx is an error
+    assert out[refused].status.code == Status.STATUS_CODE_ERROR
+    assert attrs[refused]["error.type"] == "transport"
+    assert attrs[rpc_error]["rpc.grpc.status_code"] == 5
+    assert out[rpc_error].status.code == Status.STATUS_CODE_ERROR
+    assert out[rpc_ok].status.code == Status.STATUS_CODE_UNSET
+    assert attrs[select]["db.system.name"] == "postgresql"
+    assert attrs[select]["db.query.text"] == "SELECT * FROM t WHERE name = ? AND id = ?"
+    assert out[select].name == "SELECT" and out[insert].name == "INSERT"
+    assert "db.system.name" not in attrs[insert]
+
+
+def _value(value: AnyValue) -> object:
+    return getattr(value, value.WhichOneof("value") or "string_value")
