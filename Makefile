@@ -23,6 +23,7 @@ bench: setup
 	$(PY) benchmarks/probe_overhead.py
 	$(PY) benchmarks/probe_cost_accuracy.py
 	$(PY) benchmarks/metrics_scrape_cost.py
+	$(PY) benchmarks/server_probe_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,14 @@
 #define EVENT_KIND_SPAN 1
 #define EVENT_KIND_HTTP_SPAN 2
 #define EVENT_KIND_NET 3
+#define EVENT_KIND_CLIENT_SPAN 4
+
+/* http_span_event.protocol: which server made the span */
+#define PROTO_HTTP 0         /* net/http's serverHandler, protocol not told (no HTTP/2 probe) */
+#define PROTO_HTTP1 1
+#define PROTO_HTTP2 2        /* net/http's bundled h2 server or golang.org/x/net/http2 */
+#define PROTO_GRPC 3         /* google.golang.org/grpc: path is the full method, status the code */
+#define STATUS_UNKNOWN 0xffff
 
 #define NET_SEND 0
 #define NET_RECV 1
@@ -21,6 +29,19 @@
 #ifndef HTTP_PATH_MAX
 #define HTTP_PATH_MAX 128
 #endif
+
+/* client_span_event.client: which kind of outgoing call */
+#define CLIENT_HTTP 1        /* net/http.(*Client).do */
+#define CLIENT_GRPC 2        /* google.golang.org/grpc.invoke (unary) */
+#define CLIENT_SQL 3         /* database/sql Query/Exec(Context) of DB, Tx, Conn */
+/* client_span_event.db_system: the SQL driver linked into the binary */
+#define DB_SYSTEM_UNKNOWN 0
+#define DB_SYSTEM_POSTGRESQL 1
+#define DB_SYSTEM_MYSQL 2
+#define DB_SYSTEM_SQLITE 3
+#define DB_SYSTEM_MSSQL 4
+#define CLIENT_HOST_MAX 64
+#define CLIENT_TEXT_MAX 256
 
 struct event_header {
     __u16 kind;          /* EVENT_KIND_* */
@@ -40,13 +61,16 @@ struct span_event {
     __u32 _pad;
 };
 
-/* One request served by Go's net/http.serverHandler.ServeHTTP. */
+/* One request a Go server served: HTTP/1 or HTTP/2 (net/http, x/net/http2) or a gRPC call
+ * (then method is empty, path the full method /package.Service/Method, status the code). */
 struct http_span_event {
     struct span_event span;
-    __u16 status;        /* 0 when the handler wrote nothing: net/http then sends 200 */
+    __u16 status;        /* 0 when the handler wrote nothing: net/http then sends 200;
+                          * STATUS_UNKNOWN when it could not be read */
     __u16 path_len;      /* length of URL.Path before truncation to HTTP_PATH_MAX */
     __u8 method_len;
-    __u8 _pad[3];
+    __u8 protocol;       /* PROTO_* */
+    __u8 _pad[2];
     char method[HTTP_METHOD_MAX];
     char path[HTTP_PATH_MAX];
     __u64 flushed_ns;    /* HTTP/1: when net/http had written the response (after the span's
@@ -66,6 +90,25 @@ struct net_event {
     __u16 _pad[3];
     __u8 saddr[16];      /* local address; IPv4 in the first 4 bytes */
     __u8 daddr[16];      /* remote address */
+};
+
+/* One outgoing call a Go program made: an HTTP request (net/http client), a unary gRPC call
+ * or a database/sql statement. hdr.ts_ns is when the call returned to its caller. */
+struct client_span_event {
+    struct span_event span;
+    __s32 status;        /* HTTP status or gRPC code; -1 when there is none (error, SQL) */
+    __u32 text_len;      /* length of the text before truncation to CLIENT_TEXT_MAX */
+    __u16 host_len;      /* length of the host before truncation to CLIENT_HOST_MAX */
+    __u8 client;         /* CLIENT_* */
+    __u8 error;          /* 1: the call returned a non-nil error (HTTP: a transport error) */
+    __u8 method_len;
+    __u8 db_system;      /* DB_SYSTEM_* (SQL) */
+    __u8 _pad[2];
+    char method[HTTP_METHOD_MAX];  /* HTTP method */
+    char host[CLIENT_HOST_MAX];    /* HTTP: the request URL's host, as requested */
+    char text[CLIENT_TEXT_MAX];    /* HTTP: URL path (no query); gRPC: full method;
+                                    * SQL: the statement as the program passed it (the
+                                    * agent sanitizes it before it leaves the node) */
 };
 
 #endif

@@ -24,10 +24,39 @@
 /* site.flags */
 #define SITE_FLAG_HTTP 1
 #define SITE_FLAG_HTTP_FINISH 2   /* a RET of net/http.(*response).finishRequest */
+/* (*serverConn).runHandler(sc, rw *responseWriter, req, handler) of net/http's h2 server
+ * (bundled, or net/http/internal/http2 from Go 1.27) or golang.org/x/net/http2: one HTTP/2
+ * stream. field_a: responseWriter.rws, field_b: responseWriterState.status, field_c and
+ * field_d: the request's Method and URL (an *http.Request, or Go 1.27's *ServerRequest). */
+#define SITE_FLAG_H2 4
+/* grpc.(*Server).handleStream(s, t ServerTransport, stream *transport.Stream, trInfo): one
+ * gRPC call. field_a: transport.Stream.method. */
+#define SITE_FLAG_GRPC 8
+/* Entry of transport.(*http2Server).WriteStatus(t, s *Stream, st *status.Status), on the
+ * goroutine of the handleStream call `func_id`: the call's status code. field_a:
+ * internal/status.Status.s, field_b: (genproto) status.Status.Code. */
+#define SITE_FLAG_GRPC_STATUS 16
+/* Client calls (producer/client_probes.py); span records go to `client_events`.
+ * net/http.(*Client).do(c, req *Request) (*Response, error): one span per request the
+ * program made (redirects followed inside). field_a: url.URL.Host, field_b:
+ * Response.StatusCode. */
+#define SITE_FLAG_CLIENT_HTTP 32
+/* google.golang.org/grpc.invoke(ctx, method string, req, reply, cc, opts...) error: one unary
+ * call (under any interceptors). field_a: internal/status.Error.e, field_b: (genproto)
+ * status.Status.Code. */
+#define SITE_FLAG_CLIENT_GRPC 64
+/* database/sql.(*DB|*Tx|*Conn).QueryContext and ExecContext(x, ctx, query string, args...):
+ * one statement. field_a: the register of the returned error's type word (1: RBX for
+ * (*Rows, error), 2: RCX for (Result, error)), field_b: DB_SYSTEM_* of the binary. */
+#define SITE_FLAG_CLIENT_SQL 128
+#define SITE_FLAG_CLIENT (SITE_FLAG_CLIENT_HTTP | SITE_FLAG_CLIENT_GRPC | SITE_FLAG_CLIENT_SQL)
 
 /* call_start.flags */
 #define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
 #define CALL_HANDLER_RETURNED 2   /* ServeHTTP returned; the span ends at finishRequest */
+#define CALL_HTTP1 4              /* served by net/http's HTTP/1 server */
+#define CALL_HTTP2 8              /* an HTTP/2 stream (runHandler) */
+#define CALL_GRPC 16              /* a gRPC call (handleStream) */
 
 #define MAX_THREAD_DEPTH 8
 
@@ -42,6 +71,10 @@ struct site {
     __u32 func_id;       /* the agent's id of the function (span records carry it) */
     __u16 role;          /* SITE_ENTRY or SITE_RETURN */
     __u16 flags;         /* SITE_FLAG_* */
+    __s32 field_a;       /* offsets of the fields this site reads (see SITE_FLAG_*), -1 none */
+    __s32 field_b;
+    __s32 field_c;
+    __s32 field_d;
 };
 
 /* process_layouts: field offsets of the Go runtime and net/http for one process
@@ -54,6 +87,8 @@ struct process_layout {
     __s32 response_status;
     __u32 is_go;
     __u32 http_finish;   /* finishRequest is probed: HTTP/1 spans end when it returns */
+    __u32 h2_server;     /* runHandler is probed: serverHandler.ServeHTTP leaves HTTP/2
+                          * requests to it (one span per stream) */
 };
 
 /* calls_in_flight: one entered, not yet returned call. */
@@ -65,11 +100,15 @@ struct call_key {
 
 struct call_start {
     __u64 start_ns;
-    __u64 request;       /* *net/http.Request, HTTP only */
-    __u64 response;      /* *net/http.response, HTTP only */
+    __u64 request;       /* *net/http.Request (HTTP); address of the method string (gRPC);
+                          * client gRPC and SQL: the method's or statement's bytes */
+    __u64 response;      /* address of the response's status int (HTTP), 0 unknown;
+                          * client gRPC and SQL: the length of the string at `request` */
     __u32 tid;
     __u32 flags;         /* CALL_* */
     __u64 handler_end_ns; /* HTTP/1: when ServeHTTP returned (the span's end) */
+    __s32 rpc_status;    /* gRPC: the code WriteStatus sent, -1 until then */
+    __u32 _pad;
 };
 
 /* thread_stacks: non-Go calls on one thread, innermost last (uretprobes fire in LIFO

@@ -6,6 +6,9 @@
  * through `span_uretprobe`. Which function a hit belongs to is looked up by instruction
  * address in `probe_sites`, which the agent fills per process.
  *
+ * Server spans (HTTP/1, HTTP/2, gRPC) go to `http_events`, one record type for all: the
+ * site's flags say which server function it is (probe_maps.h).
+ *
  * Go calls are keyed by goroutine (the g pointer is in R14 under Go's register ABI), because
  * a goroutine that blocks may resume on another thread. Non-Go calls are keyed by thread.
  *
@@ -13,7 +16,8 @@
  * The maps' key and value structs and the counter and site constants are in probe_maps.h,
  * which the agent mirrors (producer/map_layout.py) and a compiled test checks.
  * Options come in as -D defines from producer/bpf_loader.py:
- *   SPAN_RING_PAGES, HTTP_RING_PAGES  ring buffer sizes in pages (powers of two)
+ *   SPAN_RING_PAGES, HTTP_RING_PAGES, CLIENT_RING_PAGES
+ *                                     ring buffer sizes in pages (powers of two)
  *   WAKEUP_EVERY                      records per CPU between forced wakeups of the reader
  *   MAX_CALLS_IN_FLIGHT               in-flight calls tracked at once, all processes
  *   USE_PERF_BUFFER                   perf buffer instead of the ring buffer (kernels < 5.8)
@@ -30,6 +34,9 @@
 #ifndef HTTP_RING_PAGES
 #define HTTP_RING_PAGES 256
 #endif
+#ifndef CLIENT_RING_PAGES
+#define CLIENT_RING_PAGES 256
+#endif
 #ifndef WAKEUP_EVERY
 #define WAKEUP_EVERY 256
 #endif
@@ -45,13 +52,16 @@ BPF_HASH(calls_in_flight, struct call_key, struct call_start, MAX_CALLS_IN_FLIGH
 BPF_HASH(thread_stacks, struct thread_key, struct thread_calls, MAX_CALLS_IN_FLIGHT);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
 BPF_PERCPU_HASH(probe_hits, u32, struct probe_hits, MAX_PROCESSES);
-BPF_PERCPU_ARRAY(unwoken, u64, 3); /* spans, http, net */
+BPF_PERCPU_ARRAY(unwoken, u64, 4); /* spans, http, net, client */
 
 #ifdef USE_PERF_BUFFER
 BPF_PERF_OUTPUT(span_events);
 BPF_PERF_OUTPUT(http_events);
 BPF_PERCPU_ARRAY(http_scratch, struct http_span_event, 1); /* too big for the BPF stack */
+BPF_PERF_OUTPUT(client_events);
+BPF_PERCPU_ARRAY(client_scratch, struct client_span_event, 1);
 #else
+BPF_RINGBUF_OUTPUT(client_events, CLIENT_RING_PAGES);
 BPF_RINGBUF_OUTPUT(span_events, SPAN_RING_PAGES);
 BPF_RINGBUF_OUTPUT(http_events, HTTP_RING_PAGES);
 #endif
@@ -155,22 +165,39 @@ static __always_inline u32 read_go_string(u64 addr, char *dst, u32 cap)
 }
 
 static __always_inline void fill_http(struct http_span_event *e, struct process_layout *layout,
-                                      struct call_start *start)
+                                      struct site *site, struct call_start *start)
 {
-    e->status = 0;
+    e->status = STATUS_UNKNOWN;
     e->path_len = 0;
     e->method_len = 0;
+    e->protocol = PROTO_HTTP;
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
     __builtin_memset(e->method, 0, sizeof(e->method));
     __builtin_memset(e->path, 0, sizeof(e->path));
-    if (layout->request_method >= 0) {
-        u32 n = read_go_string(start->request + layout->request_method, e->method,
-                               HTTP_METHOD_MAX);
+    e->flushed_ns = 0;
+    if (start->flags & CALL_GRPC) {
+        e->protocol = PROTO_GRPC;
+        u32 n = read_go_string(start->request, e->path, HTTP_PATH_MAX);
+        e->path_len = n > 65535 ? 65535 : n;
+        if (start->rpc_status >= 0 && start->rpc_status < STATUS_UNKNOWN)
+            e->status = (u16)start->rpc_status;
+        return;
+    }
+    s32 method_at = layout->request_method, url_at = layout->request_url;
+    if (start->flags & CALL_HTTP1) {
+        e->protocol = PROTO_HTTP1;
+    } else if (start->flags & CALL_HTTP2) {
+        e->protocol = PROTO_HTTP2;
+        method_at = site->field_c;  /* runHandler's request type may not be *http.Request */
+        url_at = site->field_d;
+    }
+    if (method_at >= 0) {
+        u32 n = read_go_string(start->request + method_at, e->method, HTTP_METHOD_MAX);
         e->method_len = n > 255 ? 255 : n;
     }
     u64 url = 0;
-    if (layout->request_url >= 0 &&
-        bpf_probe_read_user(&url, sizeof(url), (void *)(start->request + layout->request_url)) == 0 &&
+    if (url_at >= 0 &&
+        bpf_probe_read_user(&url, sizeof(url), (void *)(start->request + url_at)) == 0 &&
         url != 0 && layout->url_path >= 0) {
         u32 n = read_go_string(url + layout->url_path, e->path, HTTP_PATH_MAX);
         e->path_len = n > 65535 ? 65535 : n;
@@ -178,20 +205,17 @@ static __always_inline void fill_http(struct http_span_event *e, struct process_
     if (start->flags & CALL_HANDLER_RETURNED) {
         e->flushed_ns = e->span.hdr.ts_ns;          /* now: finishRequest has returned */
         e->span.hdr.ts_ns = start->handler_end_ns;  /* the span ends where ServeHTTP did */
-    } else {
-        e->flushed_ns = 0;
     }
-    if (layout->response_status >= 0 && start->response != 0) {
+    if (start->response != 0) {
         s64 status = 0;
-        if (bpf_probe_read_user(&status, sizeof(status),
-                                (void *)(start->response + layout->response_status)) == 0)
+        if (bpf_probe_read_user(&status, sizeof(status), (void *)start->response) == 0)
             e->status = (u16)status;
         else
             count(COUNTER_READ_FAILED);
     }
 }
 
-static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, u32 func_id, s64 goid,
+static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site *site, s64 goid,
                                       struct call_start *start, struct process_layout *layout)
 {
 #ifdef USE_PERF_BUFFER
@@ -199,9 +223,9 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, u32 func_id
     struct http_span_event *e = http_scratch.lookup(&zero);
     if (!e)
         return;
-    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, func_id, goid, start->start_ns,
-              start->tid);
-    fill_http(e, layout, start);
+    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_http(e, layout, site, start);
     if (http_events.perf_submit(ctx, e, sizeof(*e)) != 0)
         count(COUNTER_RING_FULL);
     else
@@ -212,10 +236,127 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, u32 func_id
         count(COUNTER_RING_FULL);
         return;
     }
-    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, func_id, goid, start->start_ns,
-              start->tid);
-    fill_http(e, layout, start);
+    fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_http(e, layout, site, start);
     http_events.ringbuf_submit(e, wakeup_flag(1));
+    count(COUNTER_EMITTED);
+#endif
+}
+
+/* Copy `len` bytes of user memory at `ptr` (a Go string's data) into `dst`. */
+static __always_inline void read_user_text(u64 ptr, u64 len, char *dst, u32 cap)
+{
+    u32 n = len < cap ? (u32)len : cap;
+    if (n > 0 && ptr != 0)
+        bpf_probe_read_user(dst, n & (2 * cap - 1), (void *)ptr);
+}
+
+/* A client call returns (a RET of its function): results are in registers (Go's register
+ * ABI), the request's fields are read from what the entry kept. */
+static __always_inline void fill_client(struct pt_regs *ctx, struct client_span_event *e,
+                                        struct process_layout *layout, struct site *site,
+                                        struct call_start *start)
+{
+    e->status = -1;
+    e->text_len = 0;
+    e->host_len = 0;
+    e->error = 0;
+    e->method_len = 0;
+    e->db_system = 0;
+    __builtin_memset(e->_pad, 0, sizeof(e->_pad));
+    __builtin_memset(e->method, 0, sizeof(e->method));
+    __builtin_memset(e->host, 0, sizeof(e->host));
+    __builtin_memset(e->text, 0, sizeof(e->text));
+    if (site->flags & SITE_FLAG_CLIENT_HTTP) {
+        /* do returns (*Response in RAX, error in RBX/RCX). */
+        e->client = CLIENT_HTTP;
+        u64 req = start->request;
+        if (layout->request_method >= 0) {
+            u32 n = read_go_string(req + layout->request_method, e->method, HTTP_METHOD_MAX);
+            e->method_len = n > 255 ? 255 : n;
+        }
+        u64 url = 0;
+        if (layout->request_url >= 0 &&
+            bpf_probe_read_user(&url, sizeof(url), (void *)(req + layout->request_url)) == 0 &&
+            url != 0) {
+            if (site->field_a >= 0) {
+                u32 n = read_go_string(url + site->field_a, e->host, CLIENT_HOST_MAX);
+                e->host_len = n > 65535 ? 65535 : n;
+            }
+            if (layout->url_path >= 0)
+                e->text_len = read_go_string(url + layout->url_path, e->text, CLIENT_TEXT_MAX);
+        }
+        if (ctx->bx != 0) {
+            e->error = 1;
+        } else if (ctx->ax != 0 && site->field_b >= 0) {
+            s64 code = 0;
+            if (bpf_probe_read_user(&code, sizeof(code), (void *)(ctx->ax + site->field_b)) == 0)
+                e->status = (s32)code;
+            else
+                count(COUNTER_READ_FAILED);
+        }
+    } else if (site->flags & SITE_FLAG_CLIENT_GRPC) {
+        /* invoke returns an error (RAX type, RBX data): nil is OK, else a *status.Error
+         * whose proto status holds the code. */
+        e->client = CLIENT_GRPC;
+        e->text_len = start->response > 0xffffffff ? 0xffffffff : (u32)start->response;
+        read_user_text(start->request, start->response, e->text, CLIENT_TEXT_MAX);
+        if (ctx->ax == 0) {
+            e->status = 0;
+        } else {
+            e->error = 1;
+            u64 proto = 0;
+            s32 code = -1;
+            if (site->field_a >= 0 && site->field_b >= 0 &&
+                bpf_probe_read_user(&proto, sizeof(proto), (void *)(ctx->bx + site->field_a)) == 0 &&
+                proto != 0 &&
+                bpf_probe_read_user(&code, sizeof(code), (void *)(proto + site->field_b)) == 0)
+                e->status = code;
+            else
+                count(COUNTER_READ_FAILED);
+        }
+    } else {
+        /* QueryContext returns (*Rows, error): the error's type word in RBX; ExecContext
+         * (Result, error): in RCX. */
+        e->client = CLIENT_SQL;
+        e->db_system = (u8)site->field_b;
+        e->text_len = start->response > 0xffffffff ? 0xffffffff : (u32)start->response;
+        read_user_text(start->request, start->response, e->text, CLIENT_TEXT_MAX);
+        /* Both registers read before choosing (the empty asm keeps the compiler from
+         * turning the choice into a computed context offset, which the verifier refuses). */
+        u64 rbx = ctx->bx, rcx = ctx->cx;
+        asm volatile("" : "+r"(rbx), "+r"(rcx));
+        e->error = site->field_a == 2 ? rcx != 0 : rbx != 0;
+    }
+}
+
+static __always_inline void emit_client(struct pt_regs *ctx, u32 tgid, struct site *site,
+                                        s64 goid, struct call_start *start,
+                                        struct process_layout *layout)
+{
+#ifdef USE_PERF_BUFFER
+    u32 zero = 0;
+    struct client_span_event *e = client_scratch.lookup(&zero);
+    if (!e)
+        return;
+    fill_span(&e->span, EVENT_KIND_CLIENT_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_client(ctx, e, layout, site, start);
+    if (client_events.perf_submit(ctx, e, sizeof(*e)) != 0)
+        count(COUNTER_RING_FULL);
+    else
+        count(COUNTER_EMITTED);
+#else
+    struct client_span_event *e = client_events.ringbuf_reserve(sizeof(struct client_span_event));
+    if (!e) {
+        count(COUNTER_RING_FULL);
+        return;
+    }
+    fill_span(&e->span, EVENT_KIND_CLIENT_SPAN, sizeof(*e), tgid, site->func_id, goid,
+              start->start_ns, start->tid);
+    fill_client(ctx, e, layout, site, start);
+    client_events.ringbuf_submit(e, wakeup_flag(3));
     count(COUNTER_EMITTED);
 #endif
 }
@@ -260,23 +401,74 @@ int span_entry(struct pt_regs *ctx)
     struct call_key key = {.tgid = tgid, .func_id = site->func_id};
     if (read_goid(ctx, layout, &key.id) != 0)
         return 0;
-    struct call_start start = {.start_ns = now, .tid = (u32)pid_tgid};
+    if (site->flags & SITE_FLAG_GRPC_STATUS) {
+        /* WriteStatus(t, s *Stream, st *status.Status) (st in RCX), called by handleStream's
+         * goroutine: the code of the call in flight there. */
+        struct call_start *call = calls_in_flight.lookup(&key);
+        if (!call)
+            return 0;
+        u64 inner = 0;
+        s32 code = -1;
+        if (bpf_probe_read_user(&inner, sizeof(inner), (void *)(ctx->cx + site->field_a)) == 0 &&
+            inner != 0 &&
+            bpf_probe_read_user(&code, sizeof(code), (void *)(inner + site->field_b)) == 0)
+            call->rpc_status = code;
+        else
+            count(COUNTER_READ_FAILED);
+        return 0;
+    }
+    struct call_start start = {.start_ns = now, .tid = (u32)pid_tgid, .rpc_status = -1};
     if (site->flags & SITE_FLAG_HTTP) {
         /* serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request): sh.srv in RAX, the
          * interface rw in RBX (type) and RCX (data: *response), req in RDI. */
-        start.response = ctx->cx;
         start.request = ctx->di;
-        /* net/http writes a buffered response after ServeHTTP returns, in
-         * (*response).finishRequest on the same goroutine: an HTTP/1 span is emitted when
-         * that returns, with its flush time, so the join can give it the whole response.
-         * HTTP/1 iff rw is a *response whose conn (its first field) serves this server
+        /* HTTP/1 iff rw is a *response whose conn (its first field) serves this server
          * (conn's first field): HTTP/2's writer is another type. */
         u64 conn = 0, server = 0;
-        if (layout->http_finish &&
-            bpf_probe_read_user(&conn, sizeof(conn), (void *)ctx->cx) == 0 && conn != 0 &&
+        if (bpf_probe_read_user(&conn, sizeof(conn), (void *)ctx->cx) == 0 && conn != 0 &&
             bpf_probe_read_user(&server, sizeof(server), (void *)conn) == 0 &&
-            server == ctx->ax)
-            start.flags = CALL_FINISH_EXPECTED;
+            server == ctx->ax) {
+            start.flags = CALL_HTTP1;
+            if (layout->response_status >= 0)
+                start.response = ctx->cx + layout->response_status;
+            /* net/http writes a buffered response after ServeHTTP returns, in
+             * (*response).finishRequest on the same goroutine: an HTTP/1 span is emitted
+             * when that returns, with its flush time, so the join can give it the whole
+             * response. */
+            if (layout->http_finish)
+                start.flags |= CALL_FINISH_EXPECTED;
+        } else if (layout->h2_server) {
+            return 0; /* an HTTP/2 stream: runHandler's probe makes its span */
+        }
+    } else if (site->flags & SITE_FLAG_H2) {
+        /* runHandler(sc, rw *responseWriter, req *http.Request, handler): rw in RBX, req in
+         * RCX. The status is read at the return through rws, which handlerDone detaches from
+         * rw (and pools) just before runHandler returns. */
+        start.flags = CALL_HTTP2;
+        start.request = ctx->cx;
+        u64 rws = 0;
+        if (site->field_a >= 0 && site->field_b >= 0 &&
+            bpf_probe_read_user(&rws, sizeof(rws), (void *)(ctx->bx + site->field_a)) == 0 &&
+            rws != 0)
+            start.response = rws + site->field_b;
+    } else if (site->flags & SITE_FLAG_GRPC) {
+        /* handleStream(s, t ServerTransport, stream *Stream, trInfo): t's type and data in
+         * RBX and RCX, stream in RDI. */
+        start.flags = CALL_GRPC;
+        start.request = ctx->di + site->field_a;
+    } else if (site->flags & SITE_FLAG_CLIENT_HTTP) {
+        /* (*Client).do(c, req *Request): req in RBX, read when do returns (the client
+         * does not change the caller's request). */
+        start.request = ctx->bx;
+    } else if (site->flags & SITE_FLAG_CLIENT_GRPC) {
+        /* invoke(ctx context.Context, method string, ...): method in RCX (data), RDI. */
+        start.request = ctx->cx;
+        start.response = ctx->di;
+    } else if (site->flags & SITE_FLAG_CLIENT_SQL) {
+        /* QueryContext/ExecContext(x, ctx context.Context, query string, args ...any):
+         * query in RDI (data), RSI. */
+        start.request = ctx->di;
+        start.response = ctx->si;
     }
     if (calls_in_flight.update(&key, &start) != 0)
         count(COUNTER_TABLE_FULL);
@@ -301,8 +493,16 @@ int span_return(struct pt_regs *ctx)
         return 0;
     struct call_start *start = calls_in_flight.lookup(&key);
     if (!start) {
-        if (!(site->flags & SITE_FLAG_HTTP_FINISH))
+        /* finishRequest of a request not timed, or ServeHTTP of an HTTP/2 stream (its span
+         * is runHandler's): expected, not a lost entry. */
+        if (!(site->flags & SITE_FLAG_HTTP_FINISH) &&
+            !((site->flags & SITE_FLAG_HTTP) && layout->h2_server))
             count(COUNTER_NO_ENTRY);
+        return 0;
+    }
+    if (site->flags & SITE_FLAG_CLIENT) {
+        emit_client(ctx, tgid, site, key.id, start, layout);
+        calls_in_flight.delete(&key);
         return 0;
     }
     if (site->flags & SITE_FLAG_HTTP_FINISH) {
@@ -313,8 +513,8 @@ int span_return(struct pt_regs *ctx)
         start->flags |= CALL_HANDLER_RETURNED;
         return 0; /* emitted when finishRequest has written the response */
     }
-    if (site->flags & SITE_FLAG_HTTP)
-        emit_http(ctx, tgid, site->func_id, key.id, start, layout);
+    if (site->flags & (SITE_FLAG_HTTP | SITE_FLAG_H2 | SITE_FLAG_GRPC))
+        emit_http(ctx, tgid, site, key.id, start, layout);
     else
         emit_span(ctx, tgid, site->func_id, key.id, start->start_ns, start->tid);
     calls_in_flight.delete(&key);

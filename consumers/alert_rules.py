@@ -19,6 +19,9 @@ A rules file (YAML):
 
 A latency rule is evaluated per series (status classes apart; `status_class: 2xx` narrows
 it); an error-rate rule per workload and operation over all their HTTP status classes.
+A gRPC operation is its full method (`/package.Service/Method`) and its status classes are
+the gRPC code names (`OK`, `NOT_FOUND`, ..., `UNAVAILABLE`): an error-rate rule on one names
+them, e.g. `error_classes: [UNAVAILABLE, INTERNAL, DEADLINE_EXCEEDED]`.
 "Consecutive" means adjacent windows: a window without spans (no record) starts the count
 again. A rule fires once when the condition held for `for` windows in a row, and resolves
 once when it failed for `resolve_after` in a row; each is one Transition. Windows are
@@ -39,11 +42,12 @@ import yaml
 from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.name_pattern import NamePattern
 from ebpf_apm.consumers.route_template import SeriesKey
+from ebpf_apm.consumers.series_resolver import GRPC_CODES
 from ebpf_apm.consumers.time_spec import parse_duration_ns
 
 DURATION_METRICS = ("min", "max", "mean", "p50", "p90", "p95", "p99", "p999")
 METRICS = ("count", *DURATION_METRICS, "error_rate")
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "unknown")
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "unknown", *GRPC_CODES)
 _KEYS = (
     "name",
     "workload",

@@ -202,15 +202,16 @@ def fill_span(out: Span, span: Mapping[str, Any]) -> None:
             attributes.append(_cached("rpc.grpc.status_code", int(code)))
             if (client and code != 0) or (not client and code in GRPC_SERVER_ERRORS):
                 status = Status(code=Status.STATUS_CODE_ERROR, message=f"gRPC status {code}")
-    elif db_system:
-        attributes.append(_cached("db.system.name", db_system))
-        attributes.append(_cached("db.system", db_system))  # the name before semconv 1.30
+    elif db_system or span.get("db_operation"):
+        if db_system:  # null when the agent could not tell the driver
+            attributes.append(_cached("db.system.name", db_system))
+            attributes.append(_cached("db.system", db_system))  # the name before semconv 1.30
         operation, statement = span.get("db_operation"), span.get("db_statement")
         if operation:
             attributes.append(_cached("db.operation.name", operation))
         if statement:
             attributes.append(_str("db.query.text", statement))
-        name = operation or db_system
+        name = operation or db_system or "sql"
     elif method:
         path = span.get("http_path") or ""
         attributes.append(_cached("http.request.method", method))
@@ -225,6 +226,10 @@ def fill_span(out: Span, span: Mapping[str, Any]) -> None:
         # client spans by the method alone, as the conventions say without a URL template.
         name = method if client or not path else f"{method} {route_of(path)}"
 
+    if client and span.get("error") and not status.code:
+        # the call failed without a status (HTTP: a transport error; SQL: the driver's)
+        attributes.append(_cached("error.type", "transport" if method else "error"))
+        status = Status(code=Status.STATUS_CODE_ERROR, message="the call returned an error")
     if host:
         address, port = _host_and_port(str(host))
         attributes.append(_cached("server.address", address))

@@ -158,7 +158,8 @@ def _escape(part: str) -> str:
 @dataclass(frozen=True, order=True)
 class SeriesKey:
     """What one latency series measures. status_class is "2xx".."5xx" or "unknown" for
-    HTTP spans, None otherwise."""
+    HTTP spans, the gRPC code's name ("OK", "NOT_FOUND", ...) or "unknown" for gRPC calls,
+    None otherwise."""
 
     workload: str
     operation: str

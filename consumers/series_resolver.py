@@ -3,8 +3,10 @@
 A series is (workload, operation, status class):
 - workload: `namespace/workload` from Kubernetes when the span has a workload, else the
   executable's file name;
-- operation: `METHOD route` for an HTTP span (see route_template), else the function;
-- status class: `2xx`..`5xx`, or `unknown`, for an HTTP span; none otherwise.
+- operation: `METHOD route` for an HTTP span (see route_template), the full method
+  (`/package.Service/Method`) for a gRPC call, else the function;
+- status class: `2xx`..`5xx`, or `unknown`, for an HTTP span; the gRPC code's name (`OK`,
+  `NOT_FOUND`, ..., `UNAUTHENTICATED`), or `unknown`, for a gRPC call; none otherwise.
 
 Each span gets a 64-bit hash of the strings that decide its series (the path through its
 route), computed for the whole batch in numpy. Distinct hashes are looked up in a cache;
@@ -30,8 +32,17 @@ _K_EXE = np.uint64(0x27BB2EE687B0B0FD)
 _K_OPERATION = np.uint64(0x4F1BBCDCBFA53E0B)
 _K_HTTP = np.uint64(0x7A646E4D0B5AC3E1)
 _K_STATUS = np.uint64(0x5851F42D4C957F2D)
-_HASHED = ("exe", "func", "http_method", "k8s_namespace", "k8s_workload")
-UNKNOWN_CLASS = 9  # status code outside 100-599, or none, on an HTTP span
+_K_RPC = np.uint64(0x3C6EF372FE94F82B)
+_HASHED = ("exe", "func", "http_method", "k8s_namespace", "k8s_workload", "rpc_method")
+UNKNOWN_CLASS = 9  # status code outside 100-599, or none, on an HTTP span (or a gRPC call)
+#: gRPC status class numbers: RPC_CLASS + code (0..16); an unknown code is UNKNOWN_CLASS.
+RPC_CLASS = 10
+GRPC_CODES = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
+    "UNAUTHENTICATED",
+)  # fmt: skip
 
 
 def status_classes(status: np.ndarray, is_http: np.ndarray) -> np.ndarray:
@@ -41,9 +52,17 @@ def status_classes(status: np.ndarray, is_http: np.ndarray) -> np.ndarray:
     return np.where(is_http, np.where(known, hundreds, UNKNOWN_CLASS), 0)
 
 
+def rpc_classes(code: np.ndarray, is_rpc: np.ndarray) -> np.ndarray:
+    """RPC_CLASS + code for gRPC calls with a known code, UNKNOWN_CLASS for the others."""
+    known = (code >= 0) & (code < len(GRPC_CODES))
+    return np.where(is_rpc, np.where(known, RPC_CLASS + code, UNKNOWN_CLASS), 0)
+
+
 def class_name(code: int) -> str | None:
     if code == 0:
         return None
+    if code >= RPC_CLASS:
+        return GRPC_CODES[code - RPC_CLASS]
     return "unknown" if code == UNKNOWN_CLASS else f"{code}xx"
 
 
@@ -57,7 +76,12 @@ def series_key_of(columns: SpanColumns, row: int) -> SeriesKey:
         exe = columns.text("exe", row) or ""
         workload = os.path.basename(exe) or exe or "unknown"
     method = columns.text("http_method", row)
-    if method is not None:
+    rpc_method = columns.text("rpc_method", row)
+    if rpc_method is not None:
+        operation = rpc_method
+        rpc_code = int(columns.ints["rpc_status"][row])
+        code = int(rpc_classes(np.array([rpc_code]), np.array([True]))[0])
+    elif method is not None:
         operation = f"{method} {route_of(columns.text('http_path', row) or '')}"
         status = int(columns.ints["http_status"][row])
         code = int(status_classes(np.array([status]), np.array([True]))[0])
@@ -78,7 +102,7 @@ class SeriesResolver:
     def key_hashes(self, columns: SpanColumns, rows: np.ndarray) -> np.ndarray:
         """One uint64 per row that is equal for spans of the same series."""
         buf = columns.buf
-        exe, func, method, namespace, k8s_workload = (
+        exe, func, method, namespace, k8s_workload, rpc_method = (
             hash_ranges(buf, columns.starts[f][rows], columns.lengths[f][rows]) for f in _HASHED
         )
         has_workload = columns.lengths["k8s_workload"][rows] > 0
@@ -97,6 +121,13 @@ class SeriesResolver:
             )
             operation[http] = method[http] ^ mix64(routes + _K_HTTP)
         classes = status_classes(columns.ints["http_status"][rows], is_http)
+        is_rpc = columns.lengths["rpc_method"][rows] >= 0
+        rpc = np.flatnonzero(is_rpc)
+        if rpc.size:
+            operation[rpc] = mix64(rpc_method[rpc] + _K_RPC)
+            classes = np.where(
+                is_rpc, rpc_classes(columns.ints["rpc_status"][rows], is_rpc), classes
+            )
         return mix64(
             mix64(workload ^ _K_OPERATION) ^ operation ^ (classes.astype(np.uint64) * _K_STATUS)
         )

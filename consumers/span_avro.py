@@ -22,13 +22,15 @@ import numpy as np
 from ebpf_apm.consumers.net_event_store import IoSums
 from ebpf_apm.consumers.span_joiner import JoinedSpans
 from ebpf_apm.schemas.avro_codec import codec
-from ebpf_apm.schemas.event_batch import K8S_FIELDS
+from ebpf_apm.schemas.event_batch import K8S_FIELDS, RPC_STATUS_UNKNOWN, SPAN_KINDS
 
 SPAN_CODEC = codec("span.avsc")
 FIELD_ORDER = (
     "span_id", "node", "pid", "exe", "tid", "goid", "func", "start_ns", "end_ns",
     "duration_ns", "http_method", "http_path", "http_status", *K8S_FIELDS,
     "bytes_sent", "bytes_received", "net_sends", "net_recvs",
+    "span_kind", "rpc_method", "rpc_status",
+    "http_host", "db_system", "db_operation", "db_statement", "error",
 )  # fmt: skip
 _SCHEMA: Any = SPAN_CODEC.schema
 if tuple(f["name"] for f in _SCHEMA["fields"]) != FIELD_ORDER:
@@ -38,6 +40,8 @@ U64 = np.uint64
 _HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
 _NULL = b"\x00"  # union branch 0 (null)
 _SOME = b"\x02"  # union branch 1, zigzag-encoded
+# span_kind values as their optional-string encodings, by SPAN_KIND_* number.
+_KIND_BYTES = [_SOME + bytes([2 * len(k)]) + k.encode() for k in SPAN_KINDS]
 
 
 def _zigzag(values: np.ndarray) -> np.ndarray:
@@ -213,6 +217,49 @@ def _split(parts: Sequence[JoinedSpans], most: int) -> list[JoinedSpans]:
     return out
 
 
+def _client_rows(
+    p: JoinedSpans,
+    hosts: list[bytes],
+    host_rows: list[np.ndarray],
+    db_texts: tuple[list[bytes], list[bytes], list[bytes]],
+    db_rows: tuple[list[np.ndarray], list[np.ndarray]],
+    error_rows: list[np.ndarray],
+) -> None:
+    """Append part `p`'s client fields: http_host, db_system/operation/statement (rows
+    where present, in order) and error (-1: not a client span; db_system "" is null)."""
+    b = p.batch
+    n = len(p.rows)
+    error = np.full(n, -1, dtype=np.int64)
+    has_host = np.zeros(n, dtype=bool)
+    is_db = np.zeros(n, dtype=bool)
+    has_system = np.zeros(n, dtype=bool)
+    if b.client is not None and len(b.client.rows):
+        lookup = np.full(len(b), -1, dtype=np.int64)
+        lookup[b.client.rows] = np.arange(len(b.client.rows))
+        client_of_row = lookup[p.rows]
+        mine = client_of_row >= 0
+        error[mine] = b.client.error.astype(np.int64)[client_of_row[mine]]
+        if b.client.host is not None:
+            has_host = mine
+            hosts.extend(b.client.host[j].encode() for j in client_of_row[mine].tolist())
+    if b.db is not None and len(b.db.rows):
+        lookup = np.full(len(b), -1, dtype=np.int64)
+        lookup[b.db.rows] = np.arange(len(b.db.rows))
+        db_of_row = lookup[p.rows]
+        is_db = db_of_row >= 0
+        named = np.array([bool(name) for name in b.db.system], dtype=bool)
+        has_system = is_db & named[np.maximum(db_of_row, 0)]
+        for j in db_of_row[is_db].tolist():
+            if b.db.system[j]:
+                db_texts[0].append(b.db.system[j].encode())
+            db_texts[1].append(b.db.operation[j].encode())
+            db_texts[2].append(b.db.statement[j].encode())
+    host_rows.append(has_host)
+    db_rows[0].append(is_db)
+    db_rows[1].append(has_system)
+    error_rows.append(error)
+
+
 def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
     sizes = [len(p) for p in parts]
     part_of_row = np.repeat(np.arange(len(parts)), sizes)
@@ -225,6 +272,15 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
     status_rows: list[np.ndarray] = []
     methods: list[bytes] = []
     paths: list[bytes] = []
+    kind_rows: list[np.ndarray] = []
+    rpc_rows: list[np.ndarray] = []
+    rpc_methods: list[bytes] = []
+    hosts: list[bytes] = []
+    host_rows: list[np.ndarray] = []
+    db_texts: tuple[list[bytes], list[bytes], list[bytes]] = ([], [], [])
+    db_rows: list[np.ndarray] = []
+    system_rows: list[np.ndarray] = []
+    error_rows: list[np.ndarray] = []
     for p in parts:
         b = p.batch
         process.append(_string(b.node) + _varint(b.pid) + _string(b.exe))
@@ -237,6 +293,19 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
             name_a.append(a)
             name_b.append(h)
         func_rows.append(b.columns["func"][p.rows].astype(np.int64) + first_func)
+        kind_rows.append(b.span_kinds()[p.rows])
+        code_of_row = np.full(len(p.rows), -1, dtype=np.int64)
+        if b.rpc is not None and len(b.rpc.rows):
+            lookup = np.full(len(b), -1, dtype=np.int64)
+            lookup[b.rpc.rows] = np.arange(len(b.rpc.rows))
+            rpc_of_row = lookup[p.rows]
+            for j in rpc_of_row[rpc_of_row >= 0].tolist():
+                rpc_methods.append(b.rpc.method[j].encode())
+            codes = b.rpc.status.astype(np.int64)[np.maximum(rpc_of_row, 0)]
+            code_of_row = np.where(rpc_of_row >= 0, codes, -1)
+            code_of_row[code_of_row == RPC_STATUS_UNKNOWN] = -2  # a call, code unknown: null
+        rpc_rows.append(code_of_row)
+        _client_rows(p, hosts, host_rows, db_texts, (db_rows, system_rows), error_rows)
         if b.http is None or not len(b.http.rows):
             status_rows.append(np.full(len(p.rows), -1, dtype=np.int64))
             continue
@@ -253,6 +322,12 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
     start, end = _take(parts, "start_ns"), _take(parts, "end_ns")
     status = np.concatenate(status_rows)
     is_http = status >= 0
+    code = np.concatenate(rpc_rows)
+    is_rpc = code != -1
+    kinds = np.concatenate(kind_rows)
+    has_host, is_db = np.concatenate(host_rows), np.concatenate(db_rows)
+    has_system = np.concatenate(system_rows)
+    error = np.concatenate(error_rows)
 
     first, second = span_id_words(
         np.array(name_a, dtype=U64)[func_index],
@@ -278,6 +353,14 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
         _varint_block(status, present=is_http),
         _rows_of(_strings_block(k8s), part_of_row),
         _varint_block(io),  # bytes_sent, bytes_received, net_sends, net_recvs
+        _rows_of(_strings_block(_KIND_BYTES), kinds.astype(np.int64)),  # span_kind
+        *_optional_bytes(rpc_methods, is_rpc),
+        _varint_block(np.maximum(code, 0), present=code >= 0),  # rpc_status
+        *_optional_bytes(hosts, has_host),  # http_host
+        *_optional_bytes(db_texts[0], has_system),  # db_system
+        *_optional_bytes(db_texts[1], is_db),  # db_operation
+        *_optional_bytes(db_texts[2], is_db),  # db_statement
+        _varint_block(np.maximum(error, 0), present=error >= 0),  # error
     ]
     cells = np.hstack([block.cells for block in blocks])
     valid = np.hstack([block.valid for block in blocks])

@@ -29,20 +29,32 @@ from ebpf_apm.schemas.input_limits import MAX_MESSAGE_BYTES, TimeBounds
 # each string field; in between, each number field may read up to 20 bytes past it.
 _PAD = 128
 _PADDING = bytes(_PAD)
-_HEADER_WORD, _HEADER_TAIL = np.frombuffer(
-    codec("span.avsc").header + bytes(6), dtype="<u8"
-)  # the 10-byte single-object header as a word and the two bytes after it
+
+def _header_words(header: bytes) -> tuple[np.uint64, np.uint64]:
+    """The 10-byte single-object header as a word and the two bytes after it."""
+    word, tail = np.frombuffer(header + bytes(6), dtype="<u8")
+    return word, tail
+
+
+#: (header word, header tail, schema version) of every version a record may be written in:
+#: older records lack the fields added since (their "since" in span.avsc), read as null.
+_HEADERS = [(*_header_words(codec("span.avsc").header), 0)] + [
+    (*_header_words(b"\xc3\x01" + fingerprint), version)
+    for fingerprint, (version, _) in codec("span.avsc").older.items()
+]
 
 # Fields the aggregator reads; the others are stepped over.
-INT_FIELDS = ("end_ns", "duration_ns", "http_status")
-STRING_FIELDS = ("exe", "func", "http_method", "http_path", "k8s_namespace", "k8s_workload")
+INT_FIELDS = ("end_ns", "duration_ns", "http_status", "rpc_status")
+STRING_FIELDS = (
+    "exe", "func", "http_method", "http_path", "k8s_namespace", "k8s_workload", "rpc_method",
+)  # fmt: skip
 
 _KINDS = {"string": "string", "long": "varint", "int": "varint"}
 
 
-def _plan() -> list[tuple[str, str, bool]]:
-    """(field, "string" | "varint", nullable) for each field of span.avsc, in order."""
-    plan: list[tuple[str, str, bool]] = []
+def _plan() -> list[tuple[str, str, bool, int]]:
+    """(field, "string" | "varint", nullable, since) for each field of span.avsc, in order."""
+    plan: list[tuple[str, str, bool, int]] = []
     schema = cast(dict[str, Any], codec("span.avsc").schema)
     for field in schema["fields"]:
         ftype = field["type"]
@@ -56,14 +68,17 @@ def _plan() -> list[tuple[str, str, bool]]:
                 f"span.avsc field {field['name']!r} has type {ftype!r}, which "
                 "consumers/span_columns.py cannot read; teach it the type"
             )
-        plan.append((field["name"], _KINDS[ftype], nullable))
+        since = int(field.get("since", 1))
+        if since > 1 and not nullable:
+            raise ImportError(f"span.avsc field {field['name']!r}: an added field must be optional")
+        plan.append((field["name"], _KINDS[ftype], nullable, since))
     run = longest = 0
-    for _, kind, _ in plan:
+    for _, kind, _, _ in plan:
         run = 0 if kind == "string" else run + 1
         longest = max(longest, run)
     if 20 * longest + 16 > _PAD:
         raise ImportError(f"span.avsc has {longest} numbers in a row: raise _PAD in span_columns")
-    names = {name for name, _, _ in plan}
+    names = {name for name, _, _, _ in plan}
     missing = [f for f in (*INT_FIELDS, *STRING_FIELDS) if f not in names]
     if missing:
         raise ImportError(f"span.avsc lacks fields the aggregator reads: {missing}")
@@ -175,20 +190,31 @@ def decode_spans(values: Sequence[bytes | None]) -> SpanColumns:
     starts = ends - sizes
     buf = np.frombuffer(b"".join([*data, _PADDING]), dtype=np.uint8)  # read-only
     words = _words(buf)
-    bad = (sizes < HEADER_SIZE) | (sizes > MAX_MESSAGE_BYTES) | (words[starts] != _HEADER_WORD)
-    bad |= (words[starts + 8] & np.uint64(0xFFFF)) != _HEADER_TAIL
+    bad = (sizes < HEADER_SIZE) | (sizes > MAX_MESSAGE_BYTES)
+    first, tail = words[starts], words[starts + 8] & np.uint64(0xFFFF)
+    version = np.full(n, -1, dtype=np.int64)  # 0: the newest schema
+    for word, tail_word, v in _HEADERS:
+        version[(first == word) & (tail == tail_word)] = v
+    bad |= version < 0
+    older = version > 0
     pos = starts + HEADER_SIZE
 
     ints: dict[str, np.ndarray] = {}
     str_starts: dict[str, np.ndarray] = {}
     str_lengths: dict[str, np.ndarray] = {}
-    for name, kind, nullable in PLAN:
+    for name, kind, nullable, since in PLAN:
         present: np.ndarray | None = None
         if nullable:  # the union's branch: one byte, 0 (null) or 2 (zigzag 1)
             branch = np.take(buf, pos)
-            bad |= (branch != 0) & (branch != 2)
-            present = branch == 2
-            pos += 1
+            there = ~(older & (version < since)) if since > 1 and older.any() else None
+            if there is None:
+                bad |= (branch != 0) & (branch != 2)
+                present = branch == 2
+                pos += 1
+            else:  # records of an older version end before this field: null, nothing read
+                bad |= there & (branch != 0) & (branch != 2)
+                present = there & (branch == 2)
+                pos += there
         if kind == "varint":
             value = _varints(buf, words, pos, bad, present, want=name in INT_FIELDS)
             if value is not None:

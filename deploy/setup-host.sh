@@ -15,7 +15,7 @@ need_root() {
 need_root
 
 # prometheus, chromium and stunnel4 are test parts: a real scraper, a real browser, a TLS front.
-DEB_PACKAGES=(python3-bpfcc linux-headers-amd64 golang-1.19-go postgresql prometheus chromium stunnel4)
+DEB_PACKAGES=(python3-bpfcc linux-headers-amd64 golang-1.19-go golang-google-grpc-dev golang-golang-x-net-dev golang-github-lib-pq-dev postgresql prometheus chromium stunnel4)
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

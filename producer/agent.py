@@ -207,7 +207,7 @@ def _record_streams(
     streams = [
         RecordStream(
             "spans",
-            (probes.span_reader, probes.http_reader),
+            (probes.span_reader, probes.http_reader, probes.client_reader),
             SpanBatcher(
                 config.node_name,
                 names.names,

@@ -20,7 +20,12 @@ import numpy as np
 from ebpf_apm import bpf as bpf_sources
 from ebpf_apm.producer.bpf_run_stats import RunStats, RunTimeStats, program_run_stats
 from ebpf_apm.producer.errors import KernelSupportError, PrivilegeError, TargetError
-from ebpf_apm.producer.event_layout import HTTP_SPAN_EVENT, NET_EVENT, SPAN_EVENT
+from ebpf_apm.producer.event_layout import (
+    CLIENT_SPAN_EVENT,
+    HTTP_SPAN_EVENT,
+    NET_EVENT,
+    SPAN_EVENT,
+)
 from ebpf_apm.producer.map_layout import (
     COUNTERS,
     PROBE_HITS,
@@ -51,6 +56,7 @@ class ProbeOptions:
 
     span_ring_pages: int = 1024
     http_ring_pages: int = 256
+    client_ring_pages: int = 256  # outgoing calls (HTTP, gRPC, SQL clients)
     net_ring_pages: int = 1024
     net_hooks: str = "auto"  # NET_HOOKS; "auto" picks kprobes when the kernel has them
     wakeup_every: int = 256
@@ -63,6 +69,7 @@ class ProbeOptions:
             f"-I{BPF_DIR}",
             f"-DSPAN_RING_PAGES={self.span_ring_pages}",
             f"-DHTTP_RING_PAGES={self.http_ring_pages}",
+            f"-DCLIENT_RING_PAGES={self.client_ring_pages}",
             f"-DNET_RING_PAGES={self.net_ring_pages}",
             f"-DWAKEUP_EVERY={self.wakeup_every}",
             f"-DMAX_CALLS_IN_FLIGHT={self.max_calls_in_flight}",
@@ -89,6 +96,7 @@ class ProcessLayout:
     url_path: int = -1
     response_status: int = -1
     http_finish: bool = False  # net/http.(*response).finishRequest is probed too
+    h2_server: bool = False  # an HTTP/2 runHandler is probed: it makes HTTP/2 spans
 
 
 @dataclass
@@ -165,10 +173,14 @@ class AgentProbes:
         self._layouts = self._bpf[b"process_layouts"]
         self.span_reader: Reader
         self.http_reader: Reader
+        self.client_reader: Reader
         self.net_reader: Reader | None = None
         if self.options.use_perf_buffer:
             self.span_reader = PerfBufferReader(self._bpf, "span_events", SPAN_EVENT, 256)
             self.http_reader = PerfBufferReader(self._bpf, "http_events", HTTP_SPAN_EVENT, 64)
+            self.client_reader = PerfBufferReader(
+                self._bpf, "client_events", CLIENT_SPAN_EVENT, 64
+            )
             if self.net_enabled:
                 self.net_reader = PerfBufferReader(self._bpf, "net_events", NET_EVENT, 256)
         else:
@@ -177,6 +189,11 @@ class AgentProbes:
             )
             self.http_reader = RingBufReader(
                 self._bpf[b"http_events"].map_fd, self.options.http_ring_pages, HTTP_SPAN_EVENT
+            )
+            self.client_reader = RingBufReader(
+                self._bpf[b"client_events"].map_fd,
+                self.options.client_ring_pages,
+                CLIENT_SPAN_EVENT,
             )
             if self.net_enabled:
                 self.net_reader = RingBufReader(
@@ -192,7 +209,8 @@ class AgentProbes:
         """File descriptors that turn readable when the kernel forces a reader wakeup."""
         if self.options.use_perf_buffer:
             return []
-        rings = [b"span_events", b"http_events"] + ([b"net_events"] if self.net_enabled else [])
+        rings = [b"span_events", b"http_events", b"client_events"]
+        rings += [b"net_events"] if self.net_enabled else []
         return [self._bpf[ring].map_fd for ring in rings]
 
     @property
@@ -218,12 +236,18 @@ class AgentProbes:
         http: bool,
         is_go: bool,
         http_finish: bool = False,
+        server_flags: int = 0,
+        fields: tuple[int, int, int, int] = (-1, -1, -1, -1),
+        entry_only: bool = False,
     ) -> None:
         """Attach one function: `address` is its ELF address, `load_bias` what the process
         added to ELF addresses when it mapped the binary (0 unless PIE). `http_finish`:
-        only its returns, which end the HTTP span of `func_id` (finishRequest)."""
+        only its returns, which end the HTTP span of `func_id` (finishRequest).
+        `server_flags` (SITE_FLAG_H2, _GRPC, _GRPC_STATUS) and the field offsets it
+        reads make it an HTTP/2 or gRPC server probe; `entry_only`: no return probes
+        (WriteStatus only adds the status to the call `func_id`)."""
         proc = self._processes[pid]
-        flags = SITE_FLAG_HTTP if http else 0
+        flags = (SITE_FLAG_HTTP if http else 0) | server_flags
         if http_finish:
             flags |= SITE_FLAG_HTTP_FINISH
         path = binary.encode()
@@ -231,15 +255,19 @@ class AgentProbes:
         try:
             if not http_finish:
                 self._add_site(
-                    proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags
+                    proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags,
+                    fields,
                 )
                 self._bpf.attach_uprobe(
                     name=path, addr=address + entry_offset, fn_name=b"span_entry", pid=pid
                 )
-            if is_go:
+            if entry_only:
+                pass
+            elif is_go:
                 for offset in return_offsets:
                     self._add_site(
-                        proc, pid, load_bias + address + offset, func_id, SITE_RETURN, flags
+                        proc, pid, load_bias + address + offset, func_id, SITE_RETURN, flags,
+                        fields,
                     )
                     self._bpf.attach_uprobe(
                         name=path, addr=address + offset, fn_name=b"span_return", pid=pid
@@ -258,9 +286,17 @@ class AgentProbes:
             proc.uprobe_events |= set(self._bpf.uprobe_fds) - known
 
     def _add_site(
-        self, proc: _AttachedProcess, pid: int, ip: int, func_id: int, role: int, flags: int
+        self,
+        proc: _AttachedProcess,
+        pid: int,
+        ip: int,
+        func_id: int,
+        role: int,
+        flags: int,
+        fields: tuple[int, int, int, int] = (-1, -1, -1, -1),
     ) -> None:
-        self._sites[self._sites.Key(pid, 0, ip)] = self._sites.Leaf(func_id, role, flags)
+        leaf = self._sites.Leaf(func_id, role, flags, *fields)
+        self._sites[self._sites.Key(pid, 0, ip)] = leaf
         proc.sites.append(ip)
 
     def detach_process(self, pid: int) -> None:

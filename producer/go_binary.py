@@ -56,8 +56,22 @@ HTTP_SERVER_FUNCTION = "net/http.(*conn).serve"
 WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "runtime.g": ("goid",),
     "net/http.Request": ("Method", "URL"),
-    "net/url.URL": ("Path",),
+    "net/url.URL": ("Path", "Host"),
     "net/http.response": ("status",),
+    # HTTP/2 and gRPC servers (producer/server_probes.py): present only when linked in.
+    "net/http.http2responseWriter": ("rws",),
+    "net/http.http2responseWriterState": ("status",),
+    "net/http/internal/http2.responseWriter": ("rws",),
+    "net/http/internal/http2.responseWriterState": ("status",),
+    "net/http/internal/http2.ServerRequest": ("Method", "URL"),
+    "golang.org/x/net/http2.responseWriter": ("rws",),
+    "golang.org/x/net/http2.responseWriterState": ("status",),
+    "google.golang.org/grpc/internal/transport.Stream": ("method",),
+    "google.golang.org/grpc/internal/status.Status": ("s",),
+    "google.golang.org/genproto/googleapis/rpc/status.Status": ("Code",),
+    # Clients (producer/client_probes.py)
+    "net/http.Response": ("StatusCode",),
+    "google.golang.org/grpc/internal/status.Error": ("e",),
 }
 #: Bigger member offsets than this in those structs are damaged DWARF (runtime.g is < 1 KB).
 MAX_MEMBER_OFFSET = 1 << 16
@@ -95,6 +109,16 @@ class GoLayout:
     response_status: int
     source: LayoutSource
     note: str = ""
+    #: Every WANTED_MEMBERS offset DWARF gave, as (struct, member, offset); empty for
+    #: table layouts (the server probes then use their own tables).
+    dwarf_offsets: tuple[tuple[str, str, int], ...] = ()
+
+    def dwarf_offset(self, struct_name: str, member: str) -> int | None:
+        """The DWARF offset of ``struct_name.member``, None when DWARF did not give it."""
+        for name, field_name, offset in self.dwarf_offsets:
+            if name == struct_name and field_name == member:
+                return offset
+        return None
 
     @property
     def http_available(self) -> bool:
@@ -321,6 +345,11 @@ def _layout_from_dwarf(
         url_path=member("net/url.URL", "Path"),
         response_status=member("net/http.response", "status"),
         source="dwarf",
+        dwarf_offsets=tuple(
+            (name, field_name, member(name, field_name))
+            for name, fields in sorted(structs.items())
+            for field_name in sorted(fields)
+        ),
     )
 
 

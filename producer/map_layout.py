@@ -25,12 +25,33 @@ SITE_ENTRY = 1
 SITE_RETURN = 2
 SITE_FLAG_HTTP = 1
 SITE_FLAG_HTTP_FINISH = 2
+SITE_FLAG_H2 = 4
+SITE_FLAG_GRPC = 8
+SITE_FLAG_GRPC_STATUS = 16
+SITE_FLAG_CLIENT_HTTP = 32
+SITE_FLAG_CLIENT_GRPC = 64
+SITE_FLAG_CLIENT_SQL = 128
+SITE_FLAG_CLIENT = SITE_FLAG_CLIENT_HTTP | SITE_FLAG_CLIENT_GRPC | SITE_FLAG_CLIENT_SQL
 CALL_FINISH_EXPECTED = 1
 CALL_HANDLER_RETURNED = 2
+CALL_HTTP1 = 4
+CALL_HTTP2 = 8
+CALL_GRPC = 16
 MAX_THREAD_DEPTH = 8
 
 SITE_KEY = np.dtype([("tgid", "<u4"), ("_pad", "<u4"), ("ip", "<u8")], align=True)
-SITE = np.dtype([("func_id", "<u4"), ("role", "<u2"), ("flags", "<u2")], align=True)
+SITE = np.dtype(
+    [
+        ("func_id", "<u4"),
+        ("role", "<u2"),
+        ("flags", "<u2"),
+        ("field_a", "<i4"),
+        ("field_b", "<i4"),
+        ("field_c", "<i4"),
+        ("field_d", "<i4"),
+    ],
+    align=True,
+)
 PROCESS_LAYOUT = np.dtype(
     [
         ("goid", "<i4"),
@@ -40,6 +61,7 @@ PROCESS_LAYOUT = np.dtype(
         ("response_status", "<i4"),
         ("is_go", "<u4"),
         ("http_finish", "<u4"),
+        ("h2_server", "<u4"),
     ],
     align=True,
 )
@@ -52,6 +74,8 @@ CALL_START = np.dtype(
         ("tid", "<u4"),
         ("flags", "<u4"),
         ("handler_end_ns", "<u8"),
+        ("rpc_status", "<i4"),
+        ("_pad", "<u4"),
     ],
     align=True,
 )
@@ -95,7 +119,17 @@ CONSTANTS: dict[str, int] = {
     "SITE_RETURN": SITE_RETURN,
     "SITE_FLAG_HTTP": SITE_FLAG_HTTP,
     "SITE_FLAG_HTTP_FINISH": SITE_FLAG_HTTP_FINISH,
+    "SITE_FLAG_H2": SITE_FLAG_H2,
+    "SITE_FLAG_GRPC": SITE_FLAG_GRPC,
+    "SITE_FLAG_GRPC_STATUS": SITE_FLAG_GRPC_STATUS,
     "CALL_FINISH_EXPECTED": CALL_FINISH_EXPECTED,
     "CALL_HANDLER_RETURNED": CALL_HANDLER_RETURNED,
+    "CALL_HTTP1": CALL_HTTP1,
+    "CALL_HTTP2": CALL_HTTP2,
+    "CALL_GRPC": CALL_GRPC,
     "MAX_THREAD_DEPTH": MAX_THREAD_DEPTH,
+    "SITE_FLAG_CLIENT_HTTP": SITE_FLAG_CLIENT_HTTP,
+    "SITE_FLAG_CLIENT_GRPC": SITE_FLAG_CLIENT_GRPC,
+    "SITE_FLAG_CLIENT_SQL": SITE_FLAG_CLIENT_SQL,
+    "SITE_FLAG_CLIENT": SITE_FLAG_CLIENT,
 }

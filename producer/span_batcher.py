@@ -17,11 +17,31 @@ from typing import Any
 
 import numpy as np
 
-from ebpf_apm.producer.event_layout import HTTP_PATH_MAX
+from ebpf_apm.producer.event_layout import (
+    CLIENT_GRPC,
+    CLIENT_HOST_MAX,
+    CLIENT_HTTP,
+    CLIENT_SPAN_EVENT,
+    CLIENT_SQL,
+    CLIENT_TEXT_MAX,
+    DB_SYSTEMS,
+    HTTP_PATH_MAX,
+    PROTO_GRPC,
+)
 from ebpf_apm.producer.path_redaction import PathRedactor
+from ebpf_apm.producer.sql_sanitizer import sanitize, sql_operation
 from ebpf_apm.schemas.event_batch import (
+    RPC_STATUS_MAX,
+    RPC_STATUS_UNKNOWN,
+    SPAN_KIND,
+    SPAN_KIND_CLIENT,
+    SPAN_KIND_INTERNAL,
+    SPAN_KIND_SERVER,
+    ClientColumns,
+    DbColumns,
     HttpColumns,
     NetBatch,
+    RpcColumns,
     SpanBatch,
     encode_net_batch,
     encode_span_batch,
@@ -157,10 +177,27 @@ class ProcessBatcher:
         raise NotImplementedError
 
 
-class SpanBatcher(ProcessBatcher):
-    """Function spans and HTTP spans -> `apm.uprobe.events` batches."""
+#: Client records are published in one message per kind of call, so that no message has
+#: more parts than a reader accepts (schemas/event_batch.py MAX_CONTAINERS).
+CLIENT_TAGS = {CLIENT_HTTP: "client_http", CLIENT_GRPC: "client_grpc", CLIENT_SQL: "client_sql"}
 
-    RINGS = ("span", "http")
+
+class SpanBatcher(ProcessBatcher):
+    """Function spans, server spans (HTTP, gRPC) and client spans (HTTP, gRPC, SQL) ->
+    `apm.uprobe.events` batches.
+
+    `add` takes the span, http and client rings' records; the client records are split by
+    kind (CLIENT_TAGS), each kind its own messages."""
+
+    RINGS = ("span", "http", *CLIENT_TAGS.values())
+
+    def add(self, drained: Sequence[np.ndarray], now_ns: int) -> list[OutgoingBatch]:
+        """Records of the span, http and client rings (the client ring may be left out)."""
+        if len(drained) in (2, 3):
+            client = drained[2] if len(drained) == 3 else np.empty(0, CLIENT_SPAN_EVENT)
+            split = [client[client["client"] == kind] for kind in CLIENT_TAGS]
+            drained = [drained[0], drained[1], *split]
+        return super().add(drained, now_ns)
 
     def __init__(
         self,
@@ -180,10 +217,18 @@ class SpanBatcher(ProcessBatcher):
     def _encode_parts(self, pid: int, tag: str, records: np.ndarray) -> bytes:
         if tag == "http":
             return self._encode(pid, None, records)
+        if tag in CLIENT_TAGS.values():
+            return self._encode(pid, None, None, records)
         return self._encode(pid, records, None)
 
-    def _encode(self, pid: int, spans: np.ndarray | None, http: np.ndarray | None) -> bytes:
-        records = spans if spans is not None else http
+    def _encode(
+        self,
+        pid: int,
+        spans: np.ndarray | None,
+        http: np.ndarray | None,
+        client: np.ndarray | None = None,
+    ) -> bytes:
+        records = spans if spans is not None else http if http is not None else client
         assert records is not None
         n = len(records)
         func_ids, local_func = np.unique(records["func_id"], return_inverse=True)
@@ -196,26 +241,52 @@ class SpanBatcher(ProcessBatcher):
             "start_ns": records["start_ns"].astype(np.int64) + offset,
             "end_ns": records["ts_ns"].astype(np.int64) + offset,
         }
-        http_columns = None
+        http_columns = rpc_columns = None
+        kinds = np.full(n, SPAN_KIND_INTERNAL, dtype=SPAN_KIND)
         if http is not None:
-            methods = [
-                _decode_text(m, int(n_))
-                for m, n_ in zip(http["method"], http["method_len"], strict=True)
-            ]
-            redact = self.redactor.redact
-            paths = [
-                redact(_decode_text(p, min(int(n_), HTTP_PATH_MAX)))
-                for p, n_ in zip(http["path"], http["path_len"], strict=True)
-            ]
-            http_columns = HttpColumns(
-                rows=np.arange(n, dtype=np.uint32),
-                method=methods,
-                path=paths,
-                status=np.array([_http_status(int(s)) for s in http["status"]], dtype=np.uint16),
-                flushed_ns=np.where(
-                    http["flushed_ns"] > 0, http["flushed_ns"].astype(np.int64) + offset, 0
-                ),
-            )
+            # One record type for every server span: gRPC calls carry the full method in
+            # `path` and the status code in `status`.
+            kinds[:] = SPAN_KIND_SERVER
+            is_rpc = http["protocol"] == PROTO_GRPC
+            rpc_rows = np.flatnonzero(is_rpc).astype(np.uint32)
+            http_rows = np.flatnonzero(~is_rpc).astype(np.uint32)
+            if len(http_rows):
+                rows = http[http_rows]
+                redact = self.redactor.redact
+                http_columns = HttpColumns(
+                    rows=http_rows,
+                    method=[
+                        _decode_text(m, int(n_))
+                        for m, n_ in zip(rows["method"], rows["method_len"], strict=True)
+                    ],
+                    path=[
+                        redact(_decode_text(p, min(int(n_), HTTP_PATH_MAX)))
+                        for p, n_ in zip(rows["path"], rows["path_len"], strict=True)
+                    ],
+                    status=np.array(
+                        [_http_status(int(s)) for s in rows["status"]], dtype=np.uint16
+                    ),
+                    flushed_ns=np.where(
+                        rows["flushed_ns"] > 0, rows["flushed_ns"].astype(np.int64) + offset, 0
+                    ),
+                )
+            if len(rpc_rows):
+                rows = http[rpc_rows]
+                codes = rows["status"]
+                rpc_columns = RpcColumns(
+                    rows=rpc_rows,
+                    method=[
+                        _decode_text(p, min(int(n_), HTTP_PATH_MAX))
+                        for p, n_ in zip(rows["path"], rows["path_len"], strict=True)
+                    ],
+                    status=np.where(codes <= RPC_STATUS_MAX, codes, RPC_STATUS_UNKNOWN).astype(
+                        np.uint8
+                    ),
+                )
+        client_columns = db_columns = None
+        if client is not None:
+            kinds[:] = SPAN_KIND_CLIENT
+            http_columns, rpc_columns, client_columns, db_columns = self._client_parts(client)
         info = self.process_info.get(pid, ProcessInfo(exe=""))
         batch = SpanBatch(
             node=self.node,
@@ -225,8 +296,63 @@ class SpanBatcher(ProcessBatcher):
             columns=columns,
             http=http_columns,
             k8s=info.k8s,
+            rpc=rpc_columns,
+            span_kind=kinds,
+            client=client_columns,
+            db=db_columns,
         )
         return encode_span_batch(batch)
+
+    def _client_parts(
+        self, client: np.ndarray
+    ) -> tuple[HttpColumns | None, RpcColumns | None, ClientColumns, DbColumns | None]:
+        """The parts of one kind of client records (all HTTP, all gRPC or all SQL)."""
+        n = len(client)
+        rows = np.arange(n, dtype=np.uint32)
+        error = client["error"].astype(np.uint8)
+        text = [
+            _decode_text(t, min(int(n_), CLIENT_TEXT_MAX))
+            for t, n_ in zip(client["text"], client["text_len"], strict=True)
+        ]
+        kind = int(client["client"][0]) if n else CLIENT_HTTP
+        http = rpc = db = None
+        host = None
+        if kind == CLIENT_HTTP:
+            host = [
+                _decode_text(h, min(int(n_), CLIENT_HOST_MAX))
+                for h, n_ in zip(client["host"], client["host_len"], strict=True)
+            ]
+            status = client["status"]
+            http = HttpColumns(
+                rows=rows,
+                method=[
+                    _decode_text(m, int(n_))
+                    for m, n_ in zip(client["method"], client["method_len"], strict=True)
+                ],
+                path=[self.redactor.redact(p) for p in text],
+                # a transport error (or a status outside HTTP's range) is 0
+                status=np.where((status >= 100) & (status <= 599) & (error == 0), status, 0)
+                .astype(np.uint16),
+            )  # fmt: skip
+        elif kind == CLIENT_GRPC:
+            codes = client["status"]
+            known = (codes >= 0) & (codes <= RPC_STATUS_MAX)
+            rpc = RpcColumns(
+                rows=rows,
+                method=text,
+                status=np.where(known, codes, RPC_STATUS_UNKNOWN).astype(np.uint8),
+            )
+        else:
+            systems = [DB_SYSTEMS[s] if s < len(DB_SYSTEMS) else "" for s in client["db_system"]]
+            # Literals never leave the node: sanitized here, before the batch is encoded.
+            statements = [sanitize(t, system) for t, system in zip(text, systems, strict=True)]
+            db = DbColumns(
+                rows=rows,
+                system=systems,
+                operation=[sql_operation(s) for s in statements],
+                statement=statements,
+            )
+        return http, rpc, ClientColumns(rows=rows, host=host, error=error), db
 
 
 class NetBatcher(ProcessBatcher):

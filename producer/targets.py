@@ -15,10 +15,13 @@ from pathlib import Path
 
 from ebpf_apm.producer.binary_guard import BinaryLimits, parsing
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProcessLayout
+from ebpf_apm.producer.client_probes import client_probes
 from ebpf_apm.producer.elf_symbols import SymbolTable
 from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
 from ebpf_apm.producer.go_binary import go_layout
+from ebpf_apm.producer.map_layout import SITE_FLAG_H2
 from ebpf_apm.producer.probe_sites import ProbePlan, plan_function
+from ebpf_apm.producer.server_probes import server_probes
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,10 @@ class FunctionTarget:
     plan: ProbePlan
     http: bool
     http_finish: bool = False  # only its returns, ending the HTTP span `func_id`
+    # HTTP/2 and gRPC servers (producer/server_probes.py): SITE_FLAG_* and field offsets
+    server_flags: int = 0
+    fields: tuple[int, int, int, int] = (-1, -1, -1, -1)
+    entry_only: bool = False  # only its entry, adding to the span `func_id` (WriteStatus)
 
 
 @dataclass
@@ -159,10 +166,13 @@ def _plan_binary(
     else:
         layout = ProcessLayout(is_go=False)
     serves_http = go and HTTP_SERVER_SYMBOL in table
-    if not symbols and not (http and serves_http):
+    servers = server_probes(table, go_layout(binary)) if go and http else []
+    clients = client_probes(table, go_layout(binary)) if go and http else []
+    if not symbols and not (http and (serves_http or servers or clients)):
         raise TargetError(
-            f"{exe} is not a Go net/http server, so there is nothing to trace "
-            "automatically; name functions with --func SYMBOL"
+            f"{exe} is not a Go net/http or gRPC server nor an HTTP, gRPC or database/sql "
+            "client, so there is nothing to trace automatically; name functions with "
+            "--func SYMBOL"
             if http
             else f"{exe}: nothing to trace: HTTP tracing is off and no --func was given"
         )
@@ -186,6 +196,38 @@ def _plan_binary(
             http_id = names.id_of(HTTP_SERVER_SYMBOL)
             functions += (FunctionTarget(http_id, finish, True, http_finish=True),)
             layout = replace(layout, http_finish=True)
+    for server in servers:
+        functions += (
+            FunctionTarget(
+                names.id_of(server.span_symbol),
+                plan_function(binary, table, server.symbol, go),
+                False,
+                server_flags=server.flags,
+                fields=server.fields,
+                entry_only=server.entry_only,
+            ),
+        )
+    if any(server.flags & SITE_FLAG_H2 for server in servers):
+        layout = replace(layout, h2_server=True)
+    for client in clients:
+        functions += (
+            FunctionTarget(
+                names.id_of(client.symbol),
+                plan_function(binary, table, client.symbol, go),
+                False,
+                server_flags=client.flags,
+                fields=client.fields,
+            ),
+        )
+        # A client-only binary's table layout has no request offsets (no HTTP server).
+        given = dict(client.layout)
+        if given:
+            layout = replace(
+                layout,
+                request_method=_known(layout.request_method, given["request_method"]),
+                request_url=_known(layout.request_url, given["request_url"]),
+                url_path=_known(layout.url_path, given["url_path"]),
+            )
     return BinaryPlan(exe=exe, layout=layout, go_version=version, functions=functions)
 
 
@@ -222,6 +264,10 @@ def resolve_target(
     return bind_process(pid, plan, exe)
 
 
+def _known(offset: int, fallback: int) -> int:
+    return offset if offset >= 0 else fallback
+
+
 def attach_target(probes: AgentProbes, target: TargetProcess) -> None:
     """Load one process's layout and attach every planned function's probes."""
     probes.add_process(target.pid, target.layout)
@@ -237,6 +283,9 @@ def attach_target(probes: AgentProbes, target: TargetProcess) -> None:
             fn.http,
             target.layout.is_go,
             fn.http_finish,
+            fn.server_flags,
+            fn.fields,
+            fn.entry_only,
         )
 
 

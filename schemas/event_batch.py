@@ -39,6 +39,17 @@ SPAN_COLUMNS: dict[str, np.dtype[Any]] = {
 HTTP_ROW = np.dtype("<u4")
 HTTP_STATUS = np.dtype("<u2")
 HTTP_FLUSHED = np.dtype("<i8")
+RPC_ROW = np.dtype("<u4")
+RPC_STATUS = np.dtype("u1")
+SPAN_KIND = np.dtype("u1")
+#: span_kind column values -> the names `tail --json` shows (OpenTelemetry's span kinds).
+SPAN_KINDS = ("internal", "server", "client")
+SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 0, 1, 2
+#: gRPC status codes are 0 (OK) to 16 (UNAUTHENTICATED); the batch says 255 for unknown.
+RPC_STATUS_MAX = 16
+RPC_STATUS_UNKNOWN = 255
+CLIENT_ROW = np.dtype("<u4")
+CLIENT_ERROR = np.dtype("u1")
 
 
 # What a reader accepts (schemas/uprobe_events.md lists them with the reasons).
@@ -47,9 +58,12 @@ MAX_FUNCS = 65_536
 MAX_NAME_LEN = 4096  # node, exe, function names, k8s values (characters)
 MAX_STRING_BYTES = 8192  # any string, e.g. an HTTP method or path (UTF-8 bytes)
 MAX_K8S_FIELDS = 16
-MAX_CONTAINERS = 8  # maps and lists in one message: the format has at most 7
-# Items in all lists of a message: funcs, and http.method and http.path (one per span).
-MAX_LIST_ITEMS = MAX_FUNCS + 2 * MAX_BATCH_EVENTS
+MAX_CONTAINERS = 10  # maps and lists in one message: the format has at most 9
+# (The agent sends each kind of client span in messages of their own so that this holds:
+# client HTTP spans carry http + client, gRPC rpc + client, SQL db + client.)
+# Items in all lists of a message: funcs, and at most 3 lists with one item per span
+# (client HTTP spans: http.method, http.path, client.host; SQL: db's 3 lists)
+MAX_LIST_ITEMS = MAX_FUNCS + 3 * MAX_BATCH_EVENTS
 MAX_PID = (1 << 32) - 1
 # The join keeps a goroutine id in the low 48 bits of a key, above the 32-bit thread ids
 # (consumers/net_event_store.py).
@@ -85,6 +99,34 @@ class HttpColumns:
 
 
 @dataclass
+class RpcColumns:
+    """gRPC fields of the spans that are gRPC calls: `rows` index the batch's spans."""
+
+    rows: np.ndarray
+    method: list[str]  # the full method, /package.Service/Method
+    status: np.ndarray  # the gRPC status code 0..16, RPC_STATUS_UNKNOWN when not seen
+
+
+@dataclass
+class ClientColumns:
+    """Fields every client span has (HTTP, gRPC, SQL): `rows` index the batch's spans."""
+
+    rows: np.ndarray
+    host: list[str] | None  # HTTP: the request URL's host as requested; None for gRPC, SQL
+    error: np.ndarray  # 1: the call returned an error (HTTP: a transport error, status 0)
+
+
+@dataclass
+class DbColumns:
+    """database/sql statements: `rows` index the batch's spans."""
+
+    rows: np.ndarray
+    system: list[str]  # OpenTelemetry db.system ("postgresql"...), "" when not known
+    operation: list[str]  # SELECT, INSERT, ... (the statement's first word)
+    statement: list[str]  # sanitized by the agent: literals are ?, at most 256 bytes
+
+
+@dataclass
 class SpanBatch:
     node: str
     pid: int
@@ -94,6 +136,22 @@ class SpanBatch:
     http: HttpColumns | None = None
     k8s: dict[str, str | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    rpc: RpcColumns | None = None
+    # SPAN_KIND_* per span; None (an older writer): HTTP and gRPC rows are server spans,
+    # the others internal (see span_kinds()).
+    span_kind: np.ndarray | None = None
+    client: ClientColumns | None = None
+    db: DbColumns | None = None
+
+    def span_kinds(self) -> np.ndarray:
+        """The kind of every span, derived for batches that do not carry the column."""
+        if self.span_kind is not None:
+            return self.span_kind
+        kinds = np.full(len(self), SPAN_KIND_INTERNAL, dtype=SPAN_KIND)
+        for part in (self.http, self.rpc):
+            if part is not None:
+                kinds[part.rows] = SPAN_KIND_SERVER
+        return kinds
 
     def __len__(self) -> int:
         return len(self.columns["tid"])
@@ -133,6 +191,28 @@ def encode_span_batch(batch: SpanBatch) -> bytes:
         if batch.http.flushed_ns is not None:
             flushed = np.ascontiguousarray(batch.http.flushed_ns, dtype=HTTP_FLUSHED)
             message["http"]["flushed_ns"] = flushed.tobytes()
+    if batch.rpc is not None and len(batch.rpc.rows):
+        message["rpc"] = {
+            "row": np.ascontiguousarray(batch.rpc.rows, dtype=RPC_ROW).tobytes(),
+            "method": batch.rpc.method,
+            "status": np.ascontiguousarray(batch.rpc.status, dtype=RPC_STATUS).tobytes(),
+        }
+    if batch.client is not None and len(batch.client.rows):
+        message["client"] = {
+            "row": np.ascontiguousarray(batch.client.rows, dtype=CLIENT_ROW).tobytes(),
+            "error": np.ascontiguousarray(batch.client.error, dtype=CLIENT_ERROR).tobytes(),
+        }
+        if batch.client.host is not None:
+            message["client"]["host"] = batch.client.host
+    if batch.db is not None and len(batch.db.rows):
+        message["db"] = {
+            "row": np.ascontiguousarray(batch.db.rows, dtype=CLIENT_ROW).tobytes(),
+            "system": batch.db.system,
+            "operation": batch.db.operation,
+            "statement": batch.db.statement,
+        }
+    if batch.span_kind is not None:
+        message["span_kind"] = np.ascontiguousarray(batch.span_kind, dtype=SPAN_KIND).tobytes()
     if batch.k8s is not None:
         message["k8s"] = batch.k8s
     return msgpack.packb(message, use_bin_type=True)
@@ -254,21 +334,75 @@ def _check_goid(goid: np.ndarray) -> None:
         raise BatchDecodeError(f"goroutine id above {MAX_GOID}")
 
 
-def _http(raw: Any, columns: dict[str, np.ndarray]) -> HttpColumns:
+def _rows(raw: Any, part: str, n: int) -> np.ndarray:
+    """The `row` column of an optional part: increasing indexes of the batch's n spans."""
     if not isinstance(raw, dict):
-        raise BatchDecodeError(f"http: expected a map, got {type(raw).__name__}")
+        raise BatchDecodeError(f"{part}: expected a map, got {type(raw).__name__}")
     row = raw.get("row")
-    n = len(columns["tid"])
     if (
         not isinstance(row, bytes)
         or len(row) % HTTP_ROW.itemsize
         or len(row) > n * HTTP_ROW.itemsize
     ):
-        raise BatchDecodeError(f"http.row: expected at most {n} x 4 bytes, got {_show(row)}")
+        raise BatchDecodeError(f"{part}.row: expected at most {n} x 4 bytes, got {_show(row)}")
     rows = np.frombuffer(row, dtype=HTTP_ROW)
+    if len(rows) and (int(rows.max()) >= n or bool((np.diff(rows.astype(np.int64)) <= 0).any())):
+        raise BatchDecodeError(f"{part}.row: rows must be increasing indexes of the batch's spans")
+    return rows
+
+
+def _rpc(raw: Any, n: int, http: HttpColumns | None) -> RpcColumns:
+    rows = _rows(raw, "rpc", n)
     m = len(rows)
-    if m and (int(rows.max()) >= n or bool((np.diff(rows.astype(np.int64)) <= 0).any())):
-        raise BatchDecodeError("http.row: rows must be increasing indexes of the batch's spans")
+    if http is not None and len(np.intersect1d(rows, http.rows)):
+        raise BatchDecodeError("rpc.row: a span cannot be both an HTTP request and a gRPC call")
+    status = _column(raw.get("status"), RPC_STATUS, m, "rpc.status")
+    if bool(((status > RPC_STATUS_MAX) & (status != RPC_STATUS_UNKNOWN)).any()):
+        raise BatchDecodeError(
+            f"rpc.status: a code outside 0..{RPC_STATUS_MAX} ({RPC_STATUS_UNKNOWN} for unknown)"
+        )
+    return RpcColumns(rows=rows, method=_texts(raw.get("method"), "rpc.method", m), status=status)
+
+
+def _span_kind(raw: Any, n: int) -> np.ndarray:
+    kinds = _column(raw, SPAN_KIND, n, "span_kind")
+    if len(kinds) and int(kinds.max()) >= len(SPAN_KINDS):
+        raise BatchDecodeError(
+            f"span_kind: values are 0..{len(SPAN_KINDS) - 1} ({', '.join(SPAN_KINDS)})"
+        )
+    return kinds
+
+
+def _client(raw: Any, n: int) -> ClientColumns:
+    rows = _rows(raw, "client", n)
+    m = len(rows)
+    error = _column(raw.get("error"), CLIENT_ERROR, m, "client.error")
+    if len(error) and int(error.max()) > 1:
+        raise BatchDecodeError("client.error: values are 0 (no error) or 1 (error)")
+    host = raw.get("host")
+    return ClientColumns(
+        rows=rows,
+        host=None if host is None else _texts(host, "client.host", m),
+        error=error,
+    )
+
+
+def _db(raw: Any, n: int, others: list[np.ndarray]) -> DbColumns:
+    rows = _rows(raw, "db", n)
+    m = len(rows)
+    if any(len(np.intersect1d(rows, other)) for other in others):
+        raise BatchDecodeError("db.row: a statement cannot be an HTTP request or gRPC call too")
+    return DbColumns(
+        rows=rows,
+        system=_texts(raw.get("system"), "db.system", m),
+        operation=_texts(raw.get("operation"), "db.operation", m),
+        statement=_texts(raw.get("statement"), "db.statement", m),
+    )
+
+
+def _http(raw: Any, columns: dict[str, np.ndarray]) -> HttpColumns:
+    rows = _rows(raw, "http", len(columns["tid"]))
+    m = len(rows)
     status = _column(raw.get("status"), HTTP_STATUS, m, "http.status")
     if bool(((status != 0) & ((status < 100) | (status > 599))).any()):
         raise BatchDecodeError("http.status: a status outside 100..599 (0 for unknown)")
@@ -313,6 +447,13 @@ def decode_span_batch(value: bytes) -> SpanBatch:
             raise BatchDecodeError("a span ends before it starts")
         _check_goid(columns["goid"])
     http = _http(message["http"], columns) if message.get("http") is not None else None
+    rpc = _rpc(message["rpc"], n, http) if message.get("rpc") is not None else None
+    kinds = _span_kind(message["span_kind"], n) if message.get("span_kind") is not None else None
+    client = _client(message["client"], n) if message.get("client") is not None else None
+    others = [part.rows for part in (http, rpc) if part is not None]
+    db = _db(message["db"], n, others) if message.get("db") is not None else None
+    if (client is not None or db is not None) and kinds is None:
+        raise BatchDecodeError("client and db parts need the span_kind column")
     return SpanBatch(
         node=_text(message.get("node"), "node", MAX_NAME_LEN),
         pid=_int(message, "pid", 0, MAX_PID),
@@ -321,6 +462,10 @@ def decode_span_batch(value: bytes) -> SpanBatch:
         columns=columns,
         http=http,
         k8s=_k8s(message),
+        rpc=rpc,
+        span_kind=kinds,
+        client=client,
+        db=db,
     )
 
 
@@ -344,6 +489,16 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
     http_at: dict[int, int] = {}
     if batch.http is not None:
         http_at = {row: i for i, row in enumerate(batch.http.rows.tolist())}
+    rpc_at: dict[int, int] = {}
+    if batch.rpc is not None:
+        rpc_at = {row: i for i, row in enumerate(batch.rpc.rows.tolist())}
+    client_at: dict[int, int] = {}
+    if batch.client is not None:
+        client_at = {row: i for i, row in enumerate(batch.client.rows.tolist())}
+    db_at: dict[int, int] = {}
+    if batch.db is not None:
+        db_at = {row: i for i, row in enumerate(batch.db.rows.tolist())}
+    kinds = batch.span_kinds().tolist()
     k8s = batch.k8s or {}
     for i in range(len(batch)):
         goid = cols["goid"][i]
@@ -358,6 +513,7 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             "start_ns": cols["start_ns"][i],
             "end_ns": cols["end_ns"][i],
             "duration_ns": cols["end_ns"][i] - cols["start_ns"][i],
+            "span_kind": SPAN_KINDS[kinds[i]],
         }
         j = http_at.get(i)
         if j is not None and batch.http is not None:
@@ -366,6 +522,21 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             event["http_status"] = int(batch.http.status[j])
             flushed = 0 if batch.http.flushed_ns is None else int(batch.http.flushed_ns[j])
             event["http_flushed_ns"] = flushed or None
+        r = rpc_at.get(i)
+        if r is not None and batch.rpc is not None:
+            event["rpc_method"] = batch.rpc.method[r]
+            code = int(batch.rpc.status[r])
+            event["rpc_status"] = None if code == RPC_STATUS_UNKNOWN else code
+        c = client_at.get(i)
+        if c is not None and batch.client is not None:
+            if j is not None and batch.client.host is not None:
+                event["http_host"] = batch.client.host[c]
+            event["error"] = int(batch.client.error[c])  # 0 or 1, as in apm.spans
+        d = db_at.get(i)
+        if d is not None and batch.db is not None:
+            event["db_system"] = batch.db.system[d] or None
+            event["db_operation"] = batch.db.operation[d]
+            event["db_statement"] = batch.db.statement[d]
         for name in K8S_FIELDS:
             event[name] = k8s.get(name)
         yield event

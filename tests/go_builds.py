@@ -40,6 +40,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGETS_DIR = REPO_ROOT / "tests" / "targets"
 #: Debian's golang-1.19-go package, installed by `make setup`.
 GO_119 = Path("/usr/lib/go-1.19/bin/go")
+#: Go library sources of Debian's golang-*-dev packages (deploy/setup-host.sh installs them).
+GOCODE = Path("/usr/share/gocode")
 #: Bump to invalidate every cached binary (e.g. after changing how builds are run).
 CACHE_FORMAT = "1"
 BUILD_TIMEOUT_S = 600
@@ -92,6 +94,7 @@ def build_go(
     stripped: bool,
     *,
     pie: bool = False,
+    gopath: bool = False,
     cache_dir: str | Path | None = None,
 ) -> Path:
     """Build the Go main package in ``source_dir`` into ``out_path``; return ``out_path``.
@@ -99,7 +102,10 @@ def build_go(
     ``stripped`` links with ``-ldflags=-s -w`` (no .symtab, no DWARF; .gopclntab stays).
     ``pie`` builds a position-independent executable. The source directory is copied
     into a scratch module (a generated go.mod with a ``go 1.19`` line), so targets need
-    no go.mod of their own and the source tree stays untouched.
+    no go.mod of their own and the source tree stays untouched. ``gopath`` builds in
+    GOPATH mode instead, against the library sources Debian's golang-*-dev packages install
+    under /usr/share/gocode (no module proxy is reachable: this is how targets use gRPC and
+    golang.org/x/net).
     """
     source = Path(source_dir).resolve()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -113,12 +119,23 @@ def build_go(
     if not any(p.suffix == ".go" for p in files):
         raise BuildError(f"no .go files in {source}")
     key = _digest(
-        [CACHE_FORMAT, "go", source.name, _go_version_output(go), *flags],
+        [CACHE_FORMAT, "go", source.name, _go_version_output(go), *flags]
+        + (["gopath", str(GOCODE)] if gopath else []),
         files,
     )
 
     def compile_into(target: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="gobuild-", dir=cache) as scratch:
+            if gopath:
+                package = Path(scratch) / "src" / source.name
+                package.mkdir(parents=True)
+                for f in files:
+                    shutil.copy2(f, package / f.name)
+                env = _go_env(cache)
+                env.update(GO111MODULE="off", GOFLAGS="-buildvcs=false",
+                           GOPATH=f"{scratch}{os.pathsep}{GOCODE}")  # fmt: skip
+                _run([str(go), "build", *flags, "-o", str(target), "."], package, env)
+                return
             module = Path(scratch) / source.name
             module.mkdir()
             for f in files:

@@ -1,0 +1,219 @@
+"""Server spans: uprobe hits per request, and what the span program costs per hit against an
+empty program on the same probe points, for HTTP/1, HTTP/2 and gRPC.
+
+The target is tests/targets/grpcserver (Go 1.27): gRPC (unary calls, its own client), HTTP/2
+over TLS (net/http's h2 server, its own client) and HTTP/1 (plain requests from here to its
+h2c port, which net/http serves as HTTP/1). For each kind, two conditions on the same points
+(the agent's own plan, resolve_target): (e) an empty BPF program (`return 0`), (p) the
+project's span program attached as the agent attaches it, its ring drained concurrently.
+The kernel's BPF statistics give each program's mean run time; the agent's trap
+calibration gives the uprobe trap itself. Per hit:
+
+    ratio = (trap + project program) / (trap + empty program)
+
+the same ratio benchmarks/probe_overhead.py measures by wall time for a function probe
+(target <= 1.2). Hits per request come from the span program's own per-process counters.
+Exit status 1 on a failure (build, attach, missing spans).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.bpf_run_stats import RunTimeStats, program_run_stats
+from ebpf_apm.producer.targets import FunctionNames, TargetProcess, attach_target, resolve_target
+from ebpf_apm.producer.trap_calibration import calibrate_trap_cost
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_RATIO = 1.2
+EMPTY_PROGRAM = b"int empty(struct pt_regs *ctx) { return 0; }"
+KINDS = ("http1", "http2", "grpc")
+
+
+class BenchmarkError(RuntimeError):
+    """Something failed: the figures would mean nothing."""
+
+
+def build_target() -> Path:
+    sys.path.insert(0, str(REPO / "tests"))
+    go_builds = importlib.import_module("go_builds")
+    out = go_builds.default_cache_dir() / "bench" / "grpcserver-go1.27"
+    try:
+        source = go_builds.TARGETS_DIR / "grpcserver"
+        return Path(go_builds.build_go(source, out, "1.27", False, gopath=True))
+    except go_builds.BuildError as exc:
+        raise BenchmarkError(f"building grpcserver: {exc}") from exc
+
+
+def send(binary: Path, addrs: dict[str, str], kind: str, requests: int) -> None:
+    """`requests` requests of one kind, 4 at a time."""
+    if kind == "http1":
+        host, port = addrs["h2c"].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        for i in range(requests):
+            conn.request("GET", f"/http1/{i}?ms=0")
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200 or response.version != 11:
+                raise BenchmarkError(f"HTTP/1 request answered {response.status}")
+        conn.close()
+        return
+    client, flag, addr, asks = {
+        "http2": ("h2tls", "-h2tls", addrs["h2tls"], "/http2/x?ms=0"),
+        "grpc": ("unary", "-grpc", addrs["grpc"], "0,0"),
+    }[kind]
+    result = subprocess.run(
+        [str(binary), "-client", client, flag, addr, "-asks", asks, "-calls", str(requests),
+         "-workers", "4"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    if result.returncode != 0 or '"err"' in result.stdout:
+        raise BenchmarkError(f"{kind} client failed: {result.stderr or result.stdout[:300]}")
+
+
+def probe_points(target: TargetProcess) -> list[int]:
+    """ELF addresses of every uprobe the agent puts in the target (entry and RETs)."""
+    points = []
+    for fn in target.functions:
+        base = fn.plan.symbol.address
+        if not fn.http_finish:
+            points.append(base + fn.plan.entry_offset)
+        if not fn.entry_only:
+            points += [base + off for off in fn.plan.return_offsets]
+    return points
+
+
+def measure_kind(
+    binary: Path, addrs: dict[str, str], pid: int, kind: str, requests: int, trap_ns: float
+) -> dict[str, float]:
+    target = resolve_target(pid, [], FunctionNames(), http=True)
+    from bcc import BPF  # noqa: PLC0415 - bcc is loaded only where a program is built
+
+    # (e) the empty program on the same points.
+    empty = BPF(text=EMPTY_PROGRAM)
+    try:
+        for addr in probe_points(target):
+            empty.attach_uprobe(name=target.binary.encode(), addr=addr, fn_name=b"empty", pid=pid)
+        fd = empty.funcs[b"empty"].fd
+        before = program_run_stats(fd)
+        send(binary, addrs, kind, requests)
+        after = program_run_stats(fd)
+    finally:
+        empty.cleanup()
+    empty_runs = after.run_cnt - before.run_cnt
+    empty_ns = (after.run_time_ns - before.run_time_ns) / max(empty_runs, 1)
+
+    # (p) the project's program, attached as the agent does.
+    probes = AgentProbes(ProbeOptions())
+    try:
+        attach_target(probes, target)
+        done = threading.Event()
+        records = [0]
+
+        def drain() -> None:
+            while not done.wait(0.005):
+                records[0] += len(probes.http_reader.drain())
+                probes.span_reader.drain()
+            records[0] += len(probes.http_reader.drain())
+
+        drainer = threading.Thread(target=drain, daemon=True)
+        drainer.start()
+        stats0 = probes.program_run_stats()
+        send(binary, addrs, kind, requests)
+        time.sleep(0.05)
+        stats1 = probes.program_run_stats()
+        hits = probes.probe_hits().get(pid)
+        done.set()
+        drainer.join()
+        probes.detach_process(pid)
+    finally:
+        probes.close()
+    runs = sum(stats1[p].run_cnt - stats0[p].run_cnt for p in ("span_entry", "span_return"))
+    run_ns = sum(
+        stats1[p].run_time_ns - stats0[p].run_time_ns for p in ("span_entry", "span_return")
+    )
+    project_ns = run_ns / max(runs, 1)
+    if hits is None:
+        raise BenchmarkError(f"{kind}: no probe hits counted for pid {pid}")
+    total_hits = int(hits["entry"]) + int(hits["ret"])
+    return {
+        "hits_per_request": total_hits / requests,
+        "spans_per_request": records[0] / requests,
+        "empty_ns": empty_ns,
+        "project_ns": project_ns,
+        "ratio": (trap_ns + project_ns) / (trap_ns + empty_ns),
+        "empty_runs_per_request": empty_runs / requests,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=2000, help="per kind and condition")
+    args = parser.parse_args(argv)
+    try:
+        binary = build_target()
+        stats = RunTimeStats().open()
+        server = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True)
+        try:
+            assert server.stdout is not None
+            addrs = json.loads(server.stdout.readline())
+            probes = AgentProbes(ProbeOptions())
+            try:
+                trap = calibrate_trap_cost(probes)
+            finally:
+                probes.close()
+            print(
+                f"server probe cost, {time.strftime('%Y-%m-%d %H:%M')}, {os.uname().release}: "
+                f"grpcserver (Go 1.27), {args.requests:,} requests per kind and condition, "
+                f"load average {os.getloadavg()[0]:.2f}\ntrap: {trap.describe()}"
+            )
+            print(
+                f"\n{'kind':<6} {'hits/req':>8} {'spans/req':>9} {'empty ns/hit':>12} "
+                f"{'project ns/hit':>14} {'ratio':>6}"
+            )
+            worst = 0.0
+            for kind in KINDS:
+                m = measure_kind(binary, addrs, server.pid, kind, args.requests, trap.ns_per_hit)
+                worst = max(worst, m["ratio"])
+                print(
+                    f"{kind:<6} {m['hits_per_request']:>8.2f} {m['spans_per_request']:>9.2f} "
+                    f"{m['empty_ns']:>12,.0f} {m['project_ns']:>14,.0f} {m['ratio']:>6.3f}"
+                )
+                if abs(m["hits_per_request"] - m["empty_runs_per_request"]) > 0.5:
+                    raise BenchmarkError(
+                        f"{kind}: the empty program ran {m['empty_runs_per_request']:.2f} times "
+                        f"per request, the project's {m['hits_per_request']:.2f}: "
+                        "not the same points"
+                    )
+                if m["spans_per_request"] < 0.99:
+                    raise BenchmarkError(f"{kind}: fewer spans than requests")
+            verdict = "target met" if worst <= TARGET_RATIO else "target NOT met"
+            print(
+                f"\nratio = (trap + project program) / (trap + empty program), per hit; "
+                f"baseline: an empty program = 1.000; target <= {TARGET_RATIO}: {verdict}"
+            )
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(10)
+            if server.stdout:
+                server.stdout.close()
+            stats.close()
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""The HTTP/2 and gRPC servers a Go binary links, and the field offsets their probes read.
+
+net/http's HTTP/1 server is probed at serverHandler.ServeHTTP (producer/targets.py). HTTP/2
+streams and gRPC calls have servers of their own, each running one goroutine per stream:
+
+* ``(*serverConn).runHandler(rw, req, handler)`` of net/http's bundled h2 server (named
+  ``net/http.(*http2serverConn)`` up to Go 1.26, ``net/http/internal/http2.(*serverConn)``
+  from Go 1.27, where the request is a ``ServerRequest``) and of ``golang.org/x/net/http2``:
+  one span per stream, the status read through ``rw.rws``.
+* ``google.golang.org/grpc.(*Server).handleStream(t, stream, trInfo)``: one span per call,
+  the full method from ``stream.method``; the entry of ``(*http2Server).WriteStatus(stream,
+  st)`` on the same goroutine gives the call's status code (``st.s.Code``).
+
+Offsets come from DWARF when the binary has it. Stripped binaries use the tables below,
+measured from DWARF of tests/targets/grpcserver built by Go 1.19 and 1.27 against Debian
+bookworm's library sources (golang.org/x/net 0.7.0, google.golang.org/grpc 1.33.3, genproto
+2020-04); tests/test_server_spans.py keeps tables and DWARF in step. A library release with
+another layout needs DWARF (or a new table row).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ebpf_apm.producer.elf_symbols import SymbolTable
+from ebpf_apm.producer.go_binary import GoLayout, go_minor
+from ebpf_apm.producer.map_layout import SITE_FLAG_GRPC, SITE_FLAG_GRPC_STATUS, SITE_FLAG_H2
+
+__all__ = ["GRPC_SPAN_SYMBOL", "H2_SERVERS", "ServerProbe", "server_probes"]
+
+log = logging.getLogger(__name__)
+
+Member = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class H2Server:
+    symbol: str  # its runHandler
+    writer: str  # responseWriter struct (field rws)
+    state: str  # responseWriterState struct (field status)
+    request: str  # the request struct runHandler receives (fields Method, URL)
+
+
+H2_SERVERS = (
+    H2Server(
+        "net/http.(*http2serverConn).runHandler",
+        "net/http.http2responseWriter",
+        "net/http.http2responseWriterState",
+        "net/http.Request",
+    ),
+    H2Server(
+        "net/http/internal/http2.(*serverConn).runHandler",
+        "net/http/internal/http2.responseWriter",
+        "net/http/internal/http2.responseWriterState",
+        "net/http/internal/http2.ServerRequest",
+    ),
+    H2Server(
+        "golang.org/x/net/http2.(*serverConn).runHandler",
+        "golang.org/x/net/http2.responseWriter",
+        "golang.org/x/net/http2.responseWriterState",
+        "net/http.Request",
+    ),
+)
+GRPC_SPAN_SYMBOL = "google.golang.org/grpc.(*Server).handleStream"
+GRPC_STATUS_SYMBOL = "google.golang.org/grpc/internal/transport.(*http2Server).WriteStatus"
+GRPC_STREAM = "google.golang.org/grpc/internal/transport.Stream"
+GRPC_STATUS = "google.golang.org/grpc/internal/status.Status"
+RPC_STATUS = "google.golang.org/genproto/googleapis/rpc/status.Status"
+
+#: Standard library offsets by Go "major.minor" (stripped binaries; nearest lower release).
+GO_TABLE: dict[str, dict[Member, int]] = {
+    "1.19": {
+        ("net/http.Request", "Method"): 0,
+        ("net/http.Request", "URL"): 16,
+        ("net/http.http2responseWriter", "rws"): 0,
+        ("net/http.http2responseWriterState", "status"): 80,
+    },
+    "1.27": {
+        ("net/http.Request", "Method"): 0,
+        ("net/http.Request", "URL"): 16,
+        ("net/http/internal/http2.responseWriter", "rws"): 0,
+        ("net/http/internal/http2.responseWriterState", "status"): 240,
+        ("net/http/internal/http2.ServerRequest", "Method"): 48,
+        ("net/http/internal/http2.ServerRequest", "URL"): 64,
+    },
+}
+#: Library offsets (the same with every Go release; measured for the versions named above).
+LIBRARY_TABLE: dict[Member, int] = {
+    ("golang.org/x/net/http2.responseWriter", "rws"): 0,
+    ("golang.org/x/net/http2.responseWriterState", "status"): 72,
+    (GRPC_STREAM, "method"): 72,
+    (GRPC_STATUS, "s"): 0,
+    (RPC_STATUS, "Code"): 0,
+}
+
+
+@dataclass(frozen=True)
+class ServerProbe:
+    """One server function to probe: the sites carry ``span_symbol``'s function id."""
+
+    symbol: str
+    span_symbol: str
+    flags: int  # SITE_FLAG_H2, SITE_FLAG_GRPC or SITE_FLAG_GRPC_STATUS
+    fields: tuple[int, int, int, int]  # field_a..field_d of the sites (bpf/probe_maps.h)
+    entry_only: bool = False  # no return probes (WriteStatus)
+
+
+def server_probes(table: SymbolTable, layout: GoLayout) -> list[ServerProbe]:
+    """The HTTP/2 and gRPC server probes for a Go binary with symbols ``table``.
+
+    A server whose offsets are unknown (no DWARF, no table row) is left out with a warning:
+    its requests are then not traced, rather than traced with wrong fields."""
+    offset = _offsets(layout)
+    probes: list[ServerProbe] = []
+    for h2 in H2_SERVERS:
+        if h2.symbol not in table:
+            continue
+        wanted = [
+            (h2.writer, "rws"),
+            (h2.state, "status"),
+            (h2.request, "Method"),
+            (h2.request, "URL"),
+        ]
+        fields = [offset(*m) for m in wanted]
+        if _missing(h2.symbol, wanted, fields, layout):
+            continue
+        a, b, c, d = fields
+        probes.append(ServerProbe(h2.symbol, h2.symbol, SITE_FLAG_H2, (a, b, c, d)))
+    if GRPC_SPAN_SYMBOL in table:
+        method = offset(GRPC_STREAM, "method")
+        if not _missing(GRPC_SPAN_SYMBOL, [(GRPC_STREAM, "method")], [method], layout):
+            method_only = (method, -1, -1, -1)
+            span = ServerProbe(GRPC_SPAN_SYMBOL, GRPC_SPAN_SYMBOL, SITE_FLAG_GRPC, method_only)
+            probes.append(span)
+            wanted = [(GRPC_STATUS, "s"), (RPC_STATUS, "Code")]
+            found = [offset(*m) for m in wanted]
+            if GRPC_STATUS_SYMBOL in table and not _missing(
+                GRPC_STATUS_SYMBOL, wanted, found, layout
+            ):
+                probes.append(
+                    ServerProbe(
+                        GRPC_STATUS_SYMBOL,
+                        GRPC_SPAN_SYMBOL,
+                        SITE_FLAG_GRPC_STATUS,
+                        (found[0], found[1], -1, -1),
+                        entry_only=True,
+                    )
+                )
+    return probes
+
+
+def _offsets(layout: GoLayout) -> Callable[[str, str], int]:
+    """Offset of a struct member (-1 unknown): DWARF's, or the tables' for stripped builds."""
+    go_row: dict[Member, int] = {}
+    minor = go_minor(layout.version)
+    if layout.source == "table" and minor is not None:
+        known = sorted((m, key) for key in GO_TABLE if (m := go_minor("go" + key)))
+        lower = [key for m, key in known if m <= minor]
+        if lower:
+            go_row = GO_TABLE[lower[-1]]
+
+    def offset(struct_name: str, member: str) -> int:
+        if layout.source == "dwarf":
+            found = layout.dwarf_offset(struct_name, member)
+            return -1 if found is None else found
+        return go_row.get((struct_name, member), LIBRARY_TABLE.get((struct_name, member), -1))
+
+    return offset
+
+
+def _missing(symbol: str, wanted: list[Member], fields: list[int], layout: GoLayout) -> bool:
+    unknown = [f"{s}.{m}" for (s, m), value in zip(wanted, fields, strict=True) if value < 0]
+    if unknown:
+        log.warning(
+            "%s is linked but the offsets of %s are unknown for %s (%s): its requests are not "
+            "traced; trace a build with DWARF (without -ldflags=-w)",
+            symbol,
+            ", ".join(unknown),
+            layout.version,
+            "no DWARF" if layout.source == "table" else "not in DWARF",
+        )
+        return True
+    return False

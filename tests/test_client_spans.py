@@ -1,0 +1,173 @@
+"""Client spans (outgoing HTTP, gRPC and database/sql calls) against real Go programs,
+kernel, broker and PostgreSQL.
+
+tests/targets/goclient runs twice: once as the servers (HTTP/1 and gRPC), once as the
+client the agent traces, which makes calls from 16 goroutines to those servers and to the
+test's PostgreSQL and prints what every call asked for, what came back and when it started
+and ended. That is the ground truth: exactly one client span per call, with the method,
+host, path and status (HTTP), the full method and code (gRPC), the operation (SQL), inside
+the caller's own timing; no SQL literal the program sent reaches the topic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from agent_harness import Agent, read_spans
+from go_builds import TARGETS_DIR, Toolchain, build_go
+
+from ebpf_apm.producer.client_probes import GO_TABLE, LIBRARY_TABLE
+from ebpf_apm.producer.go_binary import dwarf_struct_offsets
+
+pytestmark = [pytest.mark.bpf, pytest.mark.integration]
+
+CLOCK_SLACK_NS = 2_000_000  # epoch timestamps are converted from the kernel clock
+VARIANTS: list[tuple[Toolchain, bool]] = [
+    ("1.27", False),
+    ("1.27", True),
+    ("1.19", False),
+    ("1.19", True),
+]
+CALLS = 34  # calls of each kind; gRPC codes cycle through 0..16
+HTTP_DO = "net/http.(*Client).do"
+GRPC_INVOKE = "google.golang.org/grpc.invoke"
+
+
+@pytest.fixture(scope="session")
+def client_targets(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Path]:
+    out = tmp_path_factory.mktemp("goclient")
+    return {
+        (toolchain, stripped): build_go(
+            TARGETS_DIR / "goclient",
+            out / f"goclient-go{toolchain}{'-stripped' if stripped else ''}",
+            toolchain,
+            stripped,
+            gopath=True,
+        )
+        for toolchain, stripped in VARIANTS
+    }
+
+
+@contextmanager
+def started(command: list[str], **kwargs: object) -> Iterator[subprocess.Popen[str]]:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, **kwargs)  # type: ignore[call-overload]
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for pipe in (process.stdout, process.stdin):
+            if pipe:
+                pipe.close()
+
+
+def inside(span: dict, call: dict) -> bool:
+    return (
+        span["start_ns"] >= call["start_ns"] - CLOCK_SLACK_NS
+        and span["end_ns"] <= call["end_ns"] + CLOCK_SLACK_NS
+    )
+
+
+@pytest.mark.parametrize(
+    "toolchain,stripped", VARIANTS, ids=["go1.27", "go1.27-stripped", "go1.19", "go1.19-stripped"]
+)
+def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
+    client_targets: dict, kafka_broker, postgres_url: str, toolchain: str, stripped: bool
+) -> None:
+    binary = client_targets[(toolchain, stripped)]
+    with started([str(binary), "-serve"]) as servers:
+        assert servers.stdout is not None
+        addrs = json.loads(servers.stdout.readline())
+        command = [str(binary), "-http", addrs["http"], "-grpc", addrs["grpc"],
+                   "-pg", postgres_url + "?sslmode=disable", "-calls", str(CALLS)]  # fmt: skip
+        with started(command, stdin=subprocess.PIPE) as client:
+            args = ["--pid", str(client.pid), "--bootstrap-servers",
+                    kafka_broker.bootstrap_servers, "--node-name", "test-node"]  # fmt: skip
+            with Agent(args) as agent:
+                agent.wait_ready()
+                assert client.stdin is not None and client.stdout is not None
+                client.stdin.write("go\n")
+                client.stdin.flush()
+                calls = [json.loads(line) for line in client.stdout]
+                assert client.wait(30) == 0
+                # HTTP and gRPC per call, 4 statements per call, one transport error
+                expected = CALLS * 6 + 1
+                assert len(calls) == expected
+                try:
+                    spans = read_spans(kafka_broker.bootstrap_servers, client.pid, expected)
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}\nagent log:\n{agent.log}") from None
+                assert agent.stop() == 0, agent.log
+    assert "lost in kernel (ring full) 0" in agent.log, agent.log
+    assert "returns without entry 0, read failures 0" in agent.log, agent.log
+    assert all(s["span_kind"] == "client" for s in spans), [s for s in spans][:3]
+
+    # HTTP: one span per request, host as requested, path without the query, final status
+    http_calls = {c["path"]: c for c in calls if c["kind"] == "http"}
+    http = [s for s in spans if s["func"] == HTTP_DO and not s["error"]]
+    assert Counter(s["http_path"] for s in http) == Counter(list(http_calls))
+    for span in http:
+        call = http_calls[span["http_path"]]
+        assert (span["http_method"], span["http_host"]) == ("GET", call["host"]), span
+        assert span["http_status"] == call["status"], (span, call)
+        assert inside(span, call), (span, call)
+    [refused] = [c for c in calls if c["kind"] == "http_error"]
+    assert refused["err"]
+    [error_span] = [s for s in spans if s["func"] == HTTP_DO and s["error"]]
+    assert (error_span["http_status"], error_span["http_host"]) == (0, "127.0.0.1:1")
+    assert error_span["http_path"] == "/refused" and inside(error_span, refused)
+    assert not [s for s in spans if "QUERYSECRET" in json.dumps(s)]
+
+    # gRPC: the full method and the code the server returned
+    grpc_calls = [c for c in calls if c["kind"] == "grpc"]
+    grpc = [s for s in spans if s["func"] == GRPC_INVOKE]
+    assert Counter(s["rpc_status"] for s in grpc) == Counter(c["status"] for c in grpc_calls)
+    assert sorted({c["status"] for c in grpc_calls}) == list(range(17))
+    for span in grpc:
+        assert span["rpc_method"] == "/apm.test.Echo/Unary"
+        assert span["error"] == (span["rpc_status"] != 0)
+        group = [c for c in grpc_calls if c["status"] == span["rpc_status"]]
+        assert any(inside(span, c) for c in group), span
+
+    # SQL: one span per statement (DB and Tx), operation, system, sanitized text, error
+    sql_calls = [c for c in calls if c["kind"] == "sql"]
+    sql = [s for s in spans if s.get("db_operation")]
+    assert len(sql) == len(sql_calls) == CALLS * 4
+    assert {s["db_system"] for s in sql} == {"postgresql"}
+    assert Counter(s["db_operation"] for s in sql) == Counter(c["op"] for c in sql_calls)
+    assert Counter(s["error"] for s in sql) == Counter(bool(c.get("err")) for c in sql_calls)
+    shapes = Counter(s["db_statement"] for s in sql)
+    assert shapes == {
+        "INSERT INTO items (id, name) VALUES (?, ?) ON CONFLICT (id) DO UPDATE SET name = ?": CALLS,
+        "SELECT name FROM items WHERE id = ? AND name <> ?": CALLS,
+        "UPDATE items SET name = ? WHERE id = ?": CALLS,
+        "SELECT * FROM no_such_table WHERE id = ?": CALLS,
+    }, shapes
+    sent_literals = {m for c in sql_calls for m in re.findall(r"SECRET-\d+|\d{6,}", c["sent"])}
+    assert sent_literals
+    text = json.dumps(spans)
+    assert not [literal for literal in sent_literals if literal in text]
+    for span in sql:
+        assert any(inside(span, c) for c in sql_calls if c["op"] == span["db_operation"]), span
+
+
+@pytest.mark.parametrize("toolchain", ["1.27", "1.19"])
+def test_stripped_client_offset_tables_match_dwarf(client_targets: dict, toolchain: str) -> None:
+    """The tables stripped binaries use are what DWARF says for the same build."""
+    dwarf = dwarf_struct_offsets(client_targets[(toolchain, False)])
+    assert dwarf is not None
+    for (struct, member), offset in {**LIBRARY_TABLE, **GO_TABLE[toolchain]}.items():
+        assert dwarf[struct][member] == offset, (struct, member)
