@@ -8,6 +8,8 @@
 #ifndef EBPF_APM_PROBE_MAPS_H
 #define EBPF_APM_PROBE_MAPS_H
 
+#include "events.h" /* HTTP_METHOD_MAX, HTTP_PATH_MAX */
+
 /* Slots of the per-CPU `counters` array; the agent names them by these numbers. */
 #define COUNTER_RING_FULL 0       /* record lost: ring buffer had no room */
 #define COUNTER_TABLE_FULL 1      /* call not timed: in-flight table full */
@@ -27,7 +29,10 @@
 /* (*serverConn).runHandler(sc, rw *responseWriter, req, handler) of net/http's h2 server
  * (bundled, or net/http/internal/http2 from Go 1.27) or golang.org/x/net/http2: one HTTP/2
  * stream. field_a: responseWriter.rws, field_b: responseWriterState.status, field_c and
- * field_d: the request's Method and URL (an *http.Request, or Go 1.27's *ServerRequest). */
+ * field_d: the request's Method and URL (an *http.Request, or Go 1.27's *ServerRequest).
+ * responseWriterState.stream is its first field (the agent checks): handlerDone puts rws
+ * back in a pool before runHandler returns, so the status read at the return is kept only
+ * if rws still serves the stream it served at the entry. */
 #define SITE_FLAG_H2 4
 /* grpc.(*Server).handleStream(s, t ServerTransport, stream *transport.Stream, trInfo): one
  * gRPC call. field_a: transport.Stream.method. */
@@ -100,15 +105,25 @@ struct call_key {
 
 struct call_start {
     __u64 start_ns;
-    __u64 request;       /* *net/http.Request (HTTP); address of the method string (gRPC);
-                          * client gRPC and SQL: the method's or statement's bytes */
+    __u64 request;       /* *net/http.Request (HTTP/1), rws (HTTP/2), address of the method
+                          * string (gRPC); client gRPC and SQL: the method's or statement's
+                          * bytes */
     __u64 response;      /* address of the response's status int (HTTP), 0 unknown;
                           * client gRPC and SQL: the length of the string at `request` */
     __u32 tid;
     __u32 flags;         /* CALL_* */
     __u64 handler_end_ns; /* HTTP/1: when ServeHTTP returned (the span's end) */
+    __u64 stream;        /* HTTP/2: rws.stream at the entry (see SITE_FLAG_H2) */
     __s32 rpc_status;    /* gRPC: the code WriteStatus sent, -1 until then */
-    __u32 _pad;
+    /* Server spans: the request's method and path (gRPC: full method), copied at the entry.
+     * Not read through `request` at the return: the h2 server reuses a stream's request
+     * state (and the memory its strings point to) for the next stream once the handler is
+     * done, before runHandler returns. */
+    __u16 path_len;      /* length before truncation to HTTP_PATH_MAX */
+    __u8 method_len;
+    __u8 _pad;
+    char method[HTTP_METHOD_MAX];
+    char path[HTTP_PATH_MAX];
 };
 
 /* thread_stacks: non-Go calls on one thread, innermost last (uretprobes fire in LIFO

@@ -164,59 +164,70 @@ static __always_inline u32 read_go_string(u64 addr, char *dst, u32 cap)
     return (u32)s.len;
 }
 
-static __always_inline void fill_http(struct http_span_event *e, struct process_layout *layout,
-                                      struct site *site, struct call_start *start)
+/* Copy the request's method and path into the call's start (at the entry, while they are
+ * this request's): `method_at` and `url_at` are offsets in the request struct, -1 unknown. */
+static __always_inline void read_request(struct call_start *start, struct process_layout *layout,
+                                         u64 request, s32 method_at, s32 url_at)
+{
+    if (method_at >= 0) {
+        u32 n = read_go_string(request + method_at, start->method, HTTP_METHOD_MAX);
+        start->method_len = n > 255 ? 255 : n;
+    }
+    u64 url = 0;
+    if (url_at >= 0 &&
+        bpf_probe_read_user(&url, sizeof(url), (void *)(request + url_at)) == 0 &&
+        url != 0 && layout->url_path >= 0) {
+        u32 n = read_go_string(url + layout->url_path, start->path, HTTP_PATH_MAX);
+        start->path_len = n > 65535 ? 65535 : n;
+    }
+}
+
+static __always_inline void fill_http(struct http_span_event *e, struct call_start *start)
 {
     e->status = STATUS_UNKNOWN;
-    e->path_len = 0;
-    e->method_len = 0;
+    e->path_len = start->path_len;
+    e->method_len = start->method_len;
     e->protocol = PROTO_HTTP;
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
-    __builtin_memset(e->method, 0, sizeof(e->method));
-    __builtin_memset(e->path, 0, sizeof(e->path));
+    __builtin_memcpy(e->method, start->method, sizeof(e->method));
+    __builtin_memcpy(e->path, start->path, sizeof(e->path));
     e->flushed_ns = 0;
     if (start->flags & CALL_GRPC) {
         e->protocol = PROTO_GRPC;
-        u32 n = read_go_string(start->request, e->path, HTTP_PATH_MAX);
-        e->path_len = n > 65535 ? 65535 : n;
         if (start->rpc_status >= 0 && start->rpc_status < STATUS_UNKNOWN)
             e->status = (u16)start->rpc_status;
         return;
     }
-    s32 method_at = layout->request_method, url_at = layout->request_url;
-    if (start->flags & CALL_HTTP1) {
+    if (start->flags & CALL_HTTP1)
         e->protocol = PROTO_HTTP1;
-    } else if (start->flags & CALL_HTTP2) {
+    else if (start->flags & CALL_HTTP2)
         e->protocol = PROTO_HTTP2;
-        method_at = site->field_c;  /* runHandler's request type may not be *http.Request */
-        url_at = site->field_d;
-    }
-    if (method_at >= 0) {
-        u32 n = read_go_string(start->request + method_at, e->method, HTTP_METHOD_MAX);
-        e->method_len = n > 255 ? 255 : n;
-    }
-    u64 url = 0;
-    if (url_at >= 0 &&
-        bpf_probe_read_user(&url, sizeof(url), (void *)(start->request + url_at)) == 0 &&
-        url != 0 && layout->url_path >= 0) {
-        u32 n = read_go_string(url + layout->url_path, e->path, HTTP_PATH_MAX);
-        e->path_len = n > 65535 ? 65535 : n;
-    }
     if (start->flags & CALL_HANDLER_RETURNED) {
         e->flushed_ns = e->span.hdr.ts_ns;          /* now: finishRequest has returned */
         e->span.hdr.ts_ns = start->handler_end_ns;  /* the span ends where ServeHTTP did */
     }
     if (start->response != 0) {
         s64 status = 0;
-        if (bpf_probe_read_user(&status, sizeof(status), (void *)start->response) == 0)
-            e->status = (u16)status;
-        else
+        if (bpf_probe_read_user(&status, sizeof(status), (void *)start->response) != 0) {
             count(COUNTER_READ_FAILED);
+            return;
+        }
+        if (start->flags & CALL_HTTP2) {
+            /* rws is pooled once the handler is done: keep the status only if rws still
+             * serves this stream now that it has been read (stream is rws's first field). */
+            u64 stream = 0;
+            if (bpf_probe_read_user(&stream, sizeof(stream), (void *)start->request) != 0 ||
+                stream != start->stream) {
+                count(COUNTER_READ_FAILED);
+                return;
+            }
+        }
+        e->status = (u16)status;
     }
 }
 
 static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site *site, s64 goid,
-                                      struct call_start *start, struct process_layout *layout)
+                                      struct call_start *start)
 {
 #ifdef USE_PERF_BUFFER
     u32 zero = 0;
@@ -225,7 +236,7 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site
         return;
     fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
               start->start_ns, start->tid);
-    fill_http(e, layout, site, start);
+    fill_http(e, start);
     if (http_events.perf_submit(ctx, e, sizeof(*e)) != 0)
         count(COUNTER_RING_FULL);
     else
@@ -238,7 +249,7 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site
     }
     fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
               start->start_ns, start->tid);
-    fill_http(e, layout, site, start);
+    fill_http(e, start);
     http_events.ringbuf_submit(e, wakeup_flag(1));
     count(COUNTER_EMITTED);
 #endif
@@ -440,22 +451,29 @@ int span_entry(struct pt_regs *ctx)
         } else if (layout->h2_server) {
             return 0; /* an HTTP/2 stream: runHandler's probe makes its span */
         }
+        read_request(&start, layout, ctx->di, layout->request_method, layout->request_url);
     } else if (site->flags & SITE_FLAG_H2) {
         /* runHandler(sc, rw *responseWriter, req *http.Request, handler): rw in RBX, req in
-         * RCX. The status is read at the return through rws, which handlerDone detaches from
-         * rw (and pools) just before runHandler returns. */
+         * RCX. The request's fields are copied now (Go 1.27's request lives in the pooled
+         * rws); the status is read at the return through rws, which handlerDone detaches
+         * from rw (and pools) just before runHandler returns. */
         start.flags = CALL_HTTP2;
-        start.request = ctx->cx;
+        read_request(&start, layout, ctx->cx, site->field_c, site->field_d);
         u64 rws = 0;
         if (site->field_a >= 0 && site->field_b >= 0 &&
             bpf_probe_read_user(&rws, sizeof(rws), (void *)(ctx->bx + site->field_a)) == 0 &&
-            rws != 0)
+            rws != 0 &&
+            bpf_probe_read_user(&start.stream, sizeof(start.stream), (void *)rws) == 0) {
+            start.request = rws;
             start.response = rws + site->field_b;
+        }
     } else if (site->flags & SITE_FLAG_GRPC) {
         /* handleStream(s, t ServerTransport, stream *Stream, trInfo): t's type and data in
          * RBX and RCX, stream in RDI. */
         start.flags = CALL_GRPC;
         start.request = ctx->di + site->field_a;
+        u32 n = read_go_string(start.request, start.path, HTTP_PATH_MAX);
+        start.path_len = n > 65535 ? 65535 : n;
     } else if (site->flags & SITE_FLAG_CLIENT_HTTP) {
         /* (*Client).do(c, req *Request): req in RBX, read when do returns (the client
          * does not change the caller's request). */
@@ -514,7 +532,7 @@ int span_return(struct pt_regs *ctx)
         return 0; /* emitted when finishRequest has written the response */
     }
     if (site->flags & (SITE_FLAG_HTTP | SITE_FLAG_H2 | SITE_FLAG_GRPC))
-        emit_http(ctx, tgid, site, key.id, start, layout);
+        emit_http(ctx, tgid, site, key.id, start);
     else
         emit_span(ctx, tgid, site->func_id, key.id, start->start_ns, start->tid);
     calls_in_flight.delete(&key);

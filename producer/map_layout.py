@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ebpf_apm.producer.event_layout import HTTP_METHOD_MAX, HTTP_PATH_MAX
+
 # Slots of the per-CPU `counters` array, by the names the agent reports them under.
 COUNTERS: dict[str, int] = {
     "ring_full": 0,  # COUNTER_RING_FULL
@@ -74,8 +76,13 @@ CALL_START = np.dtype(
         ("tid", "<u4"),
         ("flags", "<u4"),
         ("handler_end_ns", "<u8"),
+        ("stream", "<u8"),
         ("rpc_status", "<i4"),
-        ("_pad", "<u4"),
+        ("path_len", "<u2"),
+        ("method_len", "u1"),
+        ("_pad", "u1"),
+        ("method", f"S{HTTP_METHOD_MAX}"),
+        ("path", f"S{HTTP_PATH_MAX}"),
     ],
     align=True,
 )

@@ -6,7 +6,9 @@ streams and gRPC calls have servers of their own, each running one goroutine per
 * ``(*serverConn).runHandler(rw, req, handler)`` of net/http's bundled h2 server (named
   ``net/http.(*http2serverConn)`` up to Go 1.26, ``net/http/internal/http2.(*serverConn)``
   from Go 1.27, where the request is a ``ServerRequest``) and of ``golang.org/x/net/http2``:
-  one span per stream, the status read through ``rw.rws``.
+  one span per stream: method and path copied at the entry (Go 1.27's request lives in the
+  pooled ``rws``, reused by the next stream before runHandler returns), the status read
+  through ``rw.rws`` at the return, kept only if ``rws.stream`` is still the entry's.
 * ``google.golang.org/grpc.(*Server).handleStream(t, stream, trInfo)``: one span per call,
   the full method from ``stream.method``; the entry of ``(*http2Server).WriteStatus(stream,
   st)`` on the same goroutine gives the call's status code (``st.s.Code``).
@@ -76,12 +78,14 @@ GO_TABLE: dict[str, dict[Member, int]] = {
         ("net/http.Request", "URL"): 16,
         ("net/http.http2responseWriter", "rws"): 0,
         ("net/http.http2responseWriterState", "status"): 80,
+        ("net/http.http2responseWriterState", "stream"): 0,
     },
     "1.27": {
         ("net/http.Request", "Method"): 0,
         ("net/http.Request", "URL"): 16,
         ("net/http/internal/http2.responseWriter", "rws"): 0,
         ("net/http/internal/http2.responseWriterState", "status"): 240,
+        ("net/http/internal/http2.responseWriterState", "stream"): 0,
         ("net/http/internal/http2.ServerRequest", "Method"): 48,
         ("net/http/internal/http2.ServerRequest", "URL"): 64,
     },
@@ -90,6 +94,7 @@ GO_TABLE: dict[str, dict[Member, int]] = {
 LIBRARY_TABLE: dict[Member, int] = {
     ("golang.org/x/net/http2.responseWriter", "rws"): 0,
     ("golang.org/x/net/http2.responseWriterState", "status"): 72,
+    ("golang.org/x/net/http2.responseWriterState", "stream"): 0,
     (GRPC_STREAM, "method"): 72,
     (GRPC_STATUS, "s"): 0,
     (RPC_STATUS, "Code"): 0,
@@ -125,6 +130,17 @@ def server_probes(table: SymbolTable, layout: GoLayout) -> list[ServerProbe]:
         ]
         fields = [offset(*m) for m in wanted]
         if _missing(h2.symbol, wanted, fields, layout):
+            continue
+        if offset(h2.state, "stream") != 0:
+            # The kernel reads rws.stream at offset 0 to tell a status of this stream from
+            # one of the next stream the pooled rws serves (bpf/probe_maps.h SITE_FLAG_H2).
+            log.warning(
+                "%s is linked but %s.stream is not its first field in %s: its requests are "
+                "not traced (a library layout this agent does not know)",
+                h2.symbol,
+                h2.state,
+                layout.version,
+            )
             continue
         a, b, c, d = fields
         probes.append(ServerProbe(h2.symbol, h2.symbol, SITE_FLAG_H2, (a, b, c, d)))
