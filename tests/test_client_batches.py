@@ -15,8 +15,11 @@ from test_span_avro import check_against_fastavro, joined
 from test_span_batcher import http_records, make_batcher, spans
 
 from ebpf_apm.consumers.otlp_spans import to_span
+from ebpf_apm.consumers.route_template import SeriesRegistry
+from ebpf_apm.consumers.series_resolver import SeriesResolver, series_key_of
 from ebpf_apm.consumers.span_avro import SPAN_CODEC as SPAN
 from ebpf_apm.consumers.span_avro import encode_spans
+from ebpf_apm.consumers.span_columns import decode_spans
 from ebpf_apm.producer.event_layout import (
     CLIENT_GRPC,
     CLIENT_HTTP,
@@ -134,3 +137,45 @@ def test_client_spans_map_to_otlp_client_spans() -> None:
 
 def _value(value: AnyValue) -> object:
     return getattr(value, value.WhichOneof("value") or "string_value")
+
+
+def test_client_calls_are_series_of_their_own() -> None:
+    batcher = make_batcher()
+    calls = [
+        *CALLS,
+        {"client": CLIENT_HTTP, "method": b"GET", "host": b"api:8080", "text": b"/v1/items/9",
+         "status": 404},
+        {"client": CLIENT_SQL, "system": "postgresql",
+         "text": b"SELECT * FROM t WHERE name = 'x' AND id = 1"},
+        {"client": CLIENT_SQL, "system": "postgresql",
+         "text": b"SELECT a FROM t WHERE id IN (1, 2)"},
+        {"client": CLIENT_SQL, "system": "postgresql", "text": b"SELECT a FROM t WHERE id IN (3)",
+         "error": 1},
+    ]  # fmt: skip
+    server = http_records(11, [b"/v1/items/7"], [404])
+    server["method"], server["method_len"] = b"GET", 3
+    batcher.add([spans([]), server, client_records(11, calls)], 0)
+    batches = [decode_span_batch(m.value) for m in batcher.flush_all()]
+    parts = [joined(b, list(range(len(b))), [(0, 0, 0, 0)] * len(b)) for b in batches]
+    columns = decode_spans(encode_spans(parts).values)
+    registry = SeriesRegistry(100)
+    rows = np.arange(len(columns.bad))
+    ids = SeriesResolver(registry).resolve(columns, rows)
+    keys = [registry.keys[i] for i in ids.tolist()]
+    for row, key in enumerate(keys):
+        assert series_key_of(columns, row) == key
+    named = [(k.operation, k.status_class) for k in keys]
+    assert named == [
+        ("GET /v1/items/{id}", "4xx"),  # the server span
+        ("client GET api:8080 /v1/items/{id}", "4xx"),
+        ("client POST 127.0.0.1:1 /refused", "error"),  # transport error
+        ("client GET api:8080 /v1/items/{id}", "4xx"),
+        ("client /pkg.Svc/Get", "NOT_FOUND"),
+        ("client /pkg.Svc/Get", "OK"),
+        ("client SELECT SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
+        ("client INSERT INSERT INTO t VALUES (?", "OK"),
+        ("client SELECT SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
+        ("client SELECT SELECT a FROM t WHERE id IN (?)", "OK"),
+        ("client SELECT SELECT a FROM t WHERE id IN (?)", "error"),
+    ]
+    assert len(set(ids.tolist())) == 9
