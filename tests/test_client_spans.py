@@ -99,9 +99,10 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
             with Agent(args) as agent:
                 agent.wait_ready()
                 assert client.stdin is not None and client.stdout is not None
-                client.stdin.write("go\n")
-                client.stdin.flush()
+                client.stdin.write("all\n")
+                client.stdin.close()
                 calls = [json.loads(line) for line in client.stdout]
+                assert calls.pop() == {"kind": "round", "status": 0, "start_ns": 0, "end_ns": 0}
                 assert client.wait(30) == 0
                 # HTTP and gRPC per call, 4 statements per call, one transport error
                 expected = CALLS * 6 + 1

@@ -5,11 +5,14 @@
 // server (apm.test.Echo/Unary: the request "ms,code" sleeps ms and returns status code
 // `code`) on 127.0.0.1, their addresses printed as one JSON line; runs until SIGTERM.
 //
-// Client mode: waits for one line on stdin (the test attaches the agent first), then makes
-// -calls calls from -workers goroutines and prints one JSON line per call: its kind, what it
-// asked, what came back, the caller's own start and end (CLOCK_REALTIME ns) and the local
-// and remote address of the connection it used where the library tells it. SQL statements
-// carry literals (never placeholders) so the test can check that none leaves the node.
+// Client mode: for each line on stdin (the test attaches the agent first), one round: -calls
+// calls from -workers goroutines, each call making one HTTP request, one gRPC call and four
+// SQL statements (the line "http", "grpc" or "sql": only that kind; any other line: all, then
+// one request that fails in the transport). It prints one JSON line per call: its kind,
+// what it asked, what came back, the caller's own start and end (CLOCK_REALTIME ns) and the
+// local and remote address of the connection it used where the library tells it; then
+// {"kind":"round"}. It exits at the end of stdin. SQL statements carry literals (never
+// placeholders) so the test can check that none leaves the node.
 //
 // Builds in GOPATH mode against Debian's golang-google-grpc-dev and golang-github-lib-pq-dev
 // sources (/usr/share/gocode), with Go 1.19 and newer.
@@ -134,8 +137,6 @@ func main() {
 	db.SetMaxOpenConns(*workers)
 	_, err = db.Exec("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text)")
 	must(err)
-	bufio.NewReader(os.Stdin).ReadString('\n') // the agent is attached
-
 	var mu sync.Mutex
 	out := json.NewEncoder(os.Stdout)
 	emit := func(c call) {
@@ -143,33 +144,47 @@ func main() {
 		defer mu.Unlock()
 		out.Encode(c)
 	}
-	jobs := make(chan int)
-	var wg sync.WaitGroup
-	for w := 0; w < *workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range jobs {
-				doHTTP(client, *httpAddr, i, emit)
-				doGRPC(conn, i, emit)
-				doSQL(db, i, emit)
+	lines := bufio.NewScanner(os.Stdin)
+	for lines.Scan() {
+		kind := strings.TrimSpace(lines.Text())
+		all := kind != "http" && kind != "grpc" && kind != "sql"
+		jobs := make(chan int)
+		var wg sync.WaitGroup
+		for w := 0; w < *workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range jobs {
+					if all || kind == "http" {
+						doHTTP(client, *httpAddr, i, emit)
+					}
+					if all || kind == "grpc" {
+						doGRPC(conn, i, emit)
+					}
+					if all || kind == "sql" {
+						doSQL(db, i, emit)
+					}
+				}
+			}()
+		}
+		for i := 0; i < *calls; i++ {
+			jobs <- i
+		}
+		close(jobs)
+		wg.Wait()
+		if all {
+			// One transport error: nothing listens on port 1.
+			c := call{Kind: "http_error", Method: "GET", Host: "127.0.0.1:1", Path: "/refused"}
+			c.StartNs = time.Now().UnixNano()
+			_, err := client.Get("http://127.0.0.1:1/refused?q=1")
+			c.EndNs = time.Now().UnixNano()
+			if err != nil {
+				c.Err = err.Error()
 			}
-		}()
+			emit(c)
+		}
+		emit(call{Kind: "round"})
 	}
-	for i := 0; i < *calls; i++ {
-		jobs <- i
-	}
-	close(jobs)
-	wg.Wait()
-	// One transport error: nothing listens on port 1.
-	c := call{Kind: "http_error", Method: "GET", Host: "127.0.0.1:1", Path: "/refused"}
-	c.StartNs = time.Now().UnixNano()
-	_, err = client.Get("http://127.0.0.1:1/refused?q=1")
-	c.EndNs = time.Now().UnixNano()
-	if err != nil {
-		c.Err = err.Error()
-	}
-	emit(c)
 }
 
 func doHTTP(client *http.Client, addr string, i int, emit func(call)) {
