@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
+from join_data import Net, net_batch
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from test_span_avro import check_against_fastavro, joined
@@ -20,6 +21,7 @@ from ebpf_apm.consumers.series_resolver import SeriesResolver, series_key_of
 from ebpf_apm.consumers.span_avro import SPAN_CODEC as SPAN
 from ebpf_apm.consumers.span_avro import encode_spans
 from ebpf_apm.consumers.span_columns import decode_spans
+from ebpf_apm.consumers.span_joiner import JoinSettings, PartitionJoiner
 from ebpf_apm.producer.event_layout import (
     CLIENT_GRPC,
     CLIENT_HTTP,
@@ -28,7 +30,13 @@ from ebpf_apm.producer.event_layout import (
     DB_SYSTEMS,
     EVENT_KIND_CLIENT_SPAN,
 )
-from ebpf_apm.schemas.event_batch import MAX_CONTAINERS, decode_span_batch, iter_events
+from ebpf_apm.schemas.event_batch import (
+    MAX_CONTAINERS,
+    decode_net_batch,
+    decode_span_batch,
+    encode_net_batch,
+    iter_events,
+)
 
 
 def client_records(pid: int, calls: list[dict]) -> np.ndarray:
@@ -179,3 +187,34 @@ def test_client_calls_are_series_of_their_own() -> None:
         ("client SELECT SELECT a FROM t WHERE id IN (?)", "error"),
     ]
     assert len(set(ids.tolist())) == 9
+
+
+def test_a_client_span_gets_the_peer_of_its_last_network_event() -> None:
+    """lib/pq-like: the statement's I/O is on the calling goroutine; its last event's socket
+    is the database. A server span on another goroutine gets no peer field."""
+    batcher = make_batcher()
+    sql = client_records(11, [CALLS[1], CALLS[5]])  # two statements on goroutine 9
+    sql["start_ns"], sql["ts_ns"] = [1_000, 5_000], [2_000, 6_000]
+    batcher.add([spans([]), http_records(11, [], []), sql], 0)
+    [message] = batcher.flush_all()
+    batch = decode_span_batch(message.value)
+    start = batch.columns["start_ns"]
+    events = [
+        Net(int(start[0]) + 100, 50, send=True, tid=1, goid=9),
+        Net(int(start[0]) + 900, 80, send=False, tid=1, goid=9),
+        Net(int(start[1]) + 10, 20, send=True, tid=1, goid=9),
+    ]
+    net = net_batch("node-a", 11, events)
+    net.columns["daddr"] = np.array([b"\x0a\x00\x00\x05", b"\x0a\x00\x00\x07", b"\x7f\x00\x00\x01"],
+                                    dtype="S16")  # fmt: skip
+    net.columns["dport"] = np.array([5432, 5433, 5434], dtype=np.uint16)
+    joiner = PartitionJoiner(JoinSettings(), now_ns=0)
+    joiner.add_net(decode_net_batch(encode_net_batch(net)), 0)
+    joiner.add_spans(batch, "t", 0)
+    joined = joiner.advance(int(start.max()) + 100 * 10**9)
+    records = [SPAN.decode(v) for v in encode_spans(joined).values]
+    assert [(r["peer_addr"], r["peer_port"]) for r in records] == [
+        ("10.0.0.7", 5433),
+        ("127.0.0.1", 5434),
+    ]
+    assert [r["bytes_sent"] for r in records] == [50, 20]
