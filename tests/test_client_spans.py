@@ -11,6 +11,7 @@ the caller's own timing; no SQL literal the program sent reaches the topic.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -19,10 +20,13 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from agent_harness import Agent, read_spans
 from go_builds import TARGETS_DIR, Toolchain, build_go
+from join_harness import outside_decoder, start_join, stop_service, wait_for
+from kafka_fixtures import read_topic
 
 from ebpf_apm.producer.client_probes import GO_TABLE, LIBRARY_TABLE
 from ebpf_apm.producer.go_binary import dwarf_struct_offsets
@@ -172,3 +176,56 @@ def test_stripped_client_offset_tables_match_dwarf(client_targets: dict, toolcha
     assert dwarf is not None
     for (struct, member), offset in {**LIBRARY_TABLE, **GO_TABLE[toolchain]}.items():
         assert dwarf[struct][member] == offset, (struct, member)
+
+
+def test_sql_spans_reach_apm_spans_with_the_database_as_their_peer(
+    client_targets: dict, kafka_broker, postgres_url: str, tmp_path: Path
+) -> None:
+    """Through the join: a statement's peer is the socket lib/pq used (PostgreSQL's address
+    and port), read from the network events of the calling goroutine."""
+    binary = client_targets[("1.27", False)]
+    database = urlsplit(postgres_url)
+    log = tmp_path / "join.log"
+    bootstrap = kafka_broker.bootstrap_servers
+    with started([str(binary), "-serve"]) as servers:
+        assert servers.stdout is not None
+        addrs = json.loads(servers.stdout.readline())
+        command = [str(binary), "-http", addrs["http"], "-grpc", addrs["grpc"],
+                   "-pg", postgres_url + "?sslmode=disable", "-calls", "8"]  # fmt: skip
+        with started(command, stdin=subprocess.PIPE) as client:
+            args = ["--pid", str(client.pid), "--bootstrap-servers", bootstrap,
+                    "--node-name", "test-node"]  # fmt: skip
+            with Agent(args) as agent:
+                agent.wait_ready()
+                join = start_join(bootstrap, log)
+                try:
+                    assert client.stdin is not None and client.stdout is not None
+                    client.stdin.write("all\n")
+                    client.stdin.close()
+                    calls = [json.loads(line) for line in client.stdout][:-1]
+                    records: list = []
+
+                    def all_out() -> bool:
+                        try:
+                            found = asyncio.run(read_topic(bootstrap, "apm.spans", len(calls), 3))
+                        except AssertionError:  # the join creates the topic with its output
+                            return False
+                        records[:] = found
+                        return len(records) >= len(calls)
+
+                    wait_for(all_out, 60, "a span per call on apm.spans")
+                finally:
+                    stop_service(join, "join", log)
+                assert agent.stop() == 0, agent.log
+    decode = outside_decoder()
+    spans = [decode(r.value) for r in records]
+    assert len(spans) == len(calls) == 8 * 6 + 1
+    sql = [s for s in spans if s["db_statement"] is not None]
+    assert len(sql) == 32 and {s["span_kind"] for s in spans} == {"client"}
+    assert {(s["peer_addr"], s["peer_port"]) for s in sql} == {(database.hostname, database.port)}
+    assert all(s["bytes_sent"] > 0 and s["bytes_received"] > 0 for s in sql)
+    # net/http and grpc write from goroutines of their own: no peer on the calling one
+    assert {s["peer_addr"] for s in spans if s["db_statement"] is None} == {None}
+    http = [s for s in spans if s["http_host"] is not None]
+    assert {s["http_host"] for s in http} == {addrs["http"], "127.0.0.1:1"}
+    assert not [s for s in spans if "SECRET" in json.dumps(s)]
