@@ -43,6 +43,7 @@ VARIANTS: list[tuple[Toolchain, bool]] = [
 CALLS = 34  # calls of each kind; gRPC codes cycle through 0..16
 HTTP_DO = "net/http.(*Client).do"
 GRPC_INVOKE = "google.golang.org/grpc.invoke"
+GRPC_STREAM = "google.golang.org/grpc.newClientStream"
 
 
 @pytest.fixture(scope="session")
@@ -108,8 +109,8 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
                 calls = [json.loads(line) for line in client.stdout]
                 assert calls.pop() == {"kind": "round", "status": 0, "start_ns": 0, "end_ns": 0}
                 assert client.wait(30) == 0
-                # HTTP and gRPC per call, 4 statements per call, one transport error
-                expected = CALLS * 6 + 1
+                # HTTP, gRPC unary and stream per call, 4 statements, one transport error
+                expected = CALLS * 7 + 1
                 assert len(calls) == expected
                 try:
                     spans = read_spans(kafka_broker.bootstrap_servers, client.pid, expected)
@@ -145,6 +146,16 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
         assert span["rpc_method"] == "/apm.test.Echo/Unary"
         assert span["error"] == (span["rpc_status"] != 0)
         group = [c for c in grpc_calls if c["status"] == span["rpc_status"]]
+        assert any(inside(span, c) for c in group), span
+
+    # gRPC server streams: the method and the code the stream ended with
+    stream_calls = [c for c in calls if c["kind"] == "grpc_stream"]
+    streams = [s for s in spans if s["func"] == GRPC_STREAM]
+    assert Counter(s["rpc_status"] for s in streams) == Counter(c["status"] for c in stream_calls)
+    for span in streams:
+        assert span["rpc_method"] == "/apm.test.Echo/Stream"
+        assert span["error"] == (span["rpc_status"] != 0)
+        group = [c for c in stream_calls if c["status"] == span["rpc_status"]]
         assert any(inside(span, c) for c in group), span
 
     # SQL: one span per statement (DB and Tx), operation, system, sanitized text, error
@@ -203,23 +214,23 @@ def test_sql_spans_reach_apm_spans_with_the_database_as_their_peer(
                     client.stdin.write("all\n")
                     client.stdin.close()
                     calls = [json.loads(line) for line in client.stdout][:-1]
-                    records: list = []
+                    spans: list[dict] = []
+                    decode = outside_decoder()
 
                     def all_out() -> bool:
                         try:
                             found = asyncio.run(read_topic(bootstrap, "apm.spans", len(calls), 3))
                         except AssertionError:  # the join creates the topic with its output
                             return False
-                        records[:] = found
-                        return len(records) >= len(calls)
+                        # (the session's broker holds other tests' spans too)
+                        spans[:] = [s for r in found if (s := decode(r.value))["pid"] == client.pid]
+                        return len(spans) >= len(calls)
 
                     wait_for(all_out, 60, "a span per call on apm.spans")
                 finally:
                     stop_service(join, "join", log)
                 assert agent.stop() == 0, agent.log
-    decode = outside_decoder()
-    spans = [decode(r.value) for r in records]
-    assert len(spans) == len(calls) == 8 * 6 + 1
+    assert len(spans) == len(calls) == 8 * 7 + 1
     sql = [s for s in spans if s["db_statement"] is not None]
     assert len(sql) == 32 and {s["span_kind"] for s in spans} == {"client"}
     assert {(s["peer_addr"], s["peer_port"]) for s in sql} == {(database.hostname, database.port)}
