@@ -24,6 +24,7 @@ bench: setup
 	$(PY) benchmarks/probe_cost_accuracy.py
 	$(PY) benchmarks/metrics_scrape_cost.py
 	$(PY) benchmarks/server_probe_cost.py
+	$(PY) benchmarks/client_probe_cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

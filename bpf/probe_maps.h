@@ -55,6 +55,13 @@
  * (*Rows, error), 2: RCX for (Result, error)), field_b: DB_SYSTEM_* of the binary. */
 #define SITE_FLAG_CLIENT_SQL 128
 #define SITE_FLAG_CLIENT (SITE_FLAG_CLIENT_HTTP | SITE_FLAG_CLIENT_GRPC | SITE_FLAG_CLIENT_SQL)
+/* Entry of google.golang.org/grpc.newClientStream(ctx, desc *StreamDesc, cc, method string,
+ * opts...): a streaming call starts (unary calls, whose desc has neither ServerStreams nor
+ * ClientStreams, are invoke's). field_a: StreamDesc.ServerStreams, field_b: ClientStreams. */
+#define SITE_FLAG_CLIENT_GRPC_STREAM 256
+/* Entry of (*csAttempt).finish(a, err error) on the same goroutine: the stream of the call
+ * `func_id` ends with err (nil: OK). field_a, field_b as for SITE_FLAG_CLIENT_GRPC. */
+#define SITE_FLAG_CLIENT_GRPC_END 512
 
 /* call_start.flags */
 #define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */

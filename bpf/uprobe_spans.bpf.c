@@ -307,20 +307,25 @@ static __always_inline void fill_client(struct pt_regs *ctx, struct client_span_
             else
                 count(COUNTER_READ_FAILED);
         }
-    } else if (site->flags & SITE_FLAG_CLIENT_GRPC) {
-        /* invoke returns an error (RAX type, RBX data): nil is OK, else a *status.Error
-         * whose proto status holds the code. */
+    } else if (site->flags & (SITE_FLAG_CLIENT_GRPC | SITE_FLAG_CLIENT_GRPC_END)) {
+        /* invoke returns an error (RAX type, RBX data); (*csAttempt).finish(a, err) receives
+         * one (RBX, RCX): nil is OK, else a *status.Error whose proto status holds the code.
+         * (All three read before choosing: see the SQL case below.) */
         e->client = CLIENT_GRPC;
         e->text_len = start->response > 0xffffffff ? 0xffffffff : (u32)start->response;
         read_user_text(start->request, start->response, e->text, CLIENT_TEXT_MAX);
-        if (ctx->ax == 0) {
+        u64 rax = ctx->ax, rbx = ctx->bx, rcx = ctx->cx;
+        asm volatile("" : "+r"(rax), "+r"(rbx), "+r"(rcx));
+        int stream_end = (site->flags & SITE_FLAG_CLIENT_GRPC_END) != 0;
+        u64 err_type = stream_end ? rbx : rax, err_data = stream_end ? rcx : rbx;
+        if (err_type == 0) {
             e->status = 0;
         } else {
             e->error = 1;
             u64 proto = 0;
             s32 code = -1;
             if (site->field_a >= 0 && site->field_b >= 0 &&
-                bpf_probe_read_user(&proto, sizeof(proto), (void *)(ctx->bx + site->field_a)) == 0 &&
+                bpf_probe_read_user(&proto, sizeof(proto), (void *)(err_data + site->field_a)) == 0 &&
                 proto != 0 &&
                 bpf_probe_read_user(&code, sizeof(code), (void *)(proto + site->field_b)) == 0)
                 e->status = code;
@@ -428,6 +433,16 @@ int span_entry(struct pt_regs *ctx)
             count(COUNTER_READ_FAILED);
         return 0;
     }
+    if (site->flags & SITE_FLAG_CLIENT_GRPC_END) {
+        /* A client stream ends: its span is emitted here (its start was newClientStream's
+         * entry on this goroutine; a stream finished on another goroutine is not timed). */
+        struct call_start *call = calls_in_flight.lookup(&key);
+        if (!call)
+            return 0; /* a unary call's stream, or one this goroutine did not open */
+        emit_client(ctx, tgid, site, key.id, call, layout);
+        calls_in_flight.delete(&key);
+        return 0;
+    }
     struct call_start start = {.start_ns = now, .tid = (u32)pid_tgid, .rpc_status = -1};
     if (site->flags & SITE_FLAG_HTTP) {
         /* serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request): sh.srv in RAX, the
@@ -482,6 +497,18 @@ int span_entry(struct pt_regs *ctx)
         /* invoke(ctx context.Context, method string, ...): method in RCX (data), RDI. */
         start.request = ctx->cx;
         start.response = ctx->di;
+    } else if (site->flags & SITE_FLAG_CLIENT_GRPC_STREAM) {
+        /* newClientStream(ctx, desc *StreamDesc, cc, method string, ...): desc in RCX,
+         * method in RSI (data), R8. */
+        u8 streams[2] = {};
+        if (site->field_a < 0 || site->field_b < 0 ||
+            bpf_probe_read_user(&streams[0], 1, (void *)(ctx->cx + site->field_a)) != 0 ||
+            bpf_probe_read_user(&streams[1], 1, (void *)(ctx->cx + site->field_b)) != 0)
+            return 0;
+        if (!streams[0] && !streams[1])
+            return 0; /* unary: invoke's span */
+        start.request = ctx->si;
+        start.response = ctx->r8;
     } else if (site->flags & SITE_FLAG_CLIENT_SQL) {
         /* QueryContext/ExecContext(x, ctx context.Context, query string, args ...any):
          * query in RDI (data), RSI. */

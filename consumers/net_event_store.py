@@ -15,6 +15,10 @@ whole pieces are dropped once they are older than the longest span the join wait
 
 Events that no emitted span contained when their piece is dropped are counted as unmatched
 (for example what a keep-alive connection's goroutine reads between two requests).
+
+Each event also keeps its socket's remote end (`Peers`); a span's peer is that of the last
+event inside it on its goroutine: for a client that does its I/O on the calling goroutine
+(database/sql drivers such as lib/pq), the server it talked to.
 """
 
 from __future__ import annotations
@@ -64,6 +68,31 @@ class IoSums:
         return cls(*(np.zeros(n, dtype=I64) for _ in range(4)))
 
 
+@dataclass
+class Peers:
+    """Remote ends of sockets, one per event or span: `family` 0 (none or unknown), 2 (IPv4,
+    the address in the first 4 bytes of `addr`) or 10 (IPv6)."""
+
+    family: np.ndarray  # int64
+    addr: np.ndarray  # S16
+    port: np.ndarray  # int64
+
+    @classmethod
+    def none(cls, n: int) -> Peers:
+        return cls(np.zeros(n, dtype=I64), np.zeros(n, dtype="S16"), np.zeros(n, dtype=I64))
+
+    def take(self, index: np.ndarray | slice) -> Peers:
+        return Peers(self.family[index], self.addr[index], self.port[index])
+
+    @staticmethod
+    def concat(parts: list[Peers]) -> Peers:
+        return Peers(
+            np.concatenate([p.family for p in parts]),
+            np.concatenate([p.addr for p in parts]),
+            np.concatenate([p.port for p in parts]),
+        )
+
+
 @dataclass(eq=False)
 class _Events:
     """Unsorted events: one chunk of `recent`, or a piece's events taken apart for a merge."""
@@ -74,6 +103,7 @@ class _Events:
     nbytes: np.ndarray
     is_recv: np.ndarray  # bool
     matched: np.ndarray | None = None
+    peers: Peers | None = None
 
     def take(self, index: np.ndarray) -> _Events:
         matched = None if self.matched is None else self.matched[index]
@@ -84,7 +114,11 @@ class _Events:
             self.nbytes[index],
             self.is_recv[index],
             matched,
+            None if self.peers is None else self.peers.take(index),
         )
+
+    def all_peers(self) -> Peers:
+        return self.peers if self.peers is not None else Peers.none(len(self.ts))
 
     @staticmethod
     def concat(parts: list[_Events]) -> _Events:
@@ -102,6 +136,7 @@ class _Events:
             np.concatenate([p.nbytes for p in parts]),
             np.concatenate([p.is_recv for p in parts]),
             matched,
+            Peers.concat([p.all_peers() for p in parts]),
         )
 
 
@@ -129,6 +164,7 @@ class NetPiece:
         self.cum_received = _with_zero(np.where(is_recv, nbytes, 0))
         self.cum_recvs = _with_zero(is_recv)
         self._matched = None if events.matched is None else events.matched[order]
+        self.peers = events.all_peers().take(order)
         self._cover_lo: list[np.ndarray] = []
         self._cover_hi: list[np.ndarray] = []
 
@@ -150,8 +186,10 @@ class NetPiece:
         start: np.ndarray,
         end: np.ndarray,
         sums: IoSums,
+        peers: Peers | None = None,
     ) -> None:
-        """Add the I/O of this piece's events inside each span [start, end] to `sums`."""
+        """Add the I/O of this piece's events inside each span [start, end] to `sums`; in
+        `peers`, the peer of each span's last event here (a later piece overwrites it)."""
         idx = np.flatnonzero((start <= self.t_hi) & (end >= self.t_lo))
         if not len(idx):
             return
@@ -174,6 +212,11 @@ class NetPiece:
         sums.recvs[idx] += recvs
         sums.sends[idx] += (hi - lo) - recvs
         hit = hi > lo
+        if peers is not None and hit.any():
+            spans, last = idx[hit], hi[hit] - 1
+            peers.family[spans] = self.peers.family[last]
+            peers.addr[spans] = self.peers.addr[last]
+            peers.port[spans] = self.peers.port[last]
         self._cover_lo.append(lo[hit])
         self._cover_hi.append(hi[hit])
 
@@ -205,6 +248,7 @@ class NetPiece:
             nbytes,
             recvs,
             self.matched(),
+            self.peers,
         )
 
 
@@ -266,13 +310,19 @@ class NetEventStore:
         return self.frozen_through_ns
 
     def add(
-        self, proc: int, thread: np.ndarray, ts: np.ndarray, nbytes: np.ndarray, is_recv: np.ndarray
+        self,
+        proc: int,
+        thread: np.ndarray,
+        ts: np.ndarray,
+        nbytes: np.ndarray,
+        is_recv: np.ndarray,
+        peers: Peers | None = None,
     ) -> None:
         """Events of one process, none older than `frozen_through_ns` (the caller drops
         those as late)."""
         if len(ts):
             procs = np.full(len(ts), proc, dtype=I64)
-            self._recent.append(_Events(procs, thread, ts, nbytes, is_recv))
+            self._recent.append(_Events(procs, thread, ts, nbytes, is_recv, None, peers))
 
     def freeze(self, bound_ns: int) -> None:
         """Move every recent event older than `bound_ns` into a new piece."""
@@ -311,17 +361,22 @@ class NetEventStore:
             pieces[-2:] = [merge_pieces(older, newer)]
 
     def sums(
-        self, proc: np.ndarray, thread: np.ndarray, start: np.ndarray, end: np.ndarray
+        self,
+        proc: np.ndarray,
+        thread: np.ndarray,
+        start: np.ndarray,
+        end: np.ndarray,
+        peers: Peers | None = None,
     ) -> IoSums:
         """I/O of the frozen events inside each span (all spans must end before the frozen
-        bound, or they miss the recent events)."""
+        bound, or they miss the recent events); with `peers`, each span's last peer."""
         sums = IoSums.zeros(len(start))
         if not len(start) or not self._pieces:
             return sums
         first, last = int(start.min()), int(end.max())
-        for piece in self._pieces:
+        for piece in self._pieces:  # oldest first: a later piece's last event wins
             if piece.t_hi >= first and piece.t_lo <= last:
-                piece.add_sums(proc, thread, start, end, sums)
+                piece.add_sums(proc, thread, start, end, sums, peers)
         return sums
 
     def evict(self, horizon_ns: int) -> None:

@@ -13,6 +13,7 @@ finaliser. A span re-emitted after a restart has the same id.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -30,7 +31,7 @@ FIELD_ORDER = (
     "duration_ns", "http_method", "http_path", "http_status", *K8S_FIELDS,
     "bytes_sent", "bytes_received", "net_sends", "net_recvs",
     "span_kind", "rpc_method", "rpc_status",
-    "http_host", "db_system", "db_operation", "db_statement", "error",
+    "http_host", "db_system", "db_operation", "db_statement", "error", "peer_addr", "peer_port",
 )  # fmt: skip
 _SCHEMA: Any = SPAN_CODEC.schema
 if tuple(f["name"] for f in _SCHEMA["fields"]) != FIELD_ORDER:
@@ -213,7 +214,8 @@ def _split(parts: Sequence[JoinedSpans], most: int) -> list[JoinedSpans]:
         for a in range(0, len(p), most):
             cut = slice(a, a + most)
             io = IoSums(*(getattr(p.io, f.name)[cut] for f in fields(IoSums)))
-            out.append(JoinedSpans(p.batch, p.rows[cut], io, p.token))
+            peers = None if p.peers is None else p.peers.take(cut)
+            out.append(JoinedSpans(p.batch, p.rows[cut], io, p.token, peers))
     return out
 
 
@@ -260,6 +262,25 @@ def _client_rows(
     error_rows.append(error)
 
 
+def _peer_rows(p: JoinedSpans, client: np.ndarray, addrs: list[bytes]) -> np.ndarray:
+    """Part `p`'s peer ports (-1: no peer field) for its client rows with a known peer;
+    their addresses as text appended to `addrs` in row order."""
+    port = np.full(len(p.rows), -1, dtype=np.int64)
+    if p.peers is None:
+        return port
+    known = client & np.isin(p.peers.family, (2, 10))
+    for family, raw in zip(p.peers.family[known].tolist(), p.peers.addr[known], strict=True):
+        addrs.append(_address_text(int(family), bytes(raw)).encode())
+    port[known] = p.peers.port[known]
+    return port
+
+
+def _address_text(family: int, raw: bytes) -> str:
+    if family == 2:
+        return str(ipaddress.IPv4Address(raw[:4].ljust(4, b"\0")))
+    return str(ipaddress.IPv6Address(raw.ljust(16, b"\0")))
+
+
 def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
     sizes = [len(p) for p in parts]
     part_of_row = np.repeat(np.arange(len(parts)), sizes)
@@ -281,6 +302,8 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
     db_rows: list[np.ndarray] = []
     system_rows: list[np.ndarray] = []
     error_rows: list[np.ndarray] = []
+    peer_addrs: list[bytes] = []
+    peer_ports: list[np.ndarray] = []
     for p in parts:
         b = p.batch
         process.append(_string(b.node) + _varint(b.pid) + _string(b.exe))
@@ -306,6 +329,7 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
             code_of_row[code_of_row == RPC_STATUS_UNKNOWN] = -2  # a call, code unknown: null
         rpc_rows.append(code_of_row)
         _client_rows(p, hosts, host_rows, db_texts, (db_rows, system_rows), error_rows)
+        peer_ports.append(_peer_rows(p, error_rows[-1] >= 0, peer_addrs))
         if b.http is None or not len(b.http.rows):
             status_rows.append(np.full(len(p.rows), -1, dtype=np.int64))
             continue
@@ -327,6 +351,7 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
     kinds = np.concatenate(kind_rows)
     has_host, is_db = np.concatenate(host_rows), np.concatenate(db_rows)
     has_system = np.concatenate(system_rows)
+    peer_port = np.concatenate(peer_ports)
     error = np.concatenate(error_rows)
 
     first, second = span_id_words(
@@ -361,6 +386,8 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
         *_optional_bytes(db_texts[1], is_db),  # db_operation
         *_optional_bytes(db_texts[2], is_db),  # db_statement
         _varint_block(np.maximum(error, 0), present=error >= 0),  # error
+        *_optional_bytes(peer_addrs, peer_port >= 0),  # peer_addr
+        _varint_block(np.maximum(peer_port, 0), present=peer_port >= 0),
     ]
     cells = np.hstack([block.cells for block in blocks])
     valid = np.hstack([block.valid for block in blocks])

@@ -30,6 +30,7 @@ from ebpf_apm.schemas.input_limits import MAX_MESSAGE_BYTES, TimeBounds
 _PAD = 128
 _PADDING = bytes(_PAD)
 
+
 def _header_words(header: bytes) -> tuple[np.uint64, np.uint64]:
     """The 10-byte single-object header as a word and the two bytes after it."""
     word, tail = np.frombuffer(header + bytes(6), dtype="<u8")
@@ -44,9 +45,10 @@ _HEADERS = [(*_header_words(codec("span.avsc").header), 0)] + [
 ]
 
 # Fields the aggregator reads; the others are stepped over.
-INT_FIELDS = ("end_ns", "duration_ns", "http_status", "rpc_status")
+INT_FIELDS = ("end_ns", "duration_ns", "http_status", "rpc_status", "error")
 STRING_FIELDS = (
     "exe", "func", "http_method", "http_path", "k8s_namespace", "k8s_workload", "rpc_method",
+    "http_host", "db_operation", "db_statement",
 )  # fmt: skip
 
 _KINDS = {"string": "string", "long": "varint", "int": "varint"}

@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from ebpf_apm.consumers.event_clock import NET, SPANS, EventClock
-from ebpf_apm.consumers.net_event_store import IoSums, NetEventStore, thread_codes
+from ebpf_apm.consumers.net_event_store import IoSums, NetEventStore, Peers, thread_codes
 from ebpf_apm.schemas.event_batch import DIRECTION_RECV, NetBatch, SpanBatch
 
 MS = 1_000_000
@@ -78,6 +78,8 @@ class JoinedSpans:
     rows: np.ndarray
     io: IoSums
     token: object
+    # The socket peer of each span's last network event (family 0: none).
+    peers: Peers | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -155,6 +157,8 @@ class PartitionJoiner:
         self.counters.net_in += n
         thread = thread_codes(cols["tid"], cols["goid"])
         nbytes, is_recv = cols["bytes"], cols["direction"] == DIRECTION_RECV
+        family, port = cols["family"].astype(np.int64), cols["dport"].astype(np.int64)
+        peers = Peers(family, cols["daddr"], port)
         if self._bound is not None:
             keep = ts >= self._bound
             kept = int(np.count_nonzero(keep))
@@ -163,7 +167,8 @@ class PartitionJoiner:
                 return None
             if kept < n:
                 ts, thread, nbytes, is_recv = ts[keep], thread[keep], nbytes[keep], is_recv[keep]
-        self._store.add(self._proc(batch.node, batch.pid), thread, ts, nbytes, is_recv)
+                peers = peers.take(keep)
+        self._store.add(self._proc(batch.node, batch.pid), thread, ts, nbytes, is_recv, peers)
         return int(ts.max())
 
     # -- output ---------------------------------------------------------------------------
@@ -234,7 +239,8 @@ class PartitionJoiner:
         )  # fmt: skip
         start = np.concatenate([w.batch.columns["start_ns"][w.rows] for w in ready])
         end = np.concatenate([w.end_ns for w in ready])
-        sums = self._store.sums(proc, thread, start, end)
+        peers = Peers.none(len(start))
+        sums = self._store.sums(proc, thread, start, end, peers)
         dropped_through = self._store.dropped_through_ns
         if dropped_through is not None:
             self.counters.spans_truncated += int(np.count_nonzero(start < dropped_through))
@@ -249,6 +255,6 @@ class PartitionJoiner:
                 sums.sends[part],
                 sums.recvs[part],
             )
-            joined.append(JoinedSpans(w.batch, w.rows, io, w.token))
+            joined.append(JoinedSpans(w.batch, w.rows, io, w.token, peers.take(part)))
             offset += size
         return joined

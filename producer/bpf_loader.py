@@ -178,9 +178,7 @@ class AgentProbes:
         if self.options.use_perf_buffer:
             self.span_reader = PerfBufferReader(self._bpf, "span_events", SPAN_EVENT, 256)
             self.http_reader = PerfBufferReader(self._bpf, "http_events", HTTP_SPAN_EVENT, 64)
-            self.client_reader = PerfBufferReader(
-                self._bpf, "client_events", CLIENT_SPAN_EVENT, 64
-            )
+            self.client_reader = PerfBufferReader(self._bpf, "client_events", CLIENT_SPAN_EVENT, 64)
             if self.net_enabled:
                 self.net_reader = PerfBufferReader(self._bpf, "net_events", NET_EVENT, 256)
         else:

@@ -14,8 +14,12 @@ like every Go probe here; never a uretprobe):
   set (schemas/uprobe_events.md).
 * ``google.golang.org/grpc.invoke``: one unary call, under any interceptors (``Invoke``
   itself is small enough to be inlined into callers, ``invoke`` is not). The status code is
-  read from the returned ``*status.Error`` (nil: OK). Streaming calls are not timed: a
-  stream ends on whichever goroutine reads it last, not where it began.
+  read from the returned ``*status.Error`` (nil: OK).
+* Streaming calls: from the entry of ``newClientStream`` (unary calls, which go through it
+  too, are skipped by their ``StreamDesc``) to the entry of ``(*csAttempt).finish(err)``,
+  where the stream's end is known (``io.EOF`` already turned into nil: OK), on the same
+  goroutine. A stream finished on another goroutine (a bidirectional stream whose receiver
+  runs apart, a cancelled context) is not timed.
 * ``database/sql.(*DB|*Tx|*Conn).QueryContext`` and ``ExecContext``: the plain ``Query``,
   ``Exec``, ``QueryRow`` and ``QueryRowContext`` all call them once, on the caller's
   goroutine, and the query string is in the same registers for all six. Not
@@ -40,6 +44,8 @@ from ebpf_apm.producer.event_layout import DB_SYSTEMS
 from ebpf_apm.producer.go_binary import GoLayout, go_minor
 from ebpf_apm.producer.map_layout import (
     SITE_FLAG_CLIENT_GRPC,
+    SITE_FLAG_CLIENT_GRPC_END,
+    SITE_FLAG_CLIENT_GRPC_STREAM,
     SITE_FLAG_CLIENT_HTTP,
     SITE_FLAG_CLIENT_SQL,
 )
@@ -53,6 +59,9 @@ Member = tuple[str, str]
 
 HTTP_CLIENT_SYMBOL = "net/http.(*Client).do"
 GRPC_CLIENT_SYMBOL = "google.golang.org/grpc.invoke"
+GRPC_STREAM_SYMBOL = "google.golang.org/grpc.newClientStream"
+GRPC_STREAM_END_SYMBOL = "google.golang.org/grpc.(*csAttempt).finish"
+STREAM_DESC = "google.golang.org/grpc.StreamDesc"
 #: database/sql entry points -> the register of the returned error's type word
 #: (1: RBX after (*Rows, error), 2: RCX after (Result, error)).
 SQL_SYMBOLS: dict[str, int] = {
@@ -97,6 +106,8 @@ GO_TABLE: dict[str, dict[Member, int]] = {
 LIBRARY_TABLE: dict[Member, int] = {
     (GRPC_ERROR, "e"): 0,
     (RPC_STATUS, "Code"): 0,
+    (STREAM_DESC, "ServerStreams"): 24,
+    (STREAM_DESC, "ClientStreams"): 25,
 }
 
 
@@ -110,6 +121,12 @@ class ClientProbe:
     #: ProcessLayout fields the probe needs (request_method, request_url, url_path), for a
     #: binary without an HTTP server whose layout came from the table (they are -1 there).
     layout: tuple[tuple[str, int], ...] = ()
+    span_symbol: str = ""  # the function whose span id its sites carry ("": its own)
+    entry_only: bool = False  # no return probes (the stream probes)
+
+    @property
+    def span(self) -> str:
+        return self.span_symbol or self.symbol
 
 
 def db_system(table: SymbolTable) -> str:
@@ -148,6 +165,30 @@ def client_probes(table: SymbolTable, layout: GoLayout) -> list[ClientProbe]:
             probes.append(
                 ClientProbe(GRPC_CLIENT_SYMBOL, SITE_FLAG_CLIENT_GRPC, (found[0], found[1], -1, -1))
             )
+            streams = [(STREAM_DESC, "ServerStreams"), (STREAM_DESC, "ClientStreams")]
+            desc = [offset(*m) for m in streams]
+            if (
+                GRPC_STREAM_SYMBOL in table
+                and GRPC_STREAM_END_SYMBOL in table
+                and not _missing(GRPC_STREAM_SYMBOL, streams, desc, layout)
+            ):
+                probes.append(
+                    ClientProbe(
+                        GRPC_STREAM_SYMBOL,
+                        SITE_FLAG_CLIENT_GRPC_STREAM,
+                        (desc[0], desc[1], -1, -1),
+                        entry_only=True,
+                    )
+                )
+                probes.append(
+                    ClientProbe(
+                        GRPC_STREAM_END_SYMBOL,
+                        SITE_FLAG_CLIENT_GRPC_END,
+                        (found[0], found[1], -1, -1),
+                        span_symbol=GRPC_STREAM_SYMBOL,
+                        entry_only=True,
+                    )
+                )
     sql = [symbol for symbol in SQL_SYMBOLS if symbol in table]
     if sql:
         system = DB_SYSTEMS.index(db_system(table))

@@ -72,6 +72,7 @@ WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     # Clients (producer/client_probes.py)
     "net/http.Response": ("StatusCode",),
     "google.golang.org/grpc/internal/status.Error": ("e",),
+    "google.golang.org/grpc.StreamDesc": ("ServerStreams", "ClientStreams"),
 }
 #: Bigger member offsets than this in those structs are damaged DWARF (runtime.g is < 1 KB).
 MAX_MEMBER_OFFSET = 1 << 16

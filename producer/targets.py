@@ -212,11 +212,12 @@ def _plan_binary(
     for client in clients:
         functions += (
             FunctionTarget(
-                names.id_of(client.symbol),
+                names.id_of(client.span),
                 plan_function(binary, table, client.symbol, go),
                 False,
                 server_flags=client.flags,
                 fields=client.fields,
+                entry_only=client.entry_only,
             ),
         )
         # A client-only binary's table layout has no request offsets (no HTTP server).

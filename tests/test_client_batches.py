@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
+from join_data import Net, net_batch
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from test_span_avro import check_against_fastavro, joined
 from test_span_batcher import http_records, make_batcher, spans
 
 from ebpf_apm.consumers.otlp_spans import to_span
+from ebpf_apm.consumers.route_template import SeriesRegistry
+from ebpf_apm.consumers.series_resolver import SeriesResolver, series_key_of
 from ebpf_apm.consumers.span_avro import SPAN_CODEC as SPAN
 from ebpf_apm.consumers.span_avro import encode_spans
+from ebpf_apm.consumers.span_columns import decode_spans
+from ebpf_apm.consumers.span_joiner import JoinSettings, PartitionJoiner
 from ebpf_apm.producer.event_layout import (
     CLIENT_GRPC,
     CLIENT_HTTP,
@@ -25,7 +30,13 @@ from ebpf_apm.producer.event_layout import (
     DB_SYSTEMS,
     EVENT_KIND_CLIENT_SPAN,
 )
-from ebpf_apm.schemas.event_batch import MAX_CONTAINERS, decode_span_batch, iter_events
+from ebpf_apm.schemas.event_batch import (
+    MAX_CONTAINERS,
+    decode_net_batch,
+    decode_span_batch,
+    encode_net_batch,
+    iter_events,
+)
 
 
 def client_records(pid: int, calls: list[dict]) -> np.ndarray:
@@ -134,3 +145,76 @@ def test_client_spans_map_to_otlp_client_spans() -> None:
 
 def _value(value: AnyValue) -> object:
     return getattr(value, value.WhichOneof("value") or "string_value")
+
+
+def test_client_calls_are_series_of_their_own() -> None:
+    batcher = make_batcher()
+    calls = [
+        *CALLS,
+        {"client": CLIENT_HTTP, "method": b"GET", "host": b"api:8080", "text": b"/v1/items/9",
+         "status": 404},
+        {"client": CLIENT_SQL, "system": "postgresql",
+         "text": b"SELECT * FROM t WHERE name = 'x' AND id = 1"},
+        {"client": CLIENT_SQL, "system": "postgresql",
+         "text": b"SELECT a FROM t WHERE id IN (1, 2)"},
+        {"client": CLIENT_SQL, "system": "postgresql", "text": b"SELECT a FROM t WHERE id IN (3)",
+         "error": 1},
+    ]  # fmt: skip
+    server = http_records(11, [b"/v1/items/7"], [404])
+    server["method"], server["method_len"] = b"GET", 3
+    batcher.add([spans([]), server, client_records(11, calls)], 0)
+    batches = [decode_span_batch(m.value) for m in batcher.flush_all()]
+    parts = [joined(b, list(range(len(b))), [(0, 0, 0, 0)] * len(b)) for b in batches]
+    columns = decode_spans(encode_spans(parts).values)
+    registry = SeriesRegistry(100)
+    rows = np.arange(len(columns.bad))
+    ids = SeriesResolver(registry).resolve(columns, rows)
+    keys = [registry.keys[i] for i in ids.tolist()]
+    for row, key in enumerate(keys):
+        assert series_key_of(columns, row) == key
+    named = [(k.operation, k.status_class) for k in keys]
+    assert named == [
+        ("GET /v1/items/{id}", "4xx"),  # the server span
+        ("client GET api:8080 /v1/items/{id}", "4xx"),
+        ("client POST 127.0.0.1:1 /refused", "error"),  # transport error
+        ("client GET api:8080 /v1/items/{id}", "4xx"),
+        ("client /pkg.Svc/Get", "NOT_FOUND"),
+        ("client /pkg.Svc/Get", "OK"),
+        ("client SELECT SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
+        ("client INSERT INSERT INTO t VALUES (?", "OK"),
+        ("client SELECT SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
+        ("client SELECT SELECT a FROM t WHERE id IN (?)", "OK"),
+        ("client SELECT SELECT a FROM t WHERE id IN (?)", "error"),
+    ]
+    assert len(set(ids.tolist())) == 9
+
+
+def test_a_client_span_gets_the_peer_of_its_last_network_event() -> None:
+    """lib/pq-like: the statement's I/O is on the calling goroutine; its last event's socket
+    is the database. A server span on another goroutine gets no peer field."""
+    batcher = make_batcher()
+    sql = client_records(11, [CALLS[1], CALLS[5]])  # two statements on goroutine 9
+    sql["start_ns"], sql["ts_ns"] = [1_000, 5_000], [2_000, 6_000]
+    batcher.add([spans([]), http_records(11, [], []), sql], 0)
+    [message] = batcher.flush_all()
+    batch = decode_span_batch(message.value)
+    start = batch.columns["start_ns"]
+    events = [
+        Net(int(start[0]) + 100, 50, send=True, tid=1, goid=9),
+        Net(int(start[0]) + 900, 80, send=False, tid=1, goid=9),
+        Net(int(start[1]) + 10, 20, send=True, tid=1, goid=9),
+    ]
+    net = net_batch("node-a", 11, events)
+    net.columns["daddr"] = np.array([b"\x0a\x00\x00\x05", b"\x0a\x00\x00\x07", b"\x7f\x00\x00\x01"],
+                                    dtype="S16")  # fmt: skip
+    net.columns["dport"] = np.array([5432, 5433, 5434], dtype=np.uint16)
+    joiner = PartitionJoiner(JoinSettings(), now_ns=0)
+    joiner.add_net(decode_net_batch(encode_net_batch(net)), 0)
+    joiner.add_spans(batch, "t", 0)
+    joined = joiner.advance(int(start.max()) + 100 * 10**9)
+    records = [SPAN.decode(v) for v in encode_spans(joined).values]
+    assert [(r["peer_addr"], r["peer_port"]) for r in records] == [
+        ("10.0.0.7", 5433),
+        ("127.0.0.1", 5434),
+    ]
+    assert [r["bytes_sent"] for r in records] == [50, 20]

@@ -11,6 +11,7 @@ the caller's own timing; no SQL literal the program sent reaches the topic.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -19,10 +20,13 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from agent_harness import Agent, read_spans
 from go_builds import TARGETS_DIR, Toolchain, build_go
+from join_harness import outside_decoder, start_join, stop_service, wait_for
+from kafka_fixtures import read_topic
 
 from ebpf_apm.producer.client_probes import GO_TABLE, LIBRARY_TABLE
 from ebpf_apm.producer.go_binary import dwarf_struct_offsets
@@ -39,6 +43,7 @@ VARIANTS: list[tuple[Toolchain, bool]] = [
 CALLS = 34  # calls of each kind; gRPC codes cycle through 0..16
 HTTP_DO = "net/http.(*Client).do"
 GRPC_INVOKE = "google.golang.org/grpc.invoke"
+GRPC_STREAM = "google.golang.org/grpc.newClientStream"
 
 
 @pytest.fixture(scope="session")
@@ -99,12 +104,13 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
             with Agent(args) as agent:
                 agent.wait_ready()
                 assert client.stdin is not None and client.stdout is not None
-                client.stdin.write("go\n")
-                client.stdin.flush()
+                client.stdin.write("all\n")
+                client.stdin.close()
                 calls = [json.loads(line) for line in client.stdout]
+                assert calls.pop() == {"kind": "round", "status": 0, "start_ns": 0, "end_ns": 0}
                 assert client.wait(30) == 0
-                # HTTP and gRPC per call, 4 statements per call, one transport error
-                expected = CALLS * 6 + 1
+                # HTTP, gRPC unary and stream per call, 4 statements, one transport error
+                expected = CALLS * 7 + 1
                 assert len(calls) == expected
                 try:
                     spans = read_spans(kafka_broker.bootstrap_servers, client.pid, expected)
@@ -142,6 +148,16 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
         group = [c for c in grpc_calls if c["status"] == span["rpc_status"]]
         assert any(inside(span, c) for c in group), span
 
+    # gRPC server streams: the method and the code the stream ended with
+    stream_calls = [c for c in calls if c["kind"] == "grpc_stream"]
+    streams = [s for s in spans if s["func"] == GRPC_STREAM]
+    assert Counter(s["rpc_status"] for s in streams) == Counter(c["status"] for c in stream_calls)
+    for span in streams:
+        assert span["rpc_method"] == "/apm.test.Echo/Stream"
+        assert span["error"] == (span["rpc_status"] != 0)
+        group = [c for c in stream_calls if c["status"] == span["rpc_status"]]
+        assert any(inside(span, c) for c in group), span
+
     # SQL: one span per statement (DB and Tx), operation, system, sanitized text, error
     sql_calls = [c for c in calls if c["kind"] == "sql"]
     sql = [s for s in spans if s.get("db_operation")]
@@ -171,3 +187,56 @@ def test_stripped_client_offset_tables_match_dwarf(client_targets: dict, toolcha
     assert dwarf is not None
     for (struct, member), offset in {**LIBRARY_TABLE, **GO_TABLE[toolchain]}.items():
         assert dwarf[struct][member] == offset, (struct, member)
+
+
+def test_sql_spans_reach_apm_spans_with_the_database_as_their_peer(
+    client_targets: dict, kafka_broker, postgres_url: str, tmp_path: Path
+) -> None:
+    """Through the join: a statement's peer is the socket lib/pq used (PostgreSQL's address
+    and port), read from the network events of the calling goroutine."""
+    binary = client_targets[("1.27", False)]
+    database = urlsplit(postgres_url)
+    log = tmp_path / "join.log"
+    bootstrap = kafka_broker.bootstrap_servers
+    with started([str(binary), "-serve"]) as servers:
+        assert servers.stdout is not None
+        addrs = json.loads(servers.stdout.readline())
+        command = [str(binary), "-http", addrs["http"], "-grpc", addrs["grpc"],
+                   "-pg", postgres_url + "?sslmode=disable", "-calls", "8"]  # fmt: skip
+        with started(command, stdin=subprocess.PIPE) as client:
+            args = ["--pid", str(client.pid), "--bootstrap-servers", bootstrap,
+                    "--node-name", "test-node"]  # fmt: skip
+            with Agent(args) as agent:
+                agent.wait_ready()
+                join = start_join(bootstrap, log)
+                try:
+                    assert client.stdin is not None and client.stdout is not None
+                    client.stdin.write("all\n")
+                    client.stdin.close()
+                    calls = [json.loads(line) for line in client.stdout][:-1]
+                    spans: list[dict] = []
+                    decode = outside_decoder()
+
+                    def all_out() -> bool:
+                        try:
+                            found = asyncio.run(read_topic(bootstrap, "apm.spans", len(calls), 3))
+                        except AssertionError:  # the join creates the topic with its output
+                            return False
+                        # (the session's broker holds other tests' spans too)
+                        spans[:] = [s for r in found if (s := decode(r.value))["pid"] == client.pid]
+                        return len(spans) >= len(calls)
+
+                    wait_for(all_out, 60, "a span per call on apm.spans")
+                finally:
+                    stop_service(join, "join", log)
+                assert agent.stop() == 0, agent.log
+    assert len(spans) == len(calls) == 8 * 7 + 1
+    sql = [s for s in spans if s["db_statement"] is not None]
+    assert len(sql) == 32 and {s["span_kind"] for s in spans} == {"client"}
+    assert {(s["peer_addr"], s["peer_port"]) for s in sql} == {(database.hostname, database.port)}
+    assert all(s["bytes_sent"] > 0 and s["bytes_received"] > 0 for s in sql)
+    # net/http and grpc write from goroutines of their own: no peer on the calling one
+    assert {s["peer_addr"] for s in spans if s["db_statement"] is None} == {None}
+    http = [s for s in spans if s["http_host"] is not None]
+    assert {s["http_host"] for s in http} == {addrs["http"], "127.0.0.1:1"}
+    assert not [s for s in spans if "SECRET" in json.dumps(s)]

@@ -70,6 +70,11 @@ def random_span(rng: random.Random) -> dict[str, Any]:
         "span_kind": maybe(random_text(rng)),
         "rpc_method": maybe(random_text(rng)),
         "rpc_status": maybe(random_long(rng, INT32)),
+        "http_host": maybe(random_text(rng)),
+        "db_system": maybe(random_text(rng)),
+        "db_operation": maybe(random_text(rng)),
+        "db_statement": maybe(random_text(rng)),
+        "error": maybe(rng.randrange(2)),  # 0 or 1, as the join writes it
     }
 
 

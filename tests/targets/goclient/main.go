@@ -5,11 +5,15 @@
 // server (apm.test.Echo/Unary: the request "ms,code" sleeps ms and returns status code
 // `code`) on 127.0.0.1, their addresses printed as one JSON line; runs until SIGTERM.
 //
-// Client mode: waits for one line on stdin (the test attaches the agent first), then makes
-// -calls calls from -workers goroutines and prints one JSON line per call: its kind, what it
-// asked, what came back, the caller's own start and end (CLOCK_REALTIME ns) and the local
-// and remote address of the connection it used where the library tells it. SQL statements
-// carry literals (never placeholders) so the test can check that none leaves the node.
+// Client mode: for each line on stdin (the test attaches the agent first), one round: -calls
+// calls from -workers goroutines, each call making one HTTP request, one unary gRPC call,
+// one server-streaming gRPC call and four SQL statements (the line "http", "grpc",
+// "grpc_stream" or "sql": only that kind; any other line: all of them, then one request
+// that fails in the transport). It prints one JSON line per call: its kind, what it asked,
+// what came back, the caller's own start and end (CLOCK_REALTIME ns) and the local and
+// remote address of the connection it used where the library tells it; then
+// {"kind":"round"}. It exits at the end of stdin. SQL statements carry literals (never
+// placeholders) so the test can check that none leaves the node.
 //
 // Builds in GOPATH mode against Debian's golang-google-grpc-dev and golang-github-lib-pq-dev
 // sources (/usr/share/gocode), with Go 1.19 and newer.
@@ -22,6 +26,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptrace"
@@ -66,10 +71,36 @@ func unaryHandler(srv interface{}, ctx context.Context, dec func(interface{}) er
 	return nil, status.Error(codes.Code(code), "asked for it")
 }
 
+// streamHandler reads "ms,code,n", sends n messages, sleeps ms and returns status `code`.
+func streamHandler(srv interface{}, stream grpc.ServerStream) error {
+	var in []byte
+	if err := stream.RecvMsg(&in); err != nil {
+		return err
+	}
+	parts := strings.Split(string(in), ",")
+	ms, _ := strconv.Atoi(parts[0])
+	code, _ := strconv.Atoi(parts[1])
+	n, _ := strconv.Atoi(parts[2])
+	for i := 0; i < n; i++ {
+		out := []byte("part")
+		if err := stream.SendMsg(&out); err != nil {
+			return err
+		}
+	}
+	time.Sleep(time.Duration(ms) * time.Millisecond)
+	if code == 0 {
+		return nil
+	}
+	return status.Error(codes.Code(code), "asked for it")
+}
+
 var echoService = grpc.ServiceDesc{
 	ServiceName: "apm.test.Echo",
 	HandlerType: (*interface{})(nil),
 	Methods:     []grpc.MethodDesc{{MethodName: "Unary", Handler: unaryHandler}},
+	Streams: []grpc.StreamDesc{
+		{StreamName: "Stream", Handler: streamHandler, ServerStreams: true},
+	},
 }
 
 func serve() {
@@ -134,8 +165,6 @@ func main() {
 	db.SetMaxOpenConns(*workers)
 	_, err = db.Exec("CREATE TABLE IF NOT EXISTS items (id bigint PRIMARY KEY, name text)")
 	must(err)
-	bufio.NewReader(os.Stdin).ReadString('\n') // the agent is attached
-
 	var mu sync.Mutex
 	out := json.NewEncoder(os.Stdout)
 	emit := func(c call) {
@@ -143,33 +172,50 @@ func main() {
 		defer mu.Unlock()
 		out.Encode(c)
 	}
-	jobs := make(chan int)
-	var wg sync.WaitGroup
-	for w := 0; w < *workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := range jobs {
-				doHTTP(client, *httpAddr, i, emit)
-				doGRPC(conn, i, emit)
-				doSQL(db, i, emit)
+	lines := bufio.NewScanner(os.Stdin)
+	for lines.Scan() {
+		kind := strings.TrimSpace(lines.Text())
+		all := kind != "http" && kind != "grpc" && kind != "grpc_stream" && kind != "sql"
+		jobs := make(chan int)
+		var wg sync.WaitGroup
+		for w := 0; w < *workers; w++ {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := range jobs {
+					if all || kind == "http" {
+						doHTTP(client, *httpAddr, i, emit)
+					}
+					if all || kind == "grpc" {
+						doGRPC(conn, i, emit)
+					}
+					if all || kind == "grpc_stream" {
+						doGRPCStream(conn, i, emit)
+					}
+					if all || kind == "sql" {
+						doSQL(db, i, emit)
+					}
+				}
+			}()
+		}
+		for i := 0; i < *calls; i++ {
+			jobs <- i
+		}
+		close(jobs)
+		wg.Wait()
+		if all {
+			// One transport error: nothing listens on port 1.
+			c := call{Kind: "http_error", Method: "GET", Host: "127.0.0.1:1", Path: "/refused"}
+			c.StartNs = time.Now().UnixNano()
+			_, err := client.Get("http://127.0.0.1:1/refused?q=1")
+			c.EndNs = time.Now().UnixNano()
+			if err != nil {
+				c.Err = err.Error()
 			}
-		}()
+			emit(c)
+		}
+		emit(call{Kind: "round"})
 	}
-	for i := 0; i < *calls; i++ {
-		jobs <- i
-	}
-	close(jobs)
-	wg.Wait()
-	// One transport error: nothing listens on port 1.
-	c := call{Kind: "http_error", Method: "GET", Host: "127.0.0.1:1", Path: "/refused"}
-	c.StartNs = time.Now().UnixNano()
-	_, err = client.Get("http://127.0.0.1:1/refused?q=1")
-	c.EndNs = time.Now().UnixNano()
-	if err != nil {
-		c.Err = err.Error()
-	}
-	emit(c)
 }
 
 func doHTTP(client *http.Client, addr string, i int, emit func(call)) {
@@ -206,6 +252,31 @@ func doGRPC(conn *grpc.ClientConn, i int, emit func(call)) {
 	c.Status = int(status.Code(err))
 	if p.Addr != nil {
 		c.Remote = p.Addr.String()
+	}
+	emit(c)
+}
+
+var streamDesc = &grpc.StreamDesc{StreamName: "Stream", ServerStreams: true}
+
+func doGRPCStream(conn *grpc.ClientConn, i int, emit func(call)) {
+	code := (i + 3) % 17
+	in := []byte(fmt.Sprintf("2,%d,3", code))
+	c := call{Kind: "grpc_stream", Method: "/apm.test.Echo/Stream"}
+	c.StartNs = time.Now().UnixNano()
+	stream, err := conn.NewStream(context.Background(), streamDesc, c.Method)
+	if err == nil {
+		err = stream.SendMsg(&in)
+	}
+	if err == nil {
+		err = stream.CloseSend()
+	}
+	for err == nil {
+		var part []byte
+		err = stream.RecvMsg(&part)
+	}
+	c.EndNs = time.Now().UnixNano()
+	if err != io.EOF {
+		c.Status = int(status.Code(err))
 	}
 	emit(c)
 }
