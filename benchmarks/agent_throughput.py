@@ -63,7 +63,7 @@ MAX_BATCH_DELAY_NS = 200_000_000
 # aiokafka's 1 MiB batch, as the project's 16384-span columnar batches are.
 BASELINE_EVENTS_PER_MESSAGE = 8192
 # struct span_event of bpf/events.h, as the original design decoded it.
-SPAN_RECORD = struct.Struct("<HHIQQqIIII")
+SPAN_RECORD = struct.Struct("<HHIQQqIIII16sQQ")  # + trace_id, span_id, parent_span_id
 
 
 class BenchmarkError(RuntimeError):
@@ -364,7 +364,7 @@ class PerEventCollector:
         self._bpf = bpf
 
     def _on_record(self, _cpu: int, data: int, _size: int) -> None:
-        _kind, _len, pid, ts, start, goid, tid, end_tid, func_id, _pad = SPAN_RECORD.unpack(
+        _kind, _len, pid, ts, start, goid, tid, end_tid, func_id, _pad, *_ids = SPAN_RECORD.unpack(
             ctypes.string_at(data, SPAN_RECORD.size)
         )
         offset = self.boot_to_epoch_ns

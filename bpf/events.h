@@ -59,6 +59,10 @@ struct span_event {
     __u32 end_tid;       /* thread at return (differs when a goroutine migrated) */
     __u32 func_id;       /* index the agent assigned to the probed symbol */
     __u32 _pad;
+    /* The span's place in its trace, fixed at the entry (a replayed record keeps them). */
+    __u8 trace_id[16];   /* W3C trace id, in byte order */
+    __u64 span_id;       /* random, never 0 */
+    __u64 parent_span_id; /* the span current on the goroutine (or a remote parent), 0 none */
 };
 
 /* One request a Go server served: HTTP/1 or HTTP/2 (net/http, x/net/http2) or a gRPC call

@@ -62,6 +62,10 @@
 /* Entry of (*csAttempt).finish(a, err error) on the same goroutine: the stream of the call
  * `func_id` ends with err (nil: OK). field_a, field_b as for SITE_FLAG_CLIENT_GRPC. */
 #define SITE_FLAG_CLIENT_GRPC_END 512
+/* runtime.newproc1(fn, callergp *g, callerpc, ...) *g, which makes every new goroutine (on
+ * the system stack, so not keyed by goroutine): its entry notes the trace context of
+ * callergp (RBX) for the thread, its RETs give it to the new g (RAX). */
+#define SITE_FLAG_SPAWN 0x400
 
 /* call_start.flags */
 #define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
@@ -69,6 +73,8 @@
 #define CALL_HTTP1 4              /* served by net/http's HTTP/1 server */
 #define CALL_HTTP2 8              /* an HTTP/2 stream (runHandler) */
 #define CALL_GRPC 16              /* a gRPC call (handleStream) */
+#define CALL_HAD_CONTEXT 0x100    /* the span continued its goroutine's trace context: its
+                                   * end gives the goroutine back (trace, parent) */
 
 #define MAX_THREAD_DEPTH 8
 
@@ -103,6 +109,20 @@ struct process_layout {
                           * requests to it (one span per stream) */
 };
 
+/* goroutine_contexts (LRU, Go): the span current on a goroutine, which the spans it starts
+ * (and the goroutines it creates) descend from. `spawning` (LRU, by thread): the context of
+ * the goroutine that runtime.newproc1 is creating a goroutine for. */
+struct goroutine_key {
+    __u32 tgid;
+    __u32 _pad;
+    __s64 goid;
+};
+
+struct trace_context {
+    __u8 trace_id[16];   /* W3C trace id, in byte order */
+    __u64 span_id;       /* never 0 */
+};
+
 /* calls_in_flight: one entered, not yet returned call. */
 struct call_key {
     __u32 tgid;
@@ -121,6 +141,8 @@ struct call_start {
     __u32 flags;         /* CALL_* */
     __u64 handler_end_ns; /* HTTP/1: when ServeHTTP returned (the span's end) */
     __u64 stream;        /* HTTP/2: rws.stream at the entry (see SITE_FLAG_H2) */
+    struct trace_context context; /* the span's trace and own id (fixed at the entry) */
+    __u64 parent_span_id; /* 0: a root span */
     __s32 rpc_status;    /* gRPC: the code WriteStatus sent, -1 until then */
     /* Server spans: the request's method and path (gRPC: full method), copied at the entry.
      * Not read through `request` at the return: the h2 server reuses a stream's request

@@ -12,6 +12,13 @@
  * Go calls are keyed by goroutine (the g pointer is in R14 under Go's register ABI), because
  * a goroutine that blocks may resume on another thread. Non-Go calls are keyed by thread.
  *
+ * The tree: every span gets its trace id, its own span id and its parent's here, at the
+ * entry, so a replayed record keeps them. A server span starts a trace; any other Go span
+ * continues the context current on its goroutine (`goroutine_contexts`), else starts one,
+ * and is current until it returns (then its parent is again). runtime.newproc1's probes
+ * copy the creating goroutine's context to every goroutine it creates. Non-Go spans are
+ * roots of their own.
+ *
  * Compiled together with net_events.bpf.c into one BPF object (producer/bpf_loader.py).
  * The maps' key and value structs and the counter and site constants are in probe_maps.h,
  * which the agent mirrors (producer/map_layout.py) and a compiled test checks.
@@ -20,6 +27,7 @@
  *                                     ring buffer sizes in pages (powers of two)
  *   WAKEUP_EVERY                      records per CPU between forced wakeups of the reader
  *   MAX_CALLS_IN_FLIGHT               in-flight calls tracked at once, all processes
+ *   MAX_GOROUTINE_CONTEXTS            goroutines whose trace context is kept (LRU)
  *   USE_PERF_BUFFER                   perf buffer instead of the ring buffer (kernels < 5.8)
  *   SYNTHETIC_SOURCE                  benchmarks only: emit SYNTHETIC_BURST span records per
  *                                     getppid() call of the process in `synthetic_pid`
@@ -43,6 +51,9 @@
 #ifndef MAX_CALLS_IN_FLIGHT
 #define MAX_CALLS_IN_FLIGHT 65536
 #endif
+#ifndef MAX_GOROUTINE_CONTEXTS
+#define MAX_GOROUTINE_CONTEXTS 65536
+#endif
 #define MAX_PROBE_SITES 16384
 #define MAX_PROCESSES 4096
 
@@ -50,6 +61,9 @@ BPF_HASH(probe_sites, struct site_key, struct site, MAX_PROBE_SITES);
 BPF_HASH(process_layouts, u32, struct process_layout, MAX_PROCESSES);
 BPF_HASH(calls_in_flight, struct call_key, struct call_start, MAX_CALLS_IN_FLIGHT);
 BPF_HASH(thread_stacks, struct thread_key, struct thread_calls, MAX_CALLS_IN_FLIGHT);
+BPF_TABLE("lru_hash", struct goroutine_key, struct trace_context, goroutine_contexts,
+          MAX_GOROUTINE_CONTEXTS);
+BPF_TABLE("lru_hash", struct thread_key, struct trace_context, spawning, MAX_PROCESSES);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
 BPF_PERCPU_HASH(probe_hits, u32, struct probe_hits, MAX_PROCESSES);
 BPF_PERCPU_ARRAY(unwoken, u64, 4); /* spans, http, net, client */
@@ -110,9 +124,65 @@ static __always_inline int read_goid(struct pt_regs *ctx, struct process_layout 
     return 0;
 }
 
-static __always_inline void fill_span(struct span_event *e, u16 kind, u16 size, u32 tgid,
-                                      u32 func_id, s64 goid, u64 start_ns, u32 tid)
+static __always_inline u64 random_id(void)
 {
+    u64 id = ((u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32();
+    return id ? id : 1;
+}
+
+/* A new trace, with `c` its root span. */
+static __always_inline void new_trace(struct trace_context *c)
+{
+    u64 half = random_id();
+    __builtin_memcpy(c->trace_id, &half, 8);
+    half = random_id();
+    __builtin_memcpy(c->trace_id + 8, &half, 8);
+    c->span_id = random_id();
+}
+
+/* The ids of a Go span entering on goroutine `goid`: the goroutine's current context is its
+ * parent, unless `root` (a server span) or there is none. */
+static __always_inline void take_context(struct call_start *start, u32 tgid, s64 goid, int root)
+{
+    struct goroutine_key gkey = {.tgid = tgid, .goid = goid};
+    struct trace_context *current = root ? 0 : goroutine_contexts.lookup(&gkey);
+    if (current) {
+        __builtin_memcpy(start->context.trace_id, current->trace_id, 16);
+        start->parent_span_id = current->span_id;
+        start->context.span_id = random_id();
+        start->flags |= CALL_HAD_CONTEXT;
+    } else {
+        new_trace(&start->context);
+        start->parent_span_id = 0;
+    }
+}
+
+static __always_inline void make_current(struct trace_context *context, u32 tgid, s64 goid)
+{
+    struct goroutine_key gkey = {.tgid = tgid, .goid = goid};
+    goroutine_contexts.update(&gkey, context);
+}
+
+/* The span ended: its parent is current again (none for a root span). */
+static __always_inline void end_context(struct call_start *start, u32 tgid, s64 goid)
+{
+    struct goroutine_key gkey = {.tgid = tgid, .goid = goid};
+    if (start->flags & CALL_HAD_CONTEXT) {
+        struct trace_context back = {.span_id = start->parent_span_id};
+        __builtin_memcpy(back.trace_id, start->context.trace_id, 16);
+        goroutine_contexts.update(&gkey, &back);
+    } else {
+        goroutine_contexts.delete(&gkey);
+    }
+}
+
+static __always_inline void fill_span(struct span_event *e, u16 kind, u16 size, u32 tgid,
+                                      u32 func_id, s64 goid, u64 start_ns, u32 tid,
+                                      struct trace_context *context, u64 parent_span_id)
+{
+    __builtin_memcpy(e->trace_id, context->trace_id, 16);
+    e->span_id = context->span_id;
+    e->parent_span_id = parent_span_id;
     e->hdr.kind = kind;
     e->hdr.size = size;
     e->hdr.pid = tgid;
@@ -126,11 +196,13 @@ static __always_inline void fill_span(struct span_event *e, u16 kind, u16 size, 
 }
 
 static __always_inline void emit_span(struct pt_regs *ctx, u32 tgid, u32 func_id, s64 goid,
-                                      u64 start_ns, u32 tid)
+                                      u64 start_ns, u32 tid, struct trace_context *context,
+                                      u64 parent_span_id)
 {
 #ifdef USE_PERF_BUFFER
     struct span_event e = {};
-    fill_span(&e, EVENT_KIND_SPAN, sizeof(e), tgid, func_id, goid, start_ns, tid);
+    fill_span(&e, EVENT_KIND_SPAN, sizeof(e), tgid, func_id, goid, start_ns, tid, context,
+              parent_span_id);
     if (span_events.perf_submit(ctx, &e, sizeof(e)) != 0)
         count(COUNTER_RING_FULL);
     else
@@ -141,7 +213,8 @@ static __always_inline void emit_span(struct pt_regs *ctx, u32 tgid, u32 func_id
         count(COUNTER_RING_FULL);
         return;
     }
-    fill_span(e, EVENT_KIND_SPAN, sizeof(*e), tgid, func_id, goid, start_ns, tid);
+    fill_span(e, EVENT_KIND_SPAN, sizeof(*e), tgid, func_id, goid, start_ns, tid, context,
+              parent_span_id);
     span_events.ringbuf_submit(e, wakeup_flag(0));
     count(COUNTER_EMITTED);
 #endif
@@ -235,7 +308,7 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site
     if (!e)
         return;
     fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
-              start->start_ns, start->tid);
+              start->start_ns, start->tid, &start->context, start->parent_span_id);
     fill_http(e, start);
     if (http_events.perf_submit(ctx, e, sizeof(*e)) != 0)
         count(COUNTER_RING_FULL);
@@ -248,7 +321,7 @@ static __always_inline void emit_http(struct pt_regs *ctx, u32 tgid, struct site
         return;
     }
     fill_span(&e->span, EVENT_KIND_HTTP_SPAN, sizeof(*e), tgid, site->func_id, goid,
-              start->start_ns, start->tid);
+              start->start_ns, start->tid, &start->context, start->parent_span_id);
     fill_http(e, start);
     http_events.ringbuf_submit(e, wakeup_flag(1));
     count(COUNTER_EMITTED);
@@ -414,6 +487,22 @@ int span_entry(struct pt_regs *ctx)
         return 0;
     }
 
+    if (site->flags & SITE_FLAG_SPAWN) {
+        /* newproc1(fn, callergp *g, ...) runs on the system stack (R14 is g0): the creating
+         * goroutine is callergp, in RBX. Only goroutines in a trace are followed. */
+        struct goroutine_key parent = {.tgid = tgid};
+        if (bpf_probe_read_user(&parent.goid, sizeof(parent.goid),
+                                (void *)(ctx->bx + layout->goid)) != 0) {
+            count(COUNTER_READ_FAILED);
+            return 0;
+        }
+        struct trace_context *current = goroutine_contexts.lookup(&parent);
+        if (current) {
+            struct thread_key tkey = {.tgid = tgid, .tid = (u32)pid_tgid};
+            spawning.update(&tkey, current);
+        }
+        return 0;
+    }
     struct call_key key = {.tgid = tgid, .func_id = site->func_id};
     if (read_goid(ctx, layout, &key.id) != 0)
         return 0;
@@ -515,8 +604,12 @@ int span_entry(struct pt_regs *ctx)
         start.request = ctx->di;
         start.response = ctx->si;
     }
-    if (calls_in_flight.update(&key, &start) != 0)
+    take_context(&start, tgid, key.id, site->flags & (SITE_FLAG_HTTP | SITE_FLAG_H2 | SITE_FLAG_GRPC));
+    if (calls_in_flight.update(&key, &start) != 0) {
         count(COUNTER_TABLE_FULL);
+        return 0;
+    }
+    make_current(&start.context, tgid, key.id);
     return 0;
 }
 
@@ -533,6 +626,21 @@ int span_return(struct pt_regs *ctx)
     struct site *site = site_at(ctx, tgid);
     if (!site || site->role != SITE_RETURN)
         return 0;
+    if (site->flags & SITE_FLAG_SPAWN) {
+        /* newproc1 returns the new g in RAX: it continues its creator's context. */
+        struct thread_key tkey = {.tgid = tgid, .tid = (u32)bpf_get_current_pid_tgid()};
+        struct trace_context *context = spawning.lookup(&tkey);
+        if (!context)
+            return 0;
+        struct goroutine_key child = {.tgid = tgid};
+        if (bpf_probe_read_user(&child.goid, sizeof(child.goid),
+                                (void *)(ctx->ax + layout->goid)) == 0)
+            goroutine_contexts.update(&child, context);
+        else
+            count(COUNTER_READ_FAILED);
+        spawning.delete(&tkey);
+        return 0;
+    }
     struct call_key key = {.tgid = tgid, .func_id = site->func_id};
     if (read_goid(ctx, layout, &key.id) != 0)
         return 0;
@@ -556,12 +664,16 @@ int span_return(struct pt_regs *ctx)
     } else if ((site->flags & SITE_FLAG_HTTP) && (start->flags & CALL_FINISH_EXPECTED)) {
         start->handler_end_ns = bpf_ktime_get_boot_ns();
         start->flags |= CALL_HANDLER_RETURNED;
+        end_context(start, tgid, key.id); /* the span ends here */
         return 0; /* emitted when finishRequest has written the response */
     }
     if (site->flags & (SITE_FLAG_HTTP | SITE_FLAG_H2 | SITE_FLAG_GRPC))
         emit_http(ctx, tgid, site, key.id, start);
     else
-        emit_span(ctx, tgid, site->func_id, key.id, start->start_ns, start->tid);
+        emit_span(ctx, tgid, site->func_id, key.id, start->start_ns, start->tid, &start->context,
+                  start->parent_span_id);
+    if (!(start->flags & CALL_HANDLER_RETURNED))
+        end_context(start, tgid, key.id);
     calls_in_flight.delete(&key);
     return 0;
 }
@@ -590,7 +702,9 @@ int span_uretprobe(struct pt_regs *ctx)
     u64 start_ns = calls->start_ns[depth & (MAX_THREAD_DEPTH - 1)];
     if (depth == 0)
         thread_stacks.delete(&tkey);
-    emit_span(ctx, tgid, func_id, -1, start_ns, (u32)pid_tgid);
+    struct trace_context root = {};
+    new_trace(&root);
+    emit_span(ctx, tgid, func_id, -1, start_ns, (u32)pid_tgid, &root, 0);
     return 0;
 }
 
@@ -615,8 +729,10 @@ TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
     if (!want || *want != tgid)
         return 0;
     u64 now = bpf_ktime_get_boot_ns();
+    struct trace_context root = {};
+    new_trace(&root);
     for (int i = 0; i < SYNTHETIC_BURST; i++)
-        emit_span((struct pt_regs *)args, tgid, i & 7, i, now - 1000, (u32)pid_tgid);
+        emit_span((struct pt_regs *)args, tgid, i & 7, i, now - 1000, (u32)pid_tgid, &root, 0);
     return 0;
 }
 #endif

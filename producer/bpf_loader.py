@@ -314,7 +314,7 @@ class AgentProbes:
         self._forget_calls(pid)
 
     def _forget_calls(self, pid: int) -> None:
-        for table in ("calls_in_flight", "thread_stacks"):
+        for table in ("calls_in_flight", "thread_stacks", "goroutine_contexts", "spawning"):
             stale = [key for key in self._bpf[table.encode()] if key.tgid == pid]
             for key in stale:
                 self._bpf[table.encode()].pop(key, None)

@@ -36,11 +36,13 @@ SITE_FLAG_CLIENT_SQL = 128
 SITE_FLAG_CLIENT = SITE_FLAG_CLIENT_HTTP | SITE_FLAG_CLIENT_GRPC | SITE_FLAG_CLIENT_SQL
 SITE_FLAG_CLIENT_GRPC_STREAM = 256
 SITE_FLAG_CLIENT_GRPC_END = 512
+SITE_FLAG_SPAWN = 0x400
 CALL_FINISH_EXPECTED = 1
 CALL_HANDLER_RETURNED = 2
 CALL_HTTP1 = 4
 CALL_HTTP2 = 8
 CALL_GRPC = 16
+CALL_HAD_CONTEXT = 0x100
 MAX_THREAD_DEPTH = 8
 
 SITE_KEY = np.dtype([("tgid", "<u4"), ("_pad", "<u4"), ("ip", "<u8")], align=True)
@@ -69,6 +71,8 @@ PROCESS_LAYOUT = np.dtype(
     ],
     align=True,
 )
+GOROUTINE_KEY = np.dtype([("tgid", "<u4"), ("_pad", "<u4"), ("goid", "<i8")], align=True)
+TRACE_CONTEXT = np.dtype([("trace_id", "u1", (16,)), ("span_id", "<u8")], align=True)
 CALL_KEY = np.dtype([("tgid", "<u4"), ("func_id", "<u4"), ("id", "<i8")], align=True)
 CALL_START = np.dtype(
     [
@@ -79,6 +83,8 @@ CALL_START = np.dtype(
         ("flags", "<u4"),
         ("handler_end_ns", "<u8"),
         ("stream", "<u8"),
+        ("context", TRACE_CONTEXT),
+        ("parent_span_id", "<u8"),
         ("rpc_status", "<i4"),
         ("path_len", "<u2"),
         ("method_len", "u1"),
@@ -107,6 +113,8 @@ STRUCTS: dict[str, np.dtype] = {
     "site_key": SITE_KEY,
     "site": SITE,
     "process_layout": PROCESS_LAYOUT,
+    "goroutine_key": GOROUTINE_KEY,
+    "trace_context": TRACE_CONTEXT,
     "call_key": CALL_KEY,
     "call_start": CALL_START,
     "thread_key": THREAD_KEY,
@@ -131,11 +139,13 @@ CONSTANTS: dict[str, int] = {
     "SITE_FLAG_H2": SITE_FLAG_H2,
     "SITE_FLAG_GRPC": SITE_FLAG_GRPC,
     "SITE_FLAG_GRPC_STATUS": SITE_FLAG_GRPC_STATUS,
+    "SITE_FLAG_SPAWN": SITE_FLAG_SPAWN,
     "CALL_FINISH_EXPECTED": CALL_FINISH_EXPECTED,
     "CALL_HANDLER_RETURNED": CALL_HANDLER_RETURNED,
     "CALL_HTTP1": CALL_HTTP1,
     "CALL_HTTP2": CALL_HTTP2,
     "CALL_GRPC": CALL_GRPC,
+    "CALL_HAD_CONTEXT": CALL_HAD_CONTEXT,
     "MAX_THREAD_DEPTH": MAX_THREAD_DEPTH,
     "SITE_FLAG_CLIENT_HTTP": SITE_FLAG_CLIENT_HTTP,
     "SITE_FLAG_CLIENT_GRPC": SITE_FLAG_CLIENT_GRPC,

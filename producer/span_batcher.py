@@ -43,6 +43,7 @@ from ebpf_apm.schemas.event_batch import (
     NetBatch,
     RpcColumns,
     SpanBatch,
+    SpanIds,
     encode_net_batch,
     encode_span_batch,
 )
@@ -300,6 +301,11 @@ class SpanBatcher(ProcessBatcher):
             span_kind=kinds,
             client=client_columns,
             db=db_columns,
+            ids=SpanIds(
+                trace_id=records["trace_id"],
+                span_id=records["span_id"],
+                parent_span_id=records["parent_span_id"],
+            ),
         )
         return encode_span_batch(batch)
 

@@ -19,7 +19,7 @@ from ebpf_apm.producer.client_probes import client_probes
 from ebpf_apm.producer.elf_symbols import SymbolTable
 from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
 from ebpf_apm.producer.go_binary import go_layout
-from ebpf_apm.producer.map_layout import SITE_FLAG_H2
+from ebpf_apm.producer.map_layout import SITE_FLAG_H2, SITE_FLAG_SPAWN
 from ebpf_apm.producer.probe_sites import ProbePlan, plan_function
 from ebpf_apm.producer.server_probes import server_probes
 
@@ -30,6 +30,7 @@ HTTP_SERVER_SYMBOL = "net/http.serverHandler.ServeHTTP"
 # ...and an HTTP/1 response is flushed by this one after ServeHTTP returns, on the same
 # goroutine: HTTP spans end when it returns, so they hold the whole response.
 HTTP_FINISH_SYMBOL = "net/http.(*response).finishRequest"
+SPAWN_SYMBOL = "runtime.newproc1"  # makes every goroutine (bpf/probe_maps.h SITE_FLAG_SPAWN)
 
 
 class FunctionNames:
@@ -207,6 +208,15 @@ def _plan_binary(
                 entry_only=server.entry_only,
             ),
         )
+    if go and SPAWN_SYMBOL in table:
+        # Goroutine creation: the spans of goroutines a span starts descend from it.
+        spawn = plan_function(binary, table, SPAWN_SYMBOL, go)
+        if spawn.return_offsets:
+            functions += (
+                FunctionTarget(
+                    names.id_of(SPAWN_SYMBOL), spawn, False, server_flags=SITE_FLAG_SPAWN
+                ),
+            )
     if any(server.flags & SITE_FLAG_H2 for server in servers):
         layout = replace(layout, h2_server=True)
     for client in clients:

@@ -42,6 +42,8 @@ HTTP_FLUSHED = np.dtype("<i8")
 RPC_ROW = np.dtype("<u4")
 RPC_STATUS = np.dtype("u1")
 SPAN_KIND = np.dtype("u1")
+TRACE_ID = np.dtype("u1")  # 16 per span
+SPAN_ID = np.dtype("<u8")
 #: span_kind column values -> the names `tail --json` shows (OpenTelemetry's span kinds).
 SPAN_KINDS = ("internal", "server", "client")
 SPAN_KIND_INTERNAL, SPAN_KIND_SERVER, SPAN_KIND_CLIENT = 0, 1, 2
@@ -58,7 +60,7 @@ MAX_FUNCS = 65_536
 MAX_NAME_LEN = 4096  # node, exe, function names, k8s values (characters)
 MAX_STRING_BYTES = 8192  # any string, e.g. an HTTP method or path (UTF-8 bytes)
 MAX_K8S_FIELDS = 16
-MAX_CONTAINERS = 10  # maps and lists in one message: the format has at most 9
+MAX_CONTAINERS = 11  # maps and lists in one message: the format has at most 10
 # (The agent sends each kind of client span in messages of their own so that this holds:
 # client HTTP spans carry http + client, gRPC rpc + client, SQL db + client.)
 # Items in all lists of a message: funcs, and at most 3 lists with one item per span
@@ -124,6 +126,17 @@ class DbColumns:
     system: list[str]  # OpenTelemetry db.system ("postgresql"...), "" when not known
     operation: list[str]  # SELECT, INSERT, ... (the statement's first word)
     statement: list[str]  # sanitized by the agent: literals are ?, at most 256 bytes
+class SpanIds:
+    """Every span's place in its trace, fixed by the kernel when the span was recorded."""
+
+    trace_id: np.ndarray  # (n, 16) uint8: W3C trace ids, in byte order
+    span_id: np.ndarray  # uint64, never 0; its hex is the number's 16 digits
+    parent_span_id: np.ndarray  # uint64, 0 for a root span
+
+
+def span_id_hex(value: int) -> str:
+    """A span id (uint64) as W3C's 16 lowercase hex digits."""
+    return f"{value:016x}"
 
 
 @dataclass
@@ -142,6 +155,8 @@ class SpanBatch:
     span_kind: np.ndarray | None = None
     client: ClientColumns | None = None
     db: DbColumns | None = None
+    # None (an older writer): the spans have no kernel ids (the join then hashes span_id).
+    ids: SpanIds | None = None
 
     def span_kinds(self) -> np.ndarray:
         """The kind of every span, derived for batches that do not carry the column."""
@@ -213,6 +228,12 @@ def encode_span_batch(batch: SpanBatch) -> bytes:
         }
     if batch.span_kind is not None:
         message["span_kind"] = np.ascontiguousarray(batch.span_kind, dtype=SPAN_KIND).tobytes()
+    if batch.ids is not None:
+        message["ids"] = {
+            "trace": np.ascontiguousarray(batch.ids.trace_id, dtype=TRACE_ID).tobytes(),
+            "span": np.ascontiguousarray(batch.ids.span_id, dtype=SPAN_ID).tobytes(),
+            "parent": np.ascontiguousarray(batch.ids.parent_span_id, dtype=SPAN_ID).tobytes(),
+        }
     if batch.k8s is not None:
         message["k8s"] = batch.k8s
     return msgpack.packb(message, use_bin_type=True)
@@ -398,6 +419,17 @@ def _db(raw: Any, n: int, others: list[np.ndarray]) -> DbColumns:
         operation=_texts(raw.get("operation"), "db.operation", m),
         statement=_texts(raw.get("statement"), "db.statement", m),
     )
+def _ids(raw: Any, n: int) -> SpanIds:
+    if not isinstance(raw, dict):
+        raise BatchDecodeError(f"ids: expected a map, got {_show(raw)}")
+    trace = _column(raw.get("trace"), TRACE_ID, 16 * n, "ids.trace").reshape(n, 16)
+    span = _column(raw.get("span"), SPAN_ID, n, "ids.span")
+    parent = _column(raw.get("parent"), SPAN_ID, n, "ids.parent")
+    if n and bool((span == 0).any()):
+        raise BatchDecodeError("ids.span: 0 is not a span id")
+    if n and bool((~trace.any(axis=1)).any()):
+        raise BatchDecodeError("ids.trace: an all-zero trace id")
+    return SpanIds(trace_id=trace, span_id=span, parent_span_id=parent)
 
 
 def _http(raw: Any, columns: dict[str, np.ndarray]) -> HttpColumns:
@@ -454,6 +486,7 @@ def decode_span_batch(value: bytes) -> SpanBatch:
     db = _db(message["db"], n, others) if message.get("db") is not None else None
     if (client is not None or db is not None) and kinds is None:
         raise BatchDecodeError("client and db parts need the span_kind column")
+    ids = _ids(message["ids"], n) if message.get("ids") is not None else None
     return SpanBatch(
         node=_text(message.get("node"), "node", MAX_NAME_LEN),
         pid=_int(message, "pid", 0, MAX_PID),
@@ -466,6 +499,7 @@ def decode_span_batch(value: bytes) -> SpanBatch:
         span_kind=kinds,
         client=client,
         db=db,
+        ids=ids,
     )
 
 
@@ -500,6 +534,10 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
         db_at = {row: i for i, row in enumerate(batch.db.rows.tolist())}
     kinds = batch.span_kinds().tolist()
     k8s = batch.k8s or {}
+    ids = batch.ids
+    if ids is not None:
+        traces = [bytes(t).hex() for t in ids.trace_id]
+        own, parents = ids.span_id.tolist(), ids.parent_span_id.tolist()
     for i in range(len(batch)):
         goid = cols["goid"][i]
         event: dict[str, Any] = {
@@ -514,7 +552,14 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             "end_ns": cols["end_ns"][i],
             "duration_ns": cols["end_ns"][i] - cols["start_ns"][i],
             "span_kind": SPAN_KINDS[kinds[i]],
+            "trace_id": None,
+            "span_id": None,
+            "parent_span_id": None,
         }
+        if ids is not None:
+            event["trace_id"] = traces[i]
+            event["span_id"] = span_id_hex(own[i])
+            event["parent_span_id"] = span_id_hex(parents[i]) if parents[i] else None
         j = http_at.get(i)
         if j is not None and batch.http is not None:
             event["http_method"] = batch.http.method[j]

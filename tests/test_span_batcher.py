@@ -28,7 +28,16 @@ def spans(pids: list[int], func_id: int = 1) -> np.ndarray:
     records["tid"] = 7
     records["end_tid"] = 8
     records["func_id"] = func_id
+    with_ids(records)
     return records
+
+
+def with_ids(records: np.ndarray) -> None:
+    """Ids as the kernel draws them: a trace id, an own id (never 0), a parent (0: root)."""
+    n = len(records)
+    records["trace_id"] = np.arange(1, 16 * n + 1, dtype=np.uint64).reshape(n, 16) % 251 + 1
+    records["span_id"] = np.arange(n, dtype=np.uint64) + 0x1234_5678_9ABC_0000
+    records["parent_span_id"] = np.where(np.arange(n) % 2, records["span_id"] - 1, 0)
 
 
 def http_records(pid: int, paths: list[bytes], statuses: list[int]) -> np.ndarray:
@@ -43,6 +52,7 @@ def http_records(pid: int, paths: list[bytes], statuses: list[int]) -> np.ndarra
     records["method"] = b"POST"
     records["method_len"] = 4
     records["path"] = paths
+    with_ids(records)
     records["path_len"] = [len(p) for p in paths]
     records["status"] = statuses
     return records
