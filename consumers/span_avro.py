@@ -5,9 +5,11 @@ module writes the Avro binary encoding itself, column by column with numpy, for 
 a step at once (about 2 us per span). The bytes are exactly fastavro's: a test compares the
 two on every field, and the field order below is checked against the schema file at import.
 
-`span_id` is deterministic: 128 bits, as 32 hex digits, from BLAKE2b of (node, pid, func)
-mixed with the goroutine (or thread, outside Go) and start_ns through the splitmix64
-finaliser. A span re-emitted after a restart has the same id.
+`span_id` is the kernel's when the agent's batch carries ids (16 hex digits, with
+`trace_id` and `parent_span_id`); otherwise it is deterministic: 128 bits, as 32 hex digits,
+from BLAKE2b of (node, pid, func) mixed with the goroutine (or thread, outside Go) and
+start_ns through the splitmix64 finaliser. Either way a span re-emitted after a restart has
+the same id.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ FIELD_ORDER = (
     "bytes_sent", "bytes_received", "net_sends", "net_recvs",
     "span_kind", "rpc_method", "rpc_status",
     "http_host", "db_system", "db_operation", "db_statement", "error", "peer_addr", "peer_port",
+    "trace_id", "parent_span_id",
 )  # fmt: skip
 _SCHEMA: Any = SPAN_CODEC.schema
 if tuple(f["name"] for f in _SCHEMA["fields"]) != FIELD_ORDER:
@@ -96,11 +99,31 @@ def span_id_words(
 
 def _hex_digits(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     raw = np.stack([first.astype(">u8"), second.astype(">u8")], axis=1).view(np.uint8)
-    raw = raw.reshape(len(first), 16)
-    digits = np.empty((len(first), 32), dtype=np.uint8)
+    return _hex_of_bytes(raw.reshape(len(first), 16))
+
+
+def _hex_of_bytes(raw: np.ndarray) -> np.ndarray:
+    """(rows, k) bytes -> (rows, 2k) lowercase hex digits."""
+    digits = np.empty((len(raw), 2 * raw.shape[1]), dtype=np.uint8)
     digits[:, 0::2] = _HEX[raw >> 4]
     digits[:, 1::2] = _HEX[raw & 0x0F]
     return digits
+
+
+def _span_id_hex(ids: np.ndarray) -> np.ndarray:
+    """uint64 span ids -> (rows, 16) hex digits of the number (W3C's parent-id form)."""
+    return _hex_of_bytes(ids.astype(">u8").view(np.uint8).reshape(len(ids), 8))
+
+
+def _optional_hex(digits: np.ndarray, present: np.ndarray) -> _Block:
+    """An optional string of fixed length (hex digits) where `present`, else null."""
+    rows, width = digits.shape
+    head = np.tile(np.array([2, 2 * width], dtype=np.uint8), (rows, 1))  # branch 1, length
+    head[~present, 0] = 0
+    cells = np.hstack([head, digits])
+    valid = np.ones(cells.shape, dtype=bool)
+    valid[:, 1:] = present[:, None]
+    return _Block(cells, valid)
 
 
 # -- the record writer ------------------------------------------------------------------
@@ -304,8 +327,23 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
     error_rows: list[np.ndarray] = []
     peer_addrs: list[bytes] = []
     peer_ports: list[np.ndarray] = []
+    has_ids: list[np.ndarray] = []
+    own_ids: list[np.ndarray] = []
+    parent_ids: list[np.ndarray] = []
+    trace_ids: list[np.ndarray] = []
     for p in parts:
         b = p.batch
+        rows = len(p.rows)
+        if b.ids is None:
+            has_ids.append(np.zeros(rows, dtype=bool))
+            own_ids.append(np.zeros(rows, dtype=U64))
+            parent_ids.append(np.zeros(rows, dtype=U64))
+            trace_ids.append(np.zeros((rows, 16), dtype=np.uint8))
+        else:
+            has_ids.append(np.ones(rows, dtype=bool))
+            own_ids.append(b.ids.span_id[p.rows])
+            parent_ids.append(b.ids.parent_span_id[p.rows])
+            trace_ids.append(b.ids.trace_id[p.rows])
         process.append(_string(b.node) + _varint(b.pid) + _string(b.exe))
         labels = b.k8s or {}
         k8s.append(b"".join(_optional_string(labels.get(name)) for name in K8S_FIELDS))
@@ -361,13 +399,27 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
         goid,
         start,
     )
-    header = np.frombuffer(SPAN_CODEC.header + _varint(32), dtype=np.uint8)  # + id length
-    lead = np.hstack([np.broadcast_to(header, (n, len(header))), _hex_digits(first, second)])
+    ids = np.concatenate(has_ids)
+    header = np.frombuffer(SPAN_CODEC.header, dtype=np.uint8)
+    # span_id: the kernel's 16 digits where the batch has ids, else the 32 of the hash.
+    id_digits = _hex_digits(first, second)
+    id_digits[ids, :16] = _span_id_hex(np.concatenate(own_ids)[ids])
+    id_valid = np.ones(id_digits.shape, dtype=bool)
+    id_valid[ids, 16:] = False
+    lead = np.hstack(
+        [
+            np.broadcast_to(header, (n, len(header))),
+            np.where(ids, _varint(16)[0], _varint(32)[0]).astype(np.uint8)[:, None],
+            id_digits,
+        ]
+    )
+    lead_valid = np.hstack([np.ones((n, len(header) + 1), dtype=bool), id_valid])
+    parents = np.concatenate(parent_ids)
     io = np.stack(
         [np.concatenate([getattr(p.io, f.name) for p in parts]) for f in fields(IoSums)], 1
     )
     blocks = [
-        _fixed(lead),  # header, span_id
+        _Block(lead, lead_valid),  # header, span_id
         _rows_of(_strings_block(process), part_of_row),  # node, pid, exe
         _varint_block(tid),
         _varint_block(goid, present=goid >= 0),
@@ -387,7 +439,9 @@ def _encode_group(parts: list[JoinedSpans], n: int) -> list[bytes]:
         *_optional_bytes(db_texts[2], is_db),  # db_statement
         _varint_block(np.maximum(error, 0), present=error >= 0),  # error
         *_optional_bytes(peer_addrs, peer_port >= 0),  # peer_addr
-        _varint_block(np.maximum(peer_port, 0), present=peer_port >= 0),
+        _varint_block(np.maximum(peer_port, 0), present=peer_port >= 0),  # peer_port
+        _optional_hex(_hex_of_bytes(np.concatenate(trace_ids)), ids),  # trace_id
+        _optional_hex(_span_id_hex(parents), ids & (parents != 0)),  # parent_span_id
     ]
     cells = np.hstack([block.cells for block in blocks])
     valid = np.hstack([block.valid for block in blocks])

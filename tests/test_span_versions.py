@@ -1,4 +1,5 @@
-"""apm.spans records of schema version 2 (span_kind, rpc_method, rpc_status) and version 1.
+"""apm.spans records of schema versions 3 (trace_id, parent_span_id, the kernel's span_id),
+2 (span_kind, rpc_method, rpc_status) and 1.
 
 The writer is checked byte for byte against fastavro for gRPC server spans; records an older
 join wrote (version 1, another fingerprint) still read, through fastavro and through the
@@ -25,6 +26,7 @@ from ebpf_apm.schemas.event_batch import (
     RPC_STATUS_UNKNOWN,
     BatchDecodeError,
     RpcColumns,
+    SpanIds,
     decode_span_batch,
     encode_span_batch,
     iter_events,
@@ -132,3 +134,63 @@ def test_decoder_rejects_bad_rpc_parts_with_the_reason() -> None:
     kinds = dict(good, span_kind=bytes([0, 1, 3]))
     with pytest.raises(BatchDecodeError, match="span_kind: values are 0..2"):
         decode_span_batch(msgpack.packb(kinds, use_bin_type=True))
+
+
+def ids_batch():  # type: ignore[no-untyped-def]
+    """A batch whose spans carry the kernel's ids: a server span (root) and a child."""
+    batch = grpc_batch()
+    trace = np.frombuffer(bytes(range(1, 17)), dtype=np.uint8)
+    batch.ids = SpanIds(
+        trace_id=np.stack([trace, trace, trace[::-1]]),
+        span_id=np.array([0xA1, 0xFEDC_BA98_7654_3210, 0x1], dtype=np.uint64),
+        parent_span_id=np.array([0, 0xA1, 0], dtype=np.uint64),
+    )
+    return decode_span_batch(encode_span_batch(batch))
+
+
+def test_kernel_ids_are_written_as_fastavro_writes_them() -> None:
+    batch = ids_batch()
+    events = list(iter_events(batch))
+    assert [e["span_id"] for e in events] == ["00000000000000a1", "fedcba9876543210",
+                                              "0000000000000001"]  # fmt: skip
+    assert [e["parent_span_id"] for e in events] == [None, "00000000000000a1", None]
+    assert events[0]["trace_id"] == bytes(range(1, 17)).hex() == events[1]["trace_id"]
+    without = grpc_batch()  # the same spans from an agent without ids
+    parts = [joined(batch, [0, 1, 2], [(1, 2, 3, 4)] * 3), joined(without, [1, 2], [(0,) * 4] * 2)]
+    encoded = encode_spans(parts)
+    check_against_fastavro(parts, encoded)
+    records = [SPAN.decode(v) for v in encoded.values]
+    assert [len(r["span_id"]) for r in records] == [16, 16, 16, 32, 32]
+    assert [r["trace_id"] is None for r in records] == [False] * 3 + [True] * 2
+    assert records[1]["parent_span_id"] == records[0]["span_id"]
+    # The aggregator's columnar reader steps over the new fields.
+    columns = decode_spans(encoded.values)
+    assert not columns.bad.any()
+    assert columns.ints["rpc_status"].tolist() == [0, -1, -1, -1, -1]
+
+
+def test_version_2_records_read_with_trace_fields_null() -> None:
+    ((fingerprint, (_, v2)),) = [(f, old) for f, old in SPAN.older.items() if old[0] == 2]
+    record = SPAN.decode(encode_spans([joined(ids_batch(), [1], [(5, 6, 7, 8)])]).values[0])
+    old = {f["name"]: record[f["name"]] for f in v2["fields"]}
+    out = io.BytesIO()
+    out.write(MAGIC + fingerprint)
+    fastavro.schemaless_writer(out, v2, old)
+    assert SPAN.decode(out.getvalue()) == {**old, "trace_id": None, "parent_span_id": None}
+    columns = decode_spans([out.getvalue(), SPAN.encode(record)])
+    assert not columns.bad.any() and columns.ints["duration_ns"].tolist() == [3, 3]
+
+
+def test_decoder_rejects_bad_ids_with_the_reason() -> None:
+    good = msgpack.unpackb(encode_span_batch(ids_batch()), raw=False)
+    cases = {
+        "ids.span: 0 is not a span id": {"span": np.array([1, 0, 2], "<u8").tobytes()},
+        "ids.trace: an all-zero trace id": {"trace": bytes(16) * 3},
+        "ids.parent": {"parent": bytes(8)},
+    }
+    for reason, change in cases.items():
+        message = dict(good, ids={**good["ids"], **change})
+        with pytest.raises(BatchDecodeError, match=reason.replace(".", r"\.")):
+            decode_span_batch(msgpack.packb(message, use_bin_type=True))
+    with pytest.raises(BatchDecodeError, match="ids: expected a map"):
+        decode_span_batch(msgpack.packb(dict(good, ids=[1]), use_bin_type=True))
