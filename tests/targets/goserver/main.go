@@ -18,6 +18,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -135,6 +136,56 @@ func (s *server) handlePanic(w http.ResponseWriter, r *http.Request) {
 	panic("requested panic")
 }
 
+// leafWork is the innermost named function of /fanout: it sleeps ms milliseconds (the
+// goroutine may resume on another thread).
+//
+//go:noinline
+func leafWork(ms int) int {
+	sleepMs(ms)
+	return ms + 1
+}
+
+// fanoutWorker runs on a goroutine of its own: it calls leafWork, then starts one more
+// goroutine that calls leafWork too, and waits for it.
+//
+//go:noinline
+func fanoutWorker(ms int) int {
+	total := leafWork(ms)
+	var inner sync.WaitGroup
+	inner.Add(1)
+	go func() {
+		defer inner.Done()
+		total += leafWork(ms)
+	}()
+	inner.Wait()
+	return total
+}
+
+// handleFanout serves /fanout/ID?n=K&ms=M: K goroutines each run fanoutWorker(M), and the
+// handler waits for all of them. The tree of one request is fixed by K: handleFanout, K
+// fanoutWorker spans under it and two leafWork spans under each of those.
+//
+//go:noinline
+func (s *server) handleFanout(w http.ResponseWriter, r *http.Request) {
+	n := queryInt(r, "n", 1)
+	if n < 0 || n > 64 {
+		http.Error(w, "bad n", http.StatusBadRequest)
+		return
+	}
+	ms := queryInt(r, "ms", 0)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			fanoutWorker(ms)
+		}()
+	}
+	wg.Wait()
+	w.WriteHeader(http.StatusOK)
+	fmt.Fprintf(w, "%d\n", n)
+}
+
 // handleHealth serves /health.
 //
 //go:noinline
@@ -159,6 +210,7 @@ func main() {
 	mux.HandleFunc("/deep/", s.handleDeep)
 	mux.HandleFunc("/chunks", s.handleChunks)
 	mux.HandleFunc("/chunks/", s.handleChunks)
+	mux.HandleFunc("/fanout/", s.handleFanout)
 	mux.HandleFunc("/health", s.handleHealth)
 	mux.HandleFunc("/panic", s.handlePanic)
 

@@ -1,0 +1,122 @@
+"""The tree of spans: trace ids, span ids and parents from the kernel, through goroutines.
+
+tests/targets/goserver's /fanout/ID?n=K handler (main.(*server).handleFanout) starts K
+goroutines; each runs main.fanoutWorker, which calls main.leafWork and starts one more
+goroutine that calls main.leafWork. The test chooses K per request, so it knows each
+request's whole tree: the HTTP server span (root), handleFanout under it on the same
+goroutine, K fanoutWorker spans under that, two leafWork spans under each worker (one on the
+worker's goroutine, one on the goroutine it started). 16 clients send concurrently, and the
+sleeps let goroutines migrate between threads. Every id comes from the kernel; the test
+checks the chain, the nesting in time, and that no two requests share a trace.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import pytest
+from agent_harness import Agent, Request, go_server, read_spans, send_concurrently
+
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.targets import FunctionNames, attach_target, resolve_target
+
+pytestmark = [pytest.mark.bpf, pytest.mark.integration]
+
+SERVE_HTTP = "net/http.serverHandler.ServeHTTP"
+FANOUT = "main.(*server).handleFanout"
+WORKER = "main.fanoutWorker"
+LEAF = "main.leafWork"
+REQUESTS = 48
+
+
+def fanout_requests() -> list[Request]:
+    """Request rid starts rid % 3 + 1 workers (2 ms sleeps in each leaf)."""
+    return [
+        Request(rid, "GET", f"/fanout/{rid}", f"n={rid % 3 + 1}&ms=2", 2, 200)
+        for rid in range(REQUESTS)
+    ]
+
+
+def spans_per_request(workers: int) -> int:
+    return 2 + 3 * workers  # server, handleFanout, the workers and two leaves each
+
+
+def check_tree(spans: list[dict], requests: list[Request]) -> None:
+    by_id = {s["span_id"]: s for s in spans}
+    assert len(by_id) == len(spans), "span ids are unique"
+    assert all(len(s["span_id"]) == 16 and len(s["trace_id"]) == 32 for s in spans)
+    by_trace: dict[str, list[dict]] = defaultdict(list)
+    for span in spans:
+        by_trace[span["trace_id"]].append(span)
+    servers = [s for s in spans if s["func"] == SERVE_HTTP]
+    assert sorted(s["http_path"] for s in servers) == sorted(r.path for r in requests)
+    assert len({s["trace_id"] for s in servers}) == len(servers), "a trace per request"
+    workers_of = {r.path: int(r.query.split("&")[0][2:]) for r in requests}
+    for server in servers:
+        assert server["span_kind"] == "server" and server["parent_span_id"] is None
+        tree = by_trace[server["trace_id"]]
+        k = workers_of[server["http_path"]]
+        assert Counter(s["func"] for s in tree) == {SERVE_HTTP: 1, FANOUT: 1, WORKER: k, LEAF: 2 * k}
+        for span in tree:
+            if span is server:
+                continue
+            parent = by_id[span["parent_span_id"]]
+            # Nested by time: every child starts after its parent and ends before it (the
+            # handler and the workers wait for the goroutines they start).
+            assert parent["start_ns"] <= span["start_ns"] <= span["end_ns"] <= parent["end_ns"]
+            expected_parent = {FANOUT: SERVE_HTTP, WORKER: FANOUT, LEAF: WORKER}[span["func"]]
+            assert parent["func"] == expected_parent, (span, parent)
+            assert span["span_kind"] == "internal"
+        fanout = next(s for s in tree if s["func"] == FANOUT)
+        assert fanout["goid"] == server["goid"]  # the same goroutine: nested calls
+        for worker in (s for s in tree if s["func"] == WORKER):
+            assert worker["goid"] != fanout["goid"]  # a goroutine the handler started
+            leaves = [s for s in tree if s["parent_span_id"] == worker["span_id"]]
+            # One leaf on the worker's goroutine, one on the goroutine the worker started.
+            assert sorted(leaf["goid"] == worker["goid"] for leaf in leaves) == [False, True]
+    assert len(spans) == sum(spans_per_request(workers_of[r.path]) for r in requests)
+
+
+@pytest.mark.parametrize(
+    "toolchain,stripped",
+    [("1.27", False), ("1.27", True), ("1.19", False), ("1.19", True)],
+    ids=["go1.27", "go1.27-stripped", "go1.19", "go1.19-stripped"],
+)
+def test_goroutines_a_request_starts_are_its_descendants(
+    go_targets: dict, kafka_broker, toolchain: str, stripped: bool
+) -> None:
+    requests = fanout_requests()
+    with go_server(go_targets[(toolchain, stripped)]) as server:
+        args = ["--pid", str(server.pid), "--func", FANOUT, "--func", WORKER, "--func", LEAF,
+                "--bootstrap-servers", kafka_broker.bootstrap_servers, "--node-name", "tree"]  # fmt: skip
+        with Agent(args) as agent:
+            agent.wait_ready()
+            send_concurrently(server, requests, clients=16)
+            expected = sum(spans_per_request(int(r.query[2])) for r in requests)
+            spans = read_spans(kafka_broker.bootstrap_servers, server.pid, expected)
+            assert agent.stop() == 0, agent.log
+    assert "returns without entry 0, read failures 0" in agent.log, agent.log
+    assert all(r.got_status == 200 for r in requests)
+    check_tree(spans, requests)
+    migrated = sum(s["tid"] != s["end_tid"] for s in spans)
+    print(f"{len(spans)} spans in {len(requests)} trees; {migrated} returned on another thread")
+
+
+@pytest.mark.bpf
+def test_trace_contexts_are_forgotten_when_the_process_goes(go_targets: dict) -> None:
+    probes = AgentProbes(ProbeOptions(net_hooks="off"))
+    try:
+        with go_server(go_targets[("1.27", False)]) as server:
+            pid = server.pid
+            names = FunctionNames()
+            attach_target(probes, resolve_target(pid, [FANOUT, WORKER, LEAF], names))
+            # The handler's goroutines got contexts from newproc1's probes; a request still
+            # running when the process goes would leave its goroutine's context behind.
+            assert server.get("/fanout/1?n=3&ms=1")[0] == 200
+            contexts = probes._bpf[b"goroutine_contexts"]
+            assert any(key.tgid == pid for key in contexts.keys())
+        probes.detach_process(pid)
+        for table in (b"goroutine_contexts", b"spawning", b"calls_in_flight"):
+            assert not [k for k in probes._bpf[table].keys() if k.tgid == pid], table
+    finally:
+        probes.close()
