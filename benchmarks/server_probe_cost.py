@@ -3,7 +3,11 @@ empty program on the same probe points, for HTTP/1, HTTP/2 and gRPC.
 
 The target is tests/targets/grpcserver (Go 1.27): gRPC (unary calls, its own client), HTTP/2
 over TLS (net/http's h2 server, its own client) and HTTP/1 (plain requests from here to its
-h2c port, which net/http serves as HTTP/1). For each kind, two conditions on the same points
+h2c port, which net/http serves as HTTP/1); and "tree", tests/targets/goserver's /fanout
+handler with its named functions probed (each request: 2 goroutines that call one and start
+one more goroutine that calls it: 8 spans of one trace). Every kind includes the
+runtime.newproc1 probes that carry the trace context to new goroutines. For each kind, two
+conditions on the same points
 (the agent's own plan, resolve_target): (e) an empty BPF program (`return 0`), (p) the
 project's span program attached as the agent attaches it, its ring drained concurrently.
 The kernel's BPF statistics give each program's mean run time; the agent's trap
@@ -38,26 +42,42 @@ from ebpf_apm.producer.trap_calibration import calibrate_trap_cost
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 1.2
 EMPTY_PROGRAM = b"int empty(struct pt_regs *ctx) { return 0; }"
-KINDS = ("http1", "http2", "grpc")
+KINDS = ("http1", "http2", "grpc", "tree")
+# "tree": tests/targets/goserver's /fanout handler (2 goroutines, each calling a named
+# function and starting one more goroutine that calls it), with those functions probed.
+TREE_FUNCS = ["main.(*server).handleFanout", "main.fanoutWorker", "main.leafWork"]
+TREE_SPANS_PER_REQUEST = 1 + 1 + 2 + 4
 
 
 class BenchmarkError(RuntimeError):
     """Something failed: the figures would mean nothing."""
 
 
-def build_target() -> Path:
+def build_target(name: str = "grpcserver") -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     go_builds = importlib.import_module("go_builds")
-    out = go_builds.default_cache_dir() / "bench" / "grpcserver-go1.27"
+    out = go_builds.default_cache_dir() / "bench" / f"{name}-go1.27"
     try:
-        source = go_builds.TARGETS_DIR / "grpcserver"
-        return Path(go_builds.build_go(source, out, "1.27", False, gopath=True))
+        source = go_builds.TARGETS_DIR / name
+        gopath = name == "grpcserver"
+        return Path(go_builds.build_go(source, out, "1.27", False, gopath=gopath))
     except go_builds.BuildError as exc:
-        raise BenchmarkError(f"building grpcserver: {exc}") from exc
+        raise BenchmarkError(f"building {name}: {exc}") from exc
 
 
 def send(binary: Path, addrs: dict[str, str], kind: str, requests: int) -> None:
     """`requests` requests of one kind, 4 at a time."""
+    if kind == "tree":
+        host, port = addrs["tree"].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        for i in range(requests):
+            conn.request("GET", f"/fanout/{i}?n=2&ms=0")
+            response = conn.getresponse()
+            response.read()
+            if response.status != 200:
+                raise BenchmarkError(f"/fanout answered {response.status}")
+        conn.close()
+        return
     if kind == "http1":
         host, port = addrs["h2c"].rsplit(":", 1)
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
@@ -97,7 +117,7 @@ def probe_points(target: TargetProcess) -> list[int]:
 def measure_kind(
     binary: Path, addrs: dict[str, str], pid: int, kind: str, requests: int, trap_ns: float
 ) -> dict[str, float]:
-    target = resolve_target(pid, [], FunctionNames(), http=True)
+    target = resolve_target(pid, TREE_FUNCS if kind == "tree" else [], FunctionNames(), http=True)
     from bcc import BPF  # noqa: PLC0415 - bcc is loaded only where a program is built
 
     # (e) the empty program on the same points.
@@ -124,8 +144,8 @@ def measure_kind(
         def drain() -> None:
             while not done.wait(0.005):
                 records[0] += len(probes.http_reader.drain())
-                probes.span_reader.drain()
-            records[0] += len(probes.http_reader.drain())
+                records[0] += len(probes.span_reader.drain())
+            records[0] += len(probes.http_reader.drain()) + len(probes.span_reader.drain())
 
         drainer = threading.Thread(target=drain, daemon=True)
         drainer.start()
@@ -165,9 +185,16 @@ def main(argv: list[str] | None = None) -> int:
         binary = build_target()
         stats = RunTimeStats().open()
         server = subprocess.Popen([str(binary)], stdout=subprocess.PIPE, text=True)
+        tree_server: subprocess.Popen[str] | None = None
         try:
             assert server.stdout is not None
             addrs = json.loads(server.stdout.readline())
+            tree_server = subprocess.Popen(
+                [str(build_target("goserver"))], stdout=subprocess.PIPE, text=True
+            )
+            assert tree_server.stdout is not None
+            addrs["tree"] = tree_server.stdout.readline().split()[1]
+            pids = {kind: server.pid for kind in KINDS} | {"tree": tree_server.pid}
             probes = AgentProbes(ProbeOptions())
             try:
                 trap = calibrate_trap_cost(probes)
@@ -184,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             worst = 0.0
             for kind in KINDS:
-                m = measure_kind(binary, addrs, server.pid, kind, args.requests, trap.ns_per_hit)
+                m = measure_kind(binary, addrs, pids[kind], kind, args.requests, trap.ns_per_hit)
                 worst = max(worst, m["ratio"])
                 print(
                     f"{kind:<6} {m['hits_per_request']:>8.2f} {m['spans_per_request']:>9.2f} "
@@ -196,18 +223,22 @@ def main(argv: list[str] | None = None) -> int:
                         f"per request, the project's {m['hits_per_request']:.2f}: "
                         "not the same points"
                     )
-                if m["spans_per_request"] < 0.99:
-                    raise BenchmarkError(f"{kind}: fewer spans than requests")
+                want = TREE_SPANS_PER_REQUEST if kind == "tree" else 1
+                if m["spans_per_request"] < want - 0.01:
+                    raise BenchmarkError(f"{kind}: fewer spans than {want} per request")
             verdict = "target met" if worst <= TARGET_RATIO else "target NOT met"
             print(
                 f"\nratio = (trap + project program) / (trap + empty program), per hit; "
                 f"baseline: an empty program = 1.000; target <= {TARGET_RATIO}: {verdict}"
             )
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(10)
-            if server.stdout:
-                server.stdout.close()
+            for process in (server, tree_server):
+                if process is None:
+                    continue
+                process.send_signal(signal.SIGTERM)
+                process.wait(10)
+                if process.stdout:
+                    process.stdout.close()
             stats.close()
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
