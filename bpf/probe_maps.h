@@ -78,6 +78,16 @@
 
 #define MAX_THREAD_DEPTH 8
 
+/* process_layout.header_map: Go's map layout, read only while the map has one group or
+ * bucket (at most 8 header fields): a larger header is not searched. */
+#define HEADER_MAP_NONE 0
+#define HEADER_MAP_BUCKETS 1      /* Go <= 1.23 runtime.hmap: B (u8) at 9, buckets at 16; a
+                                   * bucket is tophash[8], 8 keys, 8 values */
+#define HEADER_MAP_SWISS 2        /* Go >= 1.24 internal/runtime/maps.Map: dirPtr at 16 (the
+                                   * group when dirLen, at 24, is 0); a group is a control
+                                   * word and 8 interleaved (key, value) slots */
+#define CALL_REMOTE_PARENT 0x200  /* the parent came from a traceparent header */
+
 /* probe_sites: which function, and which end of it, an instruction address belongs to. */
 struct site_key {
     __u32 tgid;
@@ -107,6 +117,9 @@ struct process_layout {
     __u32 http_finish;   /* finishRequest is probed: HTTP/1 spans end when it returns */
     __u32 h2_server;     /* runHandler is probed: serverHandler.ServeHTTP leaves HTTP/2
                           * requests to it (one span per stream) */
+    __s32 request_header; /* net/http.Request.Header (map[string][]string), -1 unknown */
+    __u32 header_map;    /* HEADER_MAP_*: that map's layout; HTTP/1 spans continue an
+                          * incoming W3C traceparent found in it */
 };
 
 /* goroutine_contexts (LRU, Go): the span current on a goroutine, which the spans it starts

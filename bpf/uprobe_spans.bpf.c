@@ -65,6 +65,7 @@ BPF_TABLE("lru_hash", struct goroutine_key, struct trace_context, goroutine_cont
           MAX_GOROUTINE_CONTEXTS);
 BPF_TABLE("lru_hash", struct thread_key, struct trace_context, spawning, MAX_PROCESSES);
 BPF_PERCPU_ARRAY(counters, u64, COUNTER_SLOTS);
+BPF_PERCPU_ARRAY(call_scratch, struct call_start, 1);
 BPF_PERCPU_HASH(probe_hits, u32, struct probe_hits, MAX_PROCESSES);
 BPF_PERCPU_ARRAY(unwoken, u64, 4); /* spans, http, net, client */
 
@@ -140,10 +141,122 @@ static __always_inline void new_trace(struct trace_context *c)
     c->span_id = random_id();
 }
 
+/* W3C traceparent: "vv-<trace id: 32 hex>-<parent id: 16 hex>-<flags: 2 hex>", lowercase. */
+#define TRACEPARENT_LEN 55
+
+static __always_inline int hex_digit(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+/* The trace and parent of a traceparent value into `start`; 0 if it is valid. */
+static __always_inline int parse_traceparent(const char *tp, struct call_start *start)
+{
+    if (tp[2] != '-' || tp[35] != '-' || tp[52] != '-' || hex_digit(tp[0]) < 0 ||
+        hex_digit(tp[1]) < 0 || (tp[0] == 'f' && tp[1] == 'f'))
+        return -1;
+    u8 trace[16] = {};
+    u8 any = 0;
+    for (int j = 0; j < 16; j++) {
+        int hi = hex_digit(tp[3 + 2 * j]), lo = hex_digit(tp[4 + 2 * j]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        trace[j] = (u8)((hi << 4) | lo);
+        any |= trace[j];
+    }
+    u64 parent = 0;
+    for (int j = 0; j < 16; j++) {
+        int d = hex_digit(tp[36 + j]);
+        if (d < 0)
+            return -1;
+        parent = (parent << 4) | (u64)d;
+    }
+    if (!any || !parent)
+        return -1; /* all-zero ids are invalid */
+    __builtin_memcpy(start->context.trace_id, trace, 16);
+    start->parent_span_id = parent;
+    return 0;
+}
+
+/* An incoming traceparent header of an HTTP/1 request (`request`: its *http.Request), read
+ * from the Header map while the map is a single bucket or group; 0 if found and valid. */
+static __always_inline int read_traceparent(struct process_layout *layout, u64 request,
+                                            struct call_start *start)
+{
+    u64 map = 0, group = 0;
+    u32 key_stride = 16, elems_at = 8 + 8 * 16, elem_stride = 24; /* HEADER_MAP_BUCKETS */
+    if (layout->header_map == HEADER_MAP_NONE || layout->request_header < 0 ||
+        bpf_probe_read_user(&map, sizeof(map), (void *)(request + layout->request_header)) != 0 ||
+        map == 0)
+        return -1;
+    if (layout->header_map == HEADER_MAP_BUCKETS) {
+        u8 log2_buckets = 1;
+        if (bpf_probe_read_user(&log2_buckets, 1, (void *)(map + 9)) != 0 || log2_buckets != 0)
+            return -1;
+    } else {
+        s64 dir_len = 1;
+        if (bpf_probe_read_user(&dir_len, sizeof(dir_len), (void *)(map + 24)) != 0 ||
+            dir_len != 0)
+            return -1;
+        key_stride = 40;
+        elems_at = 8 + 16;
+        elem_stride = 40;
+    }
+    u8 ctrl[8] = {};
+    if (bpf_probe_read_user(&group, sizeof(group), (void *)(map + 16)) != 0 || group == 0 ||
+        bpf_probe_read_user(ctrl, sizeof(ctrl), (void *)group) != 0)
+        return -1;
+    const char name[] = "Traceparent";
+    for (int i = 0; i < 8; i++) {
+        /* A used slot: tophash >= minTopHash (5); a swiss control byte with the top bit clear. */
+        if (layout->header_map == HEADER_MAP_BUCKETS ? ctrl[i] < 5 : ctrl[i] >= 0x80)
+            continue;
+        struct {
+            u64 ptr;
+            s64 len;
+        } key = {};
+        if (bpf_probe_read_user(&key, sizeof(key), (void *)(group + 8 + i * key_stride)) != 0 ||
+            key.len != sizeof(name) - 1)
+            continue;
+        char got[sizeof(name)] = {};
+        if (bpf_probe_read_user(got, sizeof(name) - 1, (void *)key.ptr) != 0)
+            continue;
+        int same = 1;
+        for (int j = 0; j < sizeof(name) - 1; j++)
+            same &= got[j] == name[j];
+        if (!same)
+            continue;
+        u64 values[2] = {}; /* []string: pointer, length (the first value counts) */
+        struct {
+            u64 ptr;
+            s64 len;
+        } value = {};
+        char tp[TRACEPARENT_LEN] = {};
+        if (bpf_probe_read_user(values, sizeof(values),
+                                (void *)(group + elems_at + i * elem_stride)) != 0 ||
+            values[1] < 1 ||
+            bpf_probe_read_user(&value, sizeof(value), (void *)values[0]) != 0 ||
+            value.len < TRACEPARENT_LEN ||
+            bpf_probe_read_user(tp, sizeof(tp), (void *)value.ptr) != 0)
+            return -1;
+        return parse_traceparent(tp, start);
+    }
+    return -1;
+}
+
 /* The ids of a Go span entering on goroutine `goid`: the goroutine's current context is its
- * parent, unless `root` (a server span) or there is none. */
+ * parent, unless `root` (a server span) or there is none. A server span whose request
+ * carried a traceparent (CALL_REMOTE_PARENT) has its trace and parent already. */
 static __always_inline void take_context(struct call_start *start, u32 tgid, s64 goid, int root)
 {
+    if (start->flags & CALL_REMOTE_PARENT) {
+        start->context.span_id = random_id();
+        return;
+    }
     struct goroutine_key gkey = {.tgid = tgid, .goid = goid};
     struct trace_context *current = root ? 0 : goroutine_contexts.lookup(&gkey);
     if (current) {
@@ -532,60 +645,71 @@ int span_entry(struct pt_regs *ctx)
         calls_in_flight.delete(&key);
         return 0;
     }
-    struct call_start start = {.start_ns = now, .tid = (u32)pid_tgid, .rpc_status = -1};
+    /* The call's start is built in a per-CPU scratch value: with the request's fields it is
+     * too big for the BPF stack next to the traceparent reader's buffers. */
+    u32 zero = 0;
+    struct call_start *start = call_scratch.lookup(&zero);
+    if (!start)
+        return 0;
+    __builtin_memset(start, 0, sizeof(*start));
+    start->start_ns = now;
+    start->tid = (u32)pid_tgid;
+    start->rpc_status = -1;
     if (site->flags & SITE_FLAG_HTTP) {
         /* serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request): sh.srv in RAX, the
          * interface rw in RBX (type) and RCX (data: *response), req in RDI. */
-        start.request = ctx->di;
+        start->request = ctx->di;
         /* HTTP/1 iff rw is a *response whose conn (its first field) serves this server
          * (conn's first field): HTTP/2's writer is another type. */
         u64 conn = 0, server = 0;
         if (bpf_probe_read_user(&conn, sizeof(conn), (void *)ctx->cx) == 0 && conn != 0 &&
             bpf_probe_read_user(&server, sizeof(server), (void *)conn) == 0 &&
             server == ctx->ax) {
-            start.flags = CALL_HTTP1;
+            start->flags = CALL_HTTP1;
             if (layout->response_status >= 0)
-                start.response = ctx->cx + layout->response_status;
+                start->response = ctx->cx + layout->response_status;
             /* net/http writes a buffered response after ServeHTTP returns, in
              * (*response).finishRequest on the same goroutine: an HTTP/1 span is emitted
              * when that returns, with its flush time, so the join can give it the whole
              * response. */
             if (layout->http_finish)
-                start.flags |= CALL_FINISH_EXPECTED;
+                start->flags |= CALL_FINISH_EXPECTED;
         } else if (layout->h2_server) {
             return 0; /* an HTTP/2 stream: runHandler's probe makes its span */
         }
-        read_request(&start, layout, ctx->di, layout->request_method, layout->request_url);
+        read_request(start, layout, ctx->di, layout->request_method, layout->request_url);
+        if ((start->flags & CALL_HTTP1) && read_traceparent(layout, ctx->di, start) == 0)
+            start->flags |= CALL_REMOTE_PARENT;
     } else if (site->flags & SITE_FLAG_H2) {
         /* runHandler(sc, rw *responseWriter, req *http.Request, handler): rw in RBX, req in
          * RCX. The request's fields are copied now (Go 1.27's request lives in the pooled
          * rws); the status is read at the return through rws, which handlerDone detaches
          * from rw (and pools) just before runHandler returns. */
-        start.flags = CALL_HTTP2;
-        read_request(&start, layout, ctx->cx, site->field_c, site->field_d);
+        start->flags = CALL_HTTP2;
+        read_request(start, layout, ctx->cx, site->field_c, site->field_d);
         u64 rws = 0;
         if (site->field_a >= 0 && site->field_b >= 0 &&
             bpf_probe_read_user(&rws, sizeof(rws), (void *)(ctx->bx + site->field_a)) == 0 &&
             rws != 0 &&
-            bpf_probe_read_user(&start.stream, sizeof(start.stream), (void *)rws) == 0) {
-            start.request = rws;
-            start.response = rws + site->field_b;
+            bpf_probe_read_user(&start->stream, sizeof(start->stream), (void *)rws) == 0) {
+            start->request = rws;
+            start->response = rws + site->field_b;
         }
     } else if (site->flags & SITE_FLAG_GRPC) {
         /* handleStream(s, t ServerTransport, stream *Stream, trInfo): t's type and data in
          * RBX and RCX, stream in RDI. */
-        start.flags = CALL_GRPC;
-        start.request = ctx->di + site->field_a;
-        u32 n = read_go_string(start.request, start.path, HTTP_PATH_MAX);
-        start.path_len = n > 65535 ? 65535 : n;
+        start->flags = CALL_GRPC;
+        start->request = ctx->di + site->field_a;
+        u32 n = read_go_string(start->request, start->path, HTTP_PATH_MAX);
+        start->path_len = n > 65535 ? 65535 : n;
     } else if (site->flags & SITE_FLAG_CLIENT_HTTP) {
         /* (*Client).do(c, req *Request): req in RBX, read when do returns (the client
          * does not change the caller's request). */
-        start.request = ctx->bx;
+        start->request = ctx->bx;
     } else if (site->flags & SITE_FLAG_CLIENT_GRPC) {
         /* invoke(ctx context.Context, method string, ...): method in RCX (data), RDI. */
-        start.request = ctx->cx;
-        start.response = ctx->di;
+        start->request = ctx->cx;
+        start->response = ctx->di;
     } else if (site->flags & SITE_FLAG_CLIENT_GRPC_STREAM) {
         /* newClientStream(ctx, desc *StreamDesc, cc, method string, ...): desc in RCX,
          * method in RSI (data), R8. */
@@ -596,20 +720,20 @@ int span_entry(struct pt_regs *ctx)
             return 0;
         if (!streams[0] && !streams[1])
             return 0; /* unary: invoke's span */
-        start.request = ctx->si;
-        start.response = ctx->r8;
+        start->request = ctx->si;
+        start->response = ctx->r8;
     } else if (site->flags & SITE_FLAG_CLIENT_SQL) {
         /* QueryContext/ExecContext(x, ctx context.Context, query string, args ...any):
          * query in RDI (data), RSI. */
-        start.request = ctx->di;
-        start.response = ctx->si;
+        start->request = ctx->di;
+        start->response = ctx->si;
     }
-    take_context(&start, tgid, key.id, site->flags & (SITE_FLAG_HTTP | SITE_FLAG_H2 | SITE_FLAG_GRPC));
-    if (calls_in_flight.update(&key, &start) != 0) {
+    take_context(start, tgid, key.id, site->flags & (SITE_FLAG_HTTP | SITE_FLAG_H2 | SITE_FLAG_GRPC));
+    if (calls_in_flight.update(&key, start) != 0) {
         count(COUNTER_TABLE_FULL);
         return 0;
     }
-    make_current(&start.context, tgid, key.id);
+    make_current(&start->context, tgid, key.id);
     return 0;
 }
 

@@ -97,6 +97,8 @@ class ProcessLayout:
     response_status: int = -1
     http_finish: bool = False  # net/http.(*response).finishRequest is probed too
     h2_server: bool = False  # an HTTP/2 runHandler is probed: it makes HTTP/2 spans
+    request_header: int = -1  # net/http.Request.Header: HTTP/1 spans continue a traceparent
+    header_map: int = 0  # HEADER_MAP_*: how that map is laid out (0: not read)
 
 
 @dataclass

@@ -55,7 +55,7 @@ HTTP_SERVER_FUNCTION = "net/http.(*conn).serve"
 #: DWARF struct name -> the members whose offsets GoLayout carries.
 WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "runtime.g": ("goid",),
-    "net/http.Request": ("Method", "URL"),
+    "net/http.Request": ("Method", "URL", "Header"),
     "net/url.URL": ("Path", "Host"),
     "net/http.response": ("status",),
     # HTTP/2 and gRPC servers (producer/server_probes.py): present only when linked in.

@@ -44,6 +44,10 @@ CALL_HTTP2 = 8
 CALL_GRPC = 16
 CALL_HAD_CONTEXT = 0x100
 MAX_THREAD_DEPTH = 8
+HEADER_MAP_NONE = 0
+HEADER_MAP_BUCKETS = 1
+HEADER_MAP_SWISS = 2
+CALL_REMOTE_PARENT = 0x200
 
 SITE_KEY = np.dtype([("tgid", "<u4"), ("_pad", "<u4"), ("ip", "<u8")], align=True)
 SITE = np.dtype(
@@ -68,6 +72,8 @@ PROCESS_LAYOUT = np.dtype(
         ("is_go", "<u4"),
         ("http_finish", "<u4"),
         ("h2_server", "<u4"),
+        ("request_header", "<i4"),
+        ("header_map", "<u4"),
     ],
     align=True,
 )
@@ -153,4 +159,8 @@ CONSTANTS: dict[str, int] = {
     "SITE_FLAG_CLIENT": SITE_FLAG_CLIENT,
     "SITE_FLAG_CLIENT_GRPC_STREAM": SITE_FLAG_CLIENT_GRPC_STREAM,
     "SITE_FLAG_CLIENT_GRPC_END": SITE_FLAG_CLIENT_GRPC_END,
+    "HEADER_MAP_NONE": HEADER_MAP_NONE,
+    "HEADER_MAP_BUCKETS": HEADER_MAP_BUCKETS,
+    "HEADER_MAP_SWISS": HEADER_MAP_SWISS,
+    "CALL_REMOTE_PARENT": CALL_REMOTE_PARENT,
 }

@@ -28,9 +28,16 @@ from dataclasses import dataclass
 
 from ebpf_apm.producer.elf_symbols import SymbolTable
 from ebpf_apm.producer.go_binary import GoLayout, go_minor
-from ebpf_apm.producer.map_layout import SITE_FLAG_GRPC, SITE_FLAG_GRPC_STATUS, SITE_FLAG_H2
+from ebpf_apm.producer.map_layout import (
+    HEADER_MAP_BUCKETS,
+    HEADER_MAP_NONE,
+    HEADER_MAP_SWISS,
+    SITE_FLAG_GRPC,
+    SITE_FLAG_GRPC_STATUS,
+    SITE_FLAG_H2,
+)
 
-__all__ = ["GRPC_SPAN_SYMBOL", "H2_SERVERS", "ServerProbe", "server_probes"]
+__all__ = ["GRPC_SPAN_SYMBOL", "H2_SERVERS", "ServerProbe", "server_probes", "traceparent_fields"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +83,7 @@ GO_TABLE: dict[str, dict[Member, int]] = {
     "1.19": {
         ("net/http.Request", "Method"): 0,
         ("net/http.Request", "URL"): 16,
+        ("net/http.Request", "Header"): 56,
         ("net/http.http2responseWriter", "rws"): 0,
         ("net/http.http2responseWriterState", "status"): 80,
         ("net/http.http2responseWriterState", "stream"): 0,
@@ -83,6 +91,7 @@ GO_TABLE: dict[str, dict[Member, int]] = {
     "1.27": {
         ("net/http.Request", "Method"): 0,
         ("net/http.Request", "URL"): 16,
+        ("net/http.Request", "Header"): 56,
         ("net/http/internal/http2.responseWriter", "rws"): 0,
         ("net/http/internal/http2.responseWriterState", "status"): 240,
         ("net/http/internal/http2.responseWriterState", "stream"): 0,
@@ -165,6 +174,23 @@ def server_probes(table: SymbolTable, layout: GoLayout) -> list[ServerProbe]:
                     )
                 )
     return probes
+
+
+#: Go's maps became Swiss tables (internal/runtime/maps) in this release.
+SWISS_MAPS_SINCE = (1, 24)
+
+
+def traceparent_fields(layout: GoLayout) -> tuple[int, int]:
+    """(offset of net/http.Request.Header, HEADER_MAP_*) for reading an incoming W3C
+    traceparent at an HTTP/1 request's entry; (-1, HEADER_MAP_NONE) when unknown.
+
+    The kernel reads the map's internals at fixed offsets (bpf/probe_maps.h HEADER_MAP_*),
+    the same from Go 1.17 to 1.23 (runtime.hmap) and from 1.24 to 1.27 (maps.Map)."""
+    minor = go_minor(layout.version)
+    header = _offsets(layout)("net/http.Request", "Header")
+    if minor is None or header < 0 or layout.request_method < 0:
+        return -1, HEADER_MAP_NONE
+    return header, HEADER_MAP_SWISS if minor >= SWISS_MAPS_SINCE else HEADER_MAP_BUCKETS
 
 
 def _offsets(layout: GoLayout) -> Callable[[str, str], int]:

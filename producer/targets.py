@@ -21,7 +21,7 @@ from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
 from ebpf_apm.producer.go_binary import go_layout
 from ebpf_apm.producer.map_layout import SITE_FLAG_H2, SITE_FLAG_SPAWN
 from ebpf_apm.producer.probe_sites import ProbePlan, plan_function
-from ebpf_apm.producer.server_probes import server_probes
+from ebpf_apm.producer.server_probes import server_probes, traceparent_fields
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,8 @@ def _plan_binary(
                 "functions with --func and --no-http instead",
             )
         wanted.append((HTTP_SERVER_SYMBOL, True))
+        header, header_map = traceparent_fields(go_layout(binary))
+        layout = replace(layout, request_header=header, header_map=header_map)
     functions = tuple(
         FunctionTarget(names.id_of(name), plan_function(binary, table, name, go), is_http)
         for name, is_http in wanted

@@ -194,6 +194,7 @@ class Request:
     start_ns: int = 0
     end_ns: int = 0
     got_status: int = 0
+    headers: dict[str, str] | None = None  # sent with the request
 
 
 def plan_requests(count: int, seed: int = 7, deep_every: int = 5) -> list[Request]:
@@ -230,7 +231,10 @@ def send_concurrently(server: GoServer, requests: list[Request], clients: int = 
                     req = queue.pop()
                 req.start_ns = time.time_ns()
                 conn.request(
-                    req.method, f"{req.path}?{req.query}", body=b"" if req.method != "GET" else None
+                    req.method,
+                    f"{req.path}?{req.query}",
+                    body=b"" if req.method != "GET" else None,
+                    headers=req.headers or {},
                 )
                 response = conn.getresponse()
                 response.read()

@@ -12,6 +12,7 @@ checks the chain, the nesting in time, and that no two requests share a trace.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 
 import pytest
@@ -29,12 +30,24 @@ LEAF = "main.leafWork"
 REQUESTS = 48
 
 
+def traceparent(rid: int) -> tuple[str, str]:
+    """A W3C trace id and parent id the test sends with request `rid`."""
+    digest = hashlib.sha256(f"request {rid}".encode()).hexdigest()
+    return digest[:32], digest[32:48]
+
+
 def fanout_requests() -> list[Request]:
-    """Request rid starts rid % 3 + 1 workers (2 ms sleeps in each leaf)."""
-    return [
-        Request(rid, "GET", f"/fanout/{rid}", f"n={rid % 3 + 1}&ms=2", 2, 200)
-        for rid in range(REQUESTS)
-    ]
+    """Request rid starts rid % 3 + 1 workers (2 ms sleeps in each leaf); every fourth one
+    arrives with a traceparent header (and a few other header fields)."""
+    requests = []
+    for rid in range(REQUESTS):
+        request = Request(rid, "GET", f"/fanout/{rid}", f"n={rid % 3 + 1}&ms=2", 2, 200)
+        if rid % 4 == 0:
+            trace, parent = traceparent(rid)
+            request.headers = {"traceparent": f"00-{trace}-{parent}-01", "Accept": "*/*",
+                               "X-Request-Id": str(rid)}  # fmt: skip
+        requests.append(request)
+    return requests
 
 
 def spans_per_request(workers: int) -> int:
@@ -52,8 +65,13 @@ def check_tree(spans: list[dict], requests: list[Request]) -> None:
     assert sorted(s["http_path"] for s in servers) == sorted(r.path for r in requests)
     assert len({s["trace_id"] for s in servers}) == len(servers), "a trace per request"
     workers_of = {r.path: int(r.query.split("&")[0][2:]) for r in requests}
+    sent = {r.path: traceparent(r.rid) for r in requests if r.headers}
     for server in servers:
-        assert server["span_kind"] == "server" and server["parent_span_id"] is None
+        assert server["span_kind"] == "server"
+        if server["http_path"] in sent:  # continues the caller's trace, under its span
+            assert (server["trace_id"], server["parent_span_id"]) == sent[server["http_path"]]
+        else:
+            assert server["parent_span_id"] is None  # a new trace
         tree = by_trace[server["trace_id"]]
         k = workers_of[server["http_path"]]
         assert Counter(s["func"] for s in tree) == {SERVE_HTTP: 1, FANOUT: 1, WORKER: k, LEAF: 2 * k}
