@@ -74,7 +74,8 @@ def check_tree(spans: list[dict], requests: list[Request]) -> None:
             assert server["parent_span_id"] is None  # a new trace
         tree = by_trace[server["trace_id"]]
         k = workers_of[server["http_path"]]
-        assert Counter(s["func"] for s in tree) == {SERVE_HTTP: 1, FANOUT: 1, WORKER: k, LEAF: 2 * k}
+        funcs = Counter(s["func"] for s in tree)
+        assert funcs == {SERVE_HTTP: 1, FANOUT: 1, WORKER: k, LEAF: 2 * k}
         for span in tree:
             if span is server:
                 continue
@@ -105,12 +106,12 @@ def test_goroutines_a_request_starts_are_its_descendants(
 ) -> None:
     requests = fanout_requests()
     with go_server(go_targets[(toolchain, stripped)]) as server:
-        args = ["--pid", str(server.pid), "--func", FANOUT, "--func", WORKER, "--func", LEAF,
-                "--bootstrap-servers", kafka_broker.bootstrap_servers, "--node-name", "tree"]  # fmt: skip
+        args = ["--pid", str(server.pid), "--func", FANOUT, "--func", WORKER, "--func", LEAF]
+        args += ["--bootstrap-servers", kafka_broker.bootstrap_servers, "--node-name", "tree"]
         with Agent(args) as agent:
             agent.wait_ready()
             send_concurrently(server, requests, clients=16)
-            expected = sum(spans_per_request(int(r.query[2])) for r in requests)
+            expected = sum(spans_per_request(rid % 3 + 1) for rid in range(REQUESTS))
             spans = read_spans(kafka_broker.bootstrap_servers, server.pid, expected)
             assert agent.stop() == 0, agent.log
     assert "returns without entry 0, read failures 0" in agent.log, agent.log
@@ -132,9 +133,9 @@ def test_trace_contexts_are_forgotten_when_the_process_goes(go_targets: dict) ->
             # running when the process goes would leave its goroutine's context behind.
             assert server.get("/fanout/1?n=3&ms=1")[0] == 200
             contexts = probes._bpf[b"goroutine_contexts"]
-            assert any(key.tgid == pid for key in contexts.keys())
+            assert any(key.tgid == pid for key in contexts)
         probes.detach_process(pid)
         for table in (b"goroutine_contexts", b"spawning", b"calls_in_flight"):
-            assert not [k for k in probes._bpf[table].keys() if k.tgid == pid], table
+            assert not [k for k in probes._bpf[table] if k.tgid == pid], table
     finally:
         probes.close()
