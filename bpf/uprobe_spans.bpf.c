@@ -543,7 +543,7 @@ static __always_inline void emit_client(struct pt_regs *ctx, u32 tgid, struct si
     if (!e)
         return;
     fill_span(&e->span, EVENT_KIND_CLIENT_SPAN, sizeof(*e), tgid, site->func_id, goid,
-              start->start_ns, start->tid);
+              start->start_ns, start->tid, &start->context, start->parent_span_id);
     fill_client(ctx, e, layout, site, start);
     if (client_events.perf_submit(ctx, e, sizeof(*e)) != 0)
         count(COUNTER_RING_FULL);
@@ -556,7 +556,7 @@ static __always_inline void emit_client(struct pt_regs *ctx, u32 tgid, struct si
         return;
     }
     fill_span(&e->span, EVENT_KIND_CLIENT_SPAN, sizeof(*e), tgid, site->func_id, goid,
-              start->start_ns, start->tid);
+              start->start_ns, start->tid, &start->context, start->parent_span_id);
     fill_client(ctx, e, layout, site, start);
     client_events.ringbuf_submit(e, wakeup_flag(3));
     count(COUNTER_EMITTED);
@@ -642,6 +642,7 @@ int span_entry(struct pt_regs *ctx)
         if (!call)
             return 0; /* a unary call's stream, or one this goroutine did not open */
         emit_client(ctx, tgid, site, key.id, call, layout);
+        end_context(call, tgid, key.id);
         calls_in_flight.delete(&key);
         return 0;
     }
@@ -779,6 +780,7 @@ int span_return(struct pt_regs *ctx)
     }
     if (site->flags & SITE_FLAG_CLIENT) {
         emit_client(ctx, tgid, site, key.id, start, layout);
+        end_context(start, tgid, key.id);
         calls_in_flight.delete(&key);
         return 0;
     }

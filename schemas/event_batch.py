@@ -126,6 +126,9 @@ class DbColumns:
     system: list[str]  # OpenTelemetry db.system ("postgresql"...), "" when not known
     operation: list[str]  # SELECT, INSERT, ... (the statement's first word)
     statement: list[str]  # sanitized by the agent: literals are ?, at most 256 bytes
+
+
+@dataclass
 class SpanIds:
     """Every span's place in its trace, fixed by the kernel when the span was recorded."""
 
