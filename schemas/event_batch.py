@@ -422,6 +422,8 @@ def _db(raw: Any, n: int, others: list[np.ndarray]) -> DbColumns:
         operation=_texts(raw.get("operation"), "db.operation", m),
         statement=_texts(raw.get("statement"), "db.statement", m),
     )
+
+
 def _ids(raw: Any, n: int) -> SpanIds:
     if not isinstance(raw, dict):
         raise BatchDecodeError(f"ids: expected a map, got {_show(raw)}")
