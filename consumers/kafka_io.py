@@ -617,6 +617,47 @@ class TopicReader:
                     consumer.seek(tp, highwater)
                 pending.discard(tp)
 
+    async def seek_to_time(self, since_ms: int, timeout_s: float = 5.0) -> dict[int, int]:
+        """Move each partition to its first message published at or after `since_ms`;
+        return each partition's end offset as it is now (what `reached` waits for).
+
+        The ends come from a fetch's high watermark, as in _skip_to_high_watermark."""
+        consumer = self._started
+        assigned = [TopicPartition(self.topic, p) for p in self.partitions]
+        ends: dict[int, int] = {}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while len(ends) < len(assigned) and loop.time() < deadline:
+            await consumer.getmany(*assigned, timeout_ms=100)
+            for tp in assigned:
+                highwater = consumer.highwater(tp)
+                if highwater is not None:
+                    ends[tp.partition] = highwater
+        if len(ends) < len(assigned):
+            raise ConsumerKafkaError(
+                f"Kafka at {self.connection} did not answer a fetch of {self.topic} within "
+                f"{timeout_s:g} s; try again when it answers"
+            )
+        try:
+            found = await consumer.offsets_for_times({tp: since_ms for tp in assigned})
+        except KafkaError as exc:  # a broker without timestamp lookups: read it all
+            log.debug("offsets_for_times failed (%s): reading from the beginning", exc)
+            found = {}
+        for tp in assigned:
+            at = found.get(tp)
+            consumer.seek(tp, at.offset if at is not None else ends[tp.partition])
+        if not found:
+            await consumer.seek_to_beginning(*assigned)
+        return ends
+
+    async def reached(self, ends: dict[int, int]) -> bool:
+        """Whether every partition was read up to its offset in `ends`."""
+        consumer = self._started
+        for partition, end in ends.items():
+            if await consumer.position(TopicPartition(self.topic, partition)) < end:
+                return False
+        return True
+
     @property
     def _started(self) -> AIOKafkaConsumer:
         if self._consumer is None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime
 
+from ebpf_apm.consumers.errors import ConsumerConfigError
 from ebpf_apm.consumers.latency_store import DEFAULT_STORAGE, STORAGE_ENV, redact_url, storage_url
 from ebpf_apm.consumers.name_pattern import NamePattern
 from ebpf_apm.consumers.range_figures import (
@@ -24,6 +25,7 @@ from ebpf_apm.consumers.range_figures import (
     read_rows,
     summarise,
 )
+from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
 
 
 def table(results: Sequence[RangeFigures], *, by_status: bool) -> str:
@@ -70,13 +72,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a JSON list of objects: workload, operation, count, sum, min, max, p50, p90, "
         "p95, p99, p999 (ns), windows, rate_per_s, errors and error_share (5xx; null "
-        "without a status)",
+        "without a status); with --trace, the trace's root spans with their `children`",
     )
+    parser.add_argument(
+        "--trace",
+        metavar="TRACE_ID",
+        help="show one trace as a tree of spans with durations, read from apm.spans on Kafka "
+        "(published between --since and --until) instead of storage",
+    )
+    add_connection_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     """0 (also when nothing matched), 2 bad arguments, 1 storage failure."""
     span = TimeRange.parse(args.since, args.until, time.time_ns())
+    if args.trace is not None:
+        return show_trace(args, span)
     url = storage_url(args.storage)
     workload = NamePattern(args.workload) if args.workload else None
     operation = NamePattern(args.operation) if args.operation else None
@@ -90,6 +101,32 @@ def run(args: argparse.Namespace) -> int:
         print(f"no windows between {between} in {redact_url(url)}", file=sys.stderr)
         return 0
     print(table(results, by_status=args.by_status))
+    return 0
+
+
+def show_trace(args: argparse.Namespace, span: TimeRange) -> int:
+    """0 (also when no span of the trace was found), 2 a malformed id, 1 Kafka."""
+    from ebpf_apm.consumers import trace_view  # Kafka's client only when a trace is asked for
+
+    try:
+        trace_id = trace_view.parse_trace_id(args.trace)
+    except ValueError as exc:
+        raise ConsumerConfigError(str(exc)) from None
+    connection = connection_from_args(args)
+    spans = asyncio.run(
+        trace_view.read_trace(
+            connection, trace_id, span.since_ns // 1_000_000, span.until_ns // 1_000_000
+        )
+    )
+    roots = trace_view.build_tree(spans)
+    if args.json:
+        print(json.dumps(trace_view.as_json(roots), default=str))
+        return 0
+    if not roots:
+        between = f"{_when(span.since_ns)} and {_when(span.until_ns)}"
+        print(f"no span of trace {trace_id} published between {between}", file=sys.stderr)
+        return 0
+    print(trace_view.render(roots))
     return 0
 
 
