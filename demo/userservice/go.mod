@@ -1,3 +1,0 @@
-module userservice
-
-go 1.22
