@@ -136,7 +136,7 @@ async def read_trace(
         decode = codec("span.avsc").decode
         needle = trace_id.encode()
         spans: list[dict[str, Any]] = []
-        while not reader.reached(ends):
+        while not await reader.reached(ends):
             for record in await reader.poll(500):
                 value = record.value
                 if value is None or needle not in value:

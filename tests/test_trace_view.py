@@ -132,5 +132,5 @@ def test_query_trace_reads_the_trace_from_apm_spans(tmp_path: Any) -> None:
                                capture_output=True, text=True, timeout=60)  # fmt: skip
         assert empty.returncode == 0 and empty.stdout == ""
         assert f"no span of trace {TRACE}" in empty.stderr
-        bad = subprocess.run([*base[:4], "nope"], capture_output=True, text=True, timeout=60)
+        bad = subprocess.run([*base[:5], "nope"], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "not a trace id" in bad.stderr
