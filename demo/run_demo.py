@@ -65,6 +65,7 @@ REDRAW_S = 0.25
 FLUSH_TIMEOUT_S = 25.0  # a window, its lateness and idle timeout, the join's, and room
 STORAGE_WAIT_S = 30.0  # the aggregator creates the database when it starts
 DASHBOARD_PORT = 8080
+STOP_TIMEOUT_S = 60.0  # the agent detaches every probe before it exits
 
 
 def feed(
@@ -370,7 +371,7 @@ def main() -> int:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # the stop is already under way
             demo.print_notes()
             demo.screen.finish()
-            stopped = demo.children.stop_all()
+            stopped = demo.children.stop_all(STOP_TIMEOUT_S)
             database.remove()
     names = ", ".join(f"{child.name} {child.pid} ({how})" for child, how in stopped)
     print("\n" + wrap(f"stopped by pid, newest first: {names}, broker"))

@@ -18,6 +18,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -75,8 +76,8 @@ func formatUser(u *user) []byte {
 
 //go:noinline
 func (s *userService) handleGetUser(w http.ResponseWriter, r *http.Request) {
-	id, err := strconv.Atoi(r.PathValue("id"))
-	if err != nil || id <= 0 {
+	id, err := strconv.Atoi(strings.TrimPrefix(r.URL.Path, "/api/user/"))
+	if r.Method != http.MethodGet || err != nil || id <= 0 {
 		http.Error(w, "bad user id", http.StatusBadRequest)
 		return
 	}
@@ -137,8 +138,10 @@ func main() {
 	}
 	s := &userService{db: db, profiles: conn}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /api/user/{id}", s.handleGetUser)
-	mux.HandleFunc("GET /health", s.handleHealth)
+	// Patterns without methods or wildcards: the GOPATH-mode build has no go.mod, so the
+	// mux keeps Go 1.21's pattern syntax.
+	mux.HandleFunc("/api/user/", s.handleGetUser)
+	mux.HandleFunc("/health", s.handleHealth)
 	ln, err := net.Listen("tcp", *addr)
 	if err != nil {
 		log.Fatal(err)
