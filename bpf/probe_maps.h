@@ -57,6 +57,11 @@
 /* Entry of (*csAttempt).finish(a, err error) on the same goroutine: the stream of the call
  * `func_id` ends with err (nil: OK). field_a, field_b as for SITE_FLAG_CLIENT_GRPC. */
 #define SITE_FLAG_CLIENT_GRPC_END 512
+/* Entry of google.golang.org/grpc/internal/transport.(*http2Client).NewStream(t, ...), on the
+ * goroutine of a gRPC client call: the peer of the call's connection, for the call in flight
+ * there (`func_id` invoke's; field_c: newClientStream's function id, -1 none). field_a:
+ * http2Client.remoteAddr (a net.Addr), field_b: net.TCPAddr.Port (IP is at 0). */
+#define SITE_FLAG_CLIENT_PEER 1024
 
 /* call_start.flags */
 #define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
@@ -116,6 +121,10 @@ struct call_start {
     __u64 handler_end_ns; /* HTTP/1: when ServeHTTP returned (the span's end) */
     __s32 rpc_status;    /* gRPC: the code WriteStatus sent, -1 until then */
     __u32 _pad;
+    __u8 peer_addr[16];  /* client gRPC: the connection's remote address (IPv4 first 4) */
+    __u16 peer_port;
+    __u16 peer_family;   /* 0 unknown, 2 IPv4, 10 IPv6 */
+    __u32 _pad2;
 };
 
 /* thread_stacks: non-Go calls on one thread, innermost last (uretprobes fire in LIFO

@@ -265,6 +265,10 @@ static __always_inline void fill_client(struct pt_regs *ctx, struct client_span_
     e->method_len = 0;
     e->db_system = 0;
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
+    __builtin_memset(e->_pad3, 0, sizeof(e->_pad3));
+    e->peer_family = start->peer_family;
+    e->peer_port = start->peer_port;
+    __builtin_memcpy(e->peer_addr, start->peer_addr, sizeof(e->peer_addr));
     __builtin_memset(e->method, 0, sizeof(e->method));
     __builtin_memset(e->host, 0, sizeof(e->host));
     __builtin_memset(e->text, 0, sizeof(e->text));
@@ -420,6 +424,49 @@ int span_entry(struct pt_regs *ctx)
             call->rpc_status = code;
         else
             count(COUNTER_READ_FAILED);
+        return 0;
+    }
+    if (site->flags & SITE_FLAG_CLIENT_PEER) {
+        /* (*http2Client).NewStream(t, ...): t in RAX; t.remoteAddr is a net.Addr whose
+         * data is a *net.TCPAddr {IP []byte, Port int, ...} for TCP (a unix socket's
+         * address has a name, not 4 or 16 bytes, there). The call in flight on this
+         * goroutine is invoke's or, for a stream, newClientStream's. */
+        struct call_start *call = calls_in_flight.lookup(&key);
+        if (!call && site->field_c >= 0) {
+            key.func_id = (u32)site->field_c;
+            call = calls_in_flight.lookup(&key);
+        }
+        if (!call)
+            return 0;
+        u64 addr = 0;
+        struct {
+            u64 ptr;
+            s64 len;
+        } ip = {};
+        s64 port = 0;
+        if (bpf_probe_read_user(&addr, sizeof(addr), (void *)(ctx->ax + site->field_a + 8)) != 0 ||
+            addr == 0 || bpf_probe_read_user(&ip, sizeof(ip), (void *)addr) != 0 ||
+            bpf_probe_read_user(&port, sizeof(port), (void *)(addr + site->field_b)) != 0) {
+            count(COUNTER_READ_FAILED);
+            return 0;
+        }
+        if (ip.len != 4 && ip.len != 16)
+            return 0;
+        __builtin_memset(call->peer_addr, 0, sizeof(call->peer_addr));
+        if (bpf_probe_read_user(call->peer_addr, ip.len == 4 ? 4 : 16, (void *)ip.ptr) != 0)
+            return 0;
+        call->peer_family = 2;
+        if (ip.len == 16) {
+            /* Go keeps IPv4 addresses in 16 bytes too (::ffff:a.b.c.d) */
+            u32 *words = (u32 *)call->peer_addr;
+            if (words[0] == 0 && words[1] == 0 && words[2] == 0xffff0000) {
+                words[0] = words[3];
+                words[3] = 0;
+            } else {
+                call->peer_family = 10;
+            }
+        }
+        call->peer_port = (u16)port;
         return 0;
     }
     if (site->flags & SITE_FLAG_CLIENT_GRPC_END) {

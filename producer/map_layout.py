@@ -34,6 +34,7 @@ SITE_FLAG_CLIENT_SQL = 128
 SITE_FLAG_CLIENT = SITE_FLAG_CLIENT_HTTP | SITE_FLAG_CLIENT_GRPC | SITE_FLAG_CLIENT_SQL
 SITE_FLAG_CLIENT_GRPC_STREAM = 256
 SITE_FLAG_CLIENT_GRPC_END = 512
+SITE_FLAG_CLIENT_PEER = 1024
 CALL_FINISH_EXPECTED = 1
 CALL_HANDLER_RETURNED = 2
 CALL_HTTP1 = 4
@@ -78,6 +79,10 @@ CALL_START = np.dtype(
         ("handler_end_ns", "<u8"),
         ("rpc_status", "<i4"),
         ("_pad", "<u4"),
+        ("peer_addr", "u1", (16,)),
+        ("peer_port", "<u2"),
+        ("peer_family", "<u2"),
+        ("_pad2", "<u4"),
     ],
     align=True,
 )
@@ -136,4 +141,5 @@ CONSTANTS: dict[str, int] = {
     "SITE_FLAG_CLIENT": SITE_FLAG_CLIENT,
     "SITE_FLAG_CLIENT_GRPC_STREAM": SITE_FLAG_CLIENT_GRPC_STREAM,
     "SITE_FLAG_CLIENT_GRPC_END": SITE_FLAG_CLIENT_GRPC_END,
+    "SITE_FLAG_CLIENT_PEER": SITE_FLAG_CLIENT_PEER,
 }

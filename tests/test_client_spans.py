@@ -189,11 +189,12 @@ def test_stripped_client_offset_tables_match_dwarf(client_targets: dict, toolcha
         assert dwarf[struct][member] == offset, (struct, member)
 
 
-def test_sql_spans_reach_apm_spans_with_the_database_as_their_peer(
+def test_client_spans_reach_apm_spans_with_the_socket_they_used_as_their_peer(
     client_targets: dict, kafka_broker, postgres_url: str, tmp_path: Path
 ) -> None:
     """Through the join: a statement's peer is the socket lib/pq used (PostgreSQL's address
-    and port), read from the network events of the calling goroutine."""
+    and port), read from the network events of the calling goroutine; a gRPC call's is its
+    connection's remote address, which the agent reads where the call opens its stream."""
     binary = client_targets[("1.27", False)]
     database = urlsplit(postgres_url)
     log = tmp_path / "join.log"
@@ -235,8 +236,14 @@ def test_sql_spans_reach_apm_spans_with_the_database_as_their_peer(
     assert len(sql) == 32 and {s["span_kind"] for s in spans} == {"client"}
     assert {(s["peer_addr"], s["peer_port"]) for s in sql} == {(database.hostname, database.port)}
     assert all(s["bytes_sent"] > 0 and s["bytes_received"] > 0 for s in sql)
-    # net/http and grpc write from goroutines of their own: no peer on the calling one
-    assert {s["peer_addr"] for s in spans if s["db_statement"] is None} == {None}
+    # gRPC: the agent reads the call's connection (its I/O is on the transport's goroutines)
+    grpc = [s for s in spans if s["rpc_method"] is not None]
+    assert len(grpc) == 16
+    remote = {c["remote"] for c in calls if c["kind"] == "grpc"}  # what grpc.Peer said
+    assert remote == {addrs["grpc"]}
+    assert {f"{s['peer_addr']}:{s['peer_port']}" for s in grpc} == remote
+    # net/http writes from goroutines of its own: no peer on the calling one (not yet)
+    assert {s["peer_addr"] for s in spans if s["http_method"] is not None} == {None}
     http = [s for s in spans if s["http_host"] is not None]
     assert {s["http_host"] for s in http} == {addrs["http"], "127.0.0.1:1"}
     assert not [s for s in spans if "SECRET" in json.dumps(s)]
