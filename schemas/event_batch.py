@@ -558,6 +558,10 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             if j is not None and batch.client.host is not None:
                 event["http_host"] = batch.client.host[c]
             event["error"] = int(batch.client.error[c])  # 0 or 1, as in apm.spans
+            fam = batch.client.peer_family
+            if fam is not None and fam[c] and batch.client.peer_addr is not None:
+                event["peer_addr"] = _address(int(fam[c]), batch.client.peer_addr[c])
+                event["peer_port"] = int(batch.client.peer_port[c])  # type: ignore[index]
         d = db_at.get(i)
         if d is not None and batch.db is not None:
             event["db_system"] = batch.db.system[d] or None

@@ -142,6 +142,8 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
     grpc = [s for s in spans if s["func"] == GRPC_INVOKE]
     assert Counter(s["rpc_status"] for s in grpc) == Counter(c["status"] for c in grpc_calls)
     assert sorted({c["status"] for c in grpc_calls}) == list(range(17))
+    host, port = addrs["grpc"].rsplit(":", 1)
+    assert {(s["peer_addr"], s["peer_port"]) for s in grpc} == {(host, int(port))}
     for span in grpc:
         assert span["rpc_method"] == "/apm.test.Echo/Unary"
         assert span["error"] == (span["rpc_status"] != 0)
