@@ -62,6 +62,13 @@
  * there (`func_id` invoke's; field_c: newClientStream's function id, -1 none). field_a:
  * http2Client.remoteAddr (a net.Addr), field_b: net.TCPAddr.Port (IP is at 0). */
 #define SITE_FLAG_CLIENT_PEER 1024
+/* Entry of net/http.(*persistConn).roundTrip(pc, req), on the goroutine of the
+ * (*Client).do call `func_id`: the connection of this attempt (the last one wins, so a
+ * redirected request gets its final connection). field_a: persistConn.conn (a net.Conn),
+ * field_b: persistConn.tlsState (non-nil: conn is a *tls.Conn), field_c: net.netFD.raddr,
+ * field_d: crypto/tls.Conn.conn. */
+#define SITE_FLAG_CLIENT_HTTP_PEER 2048
+#define TCP_ADDR_PORT 24          /* net.TCPAddr.Port (IP is at 0), every Go release here */
 
 /* call_start.flags */
 #define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */

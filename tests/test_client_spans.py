@@ -128,6 +128,8 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
     for span in http:
         call = http_calls[span["http_path"]]
         assert (span["http_method"], span["http_host"]) == ("GET", call["host"]), span
+        # the connection the request went out on, as net/http's GotConn saw it
+        assert f"{span['peer_addr']}:{span['peer_port']}" == call["remote"], (span, call)
         assert span["http_status"] == call["status"], (span, call)
         assert inside(span, call), (span, call)
     [refused] = [c for c in calls if c["kind"] == "http_error"]
@@ -135,6 +137,7 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
     [error_span] = [s for s in spans if s["func"] == HTTP_DO and s["error"]]
     assert (error_span["http_status"], error_span["http_host"]) == (0, "127.0.0.1:1")
     assert error_span["http_path"] == "/refused" and inside(error_span, refused)
+    assert "peer_addr" not in error_span  # no connection was made
     assert not [s for s in spans if "QUERYSECRET" in json.dumps(s)]
 
     # gRPC: the full method and the code the server returned
@@ -244,8 +247,13 @@ def test_client_spans_reach_apm_spans_with_the_socket_they_used_as_their_peer(
     remote = {c["remote"] for c in calls if c["kind"] == "grpc"}  # what grpc.Peer said
     assert remote == {addrs["grpc"]}
     assert {f"{s['peer_addr']}:{s['peer_port']}" for s in grpc} == remote
-    # net/http writes from goroutines of its own: no peer on the calling one (not yet)
-    assert {s["peer_addr"] for s in spans if s["http_method"] is not None} == {None}
+    # net/http: the connection the agent read where the request went out
+    http = {s["http_path"]: s for s in spans if s["http_method"] is not None}
+    for call in calls:
+        if call["kind"] == "http":
+            span = http[call["path"]]
+            assert f"{span['peer_addr']}:{span['peer_port']}" == call["remote"]
+    assert (http["/refused"]["peer_addr"], http["/refused"]["peer_port"]) == (None, None)
     http = [s for s in spans if s["http_host"] is not None]
     assert {s["http_host"] for s in http} == {addrs["http"], "127.0.0.1:1"}
     assert not [s for s in spans if "SECRET" in json.dumps(s)]
