@@ -4,10 +4,11 @@ empty program on the same probe points, for outgoing HTTP requests, gRPC calls a
 The target is tests/targets/goclient (Go 1.27) in client mode, calling its own servers
 (goclient -serve: HTTP/1 and gRPC) and a PostgreSQL server started here
 (tests/postgres_fixture.py). A round of one kind is asked on its stdin ("http", "grpc",
-"sql"): `--calls` calls from 4 goroutines (SQL: 4 statements per call, 2 by DB, 1 in a
-transaction, 1 failing). For each kind, two conditions on the same points (the agent's own
-plan, resolve_target): (e) an empty BPF program (`return 0`), (p) the project's span program
-attached as the agent attaches it, its client ring drained concurrently. Per hit:
+"grpc_stream", "sql"): `--calls` calls from 4 goroutines (SQL: 4 statements per call, 2 by
+DB, 1 in a transaction, 1 failing). For each kind, two conditions on the same points (the
+agent's own plan, resolve_target): (e) an empty BPF program (`return 0`), (p) the project's
+span program attached as the agent attaches it, its client ring drained concurrently. Per
+hit:
 
     ratio = (trap + project program) / (trap + empty program)
 
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 1.2
 EMPTY_PROGRAM = b"int empty(struct pt_regs *ctx) { return 0; }"
 #: kind -> client records per call of a round
-KINDS = {"http": 1, "grpc": 1, "sql": 4}
+KINDS = {"http": 1, "grpc": 1, "grpc_stream": 1, "sql": 4}
 
 
 class BenchmarkError(RuntimeError):
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 m = measure_kind(client, kind, trap.ns_per_hit)
                 worst = max(worst, m["ratio"])
                 print(
-                    f"{kind:<5} {m['hits_per_call']:>9.2f} {m['spans_per_call']:>10.2f} "
+                    f"{kind:<11} {m['hits_per_call']:>9.2f} {m['spans_per_call']:>10.2f} "
                     f"{m['empty_ns']:>12,.0f} {m['project_ns']:>14,.0f} {m['ratio']:>6.3f}"
                 )
                 if abs(m["hits_per_call"] - m["empty_runs_per_call"]) > 0.5:

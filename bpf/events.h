@@ -108,6 +108,10 @@ struct client_span_event {
     __u8 method_len;
     __u8 db_system;      /* DB_SYSTEM_* (SQL) */
     __u8 _pad[2];
+    __u16 peer_family;   /* gRPC: 2 IPv4, 10 IPv6, 0 unknown (then the join's is used) */
+    __u16 peer_port;
+    __u8 _pad3[4];
+    __u8 peer_addr[16];  /* gRPC: the connection's remote address (IPv4 in the first 4) */
     char method[HTTP_METHOD_MAX];  /* HTTP method */
     char host[CLIENT_HOST_MAX];    /* HTTP: the request URL's host, as requested */
     char text[CLIENT_TEXT_MAX];    /* HTTP: URL path (no query); gRPC: full method;

@@ -65,7 +65,19 @@
 /* runtime.newproc1(fn, callergp *g, callerpc, ...) *g, which makes every new goroutine (on
  * the system stack, so not keyed by goroutine): its entry notes the trace context of
  * callergp (RBX) for the thread, its RETs give it to the new g (RAX). */
-#define SITE_FLAG_SPAWN 0x400
+#define SITE_FLAG_SPAWN 0x1000
+/* Entry of google.golang.org/grpc/internal/transport.(*http2Client).NewStream(t, ...), on the
+ * goroutine of a gRPC client call: the peer of the call's connection, for the call in flight
+ * there (`func_id` invoke's; field_c: newClientStream's function id, -1 none). field_a:
+ * http2Client.remoteAddr (a net.Addr), field_b: net.TCPAddr.Port (IP is at 0). */
+#define SITE_FLAG_CLIENT_PEER 1024
+/* Entry of net/http.(*persistConn).roundTrip(pc, req), on the goroutine of the
+ * (*Client).do call `func_id`: the connection of this attempt (the last one wins, so a
+ * redirected request gets its final connection). field_a: persistConn.conn (a net.Conn),
+ * field_b: persistConn.tlsState (non-nil: conn is a *tls.Conn), field_c: net.netFD.raddr,
+ * field_d: crypto/tls.Conn.conn. */
+#define SITE_FLAG_CLIENT_HTTP_PEER 2048
+#define TCP_ADDR_PORT 24          /* net.TCPAddr.Port (IP is at 0), every Go release here */
 
 /* call_start.flags */
 #define CALL_FINISH_EXPECTED 1    /* HTTP/1: finishRequest will flush the response */
@@ -166,6 +178,10 @@ struct call_start {
     __u8 _pad;
     char method[HTTP_METHOD_MAX];
     char path[HTTP_PATH_MAX];
+    __u8 peer_addr[16];  /* client gRPC: the connection's remote address (IPv4 first 4) */
+    __u16 peer_port;
+    __u16 peer_family;   /* 0 unknown, 2 IPv4, 10 IPv6 */
+    __u32 _pad2;
 };
 
 /* thread_stacks: non-Go calls on one thread, innermost last (uretprobes fire in LIFO

@@ -462,6 +462,10 @@ static __always_inline void fill_client(struct pt_regs *ctx, struct client_span_
     e->method_len = 0;
     e->db_system = 0;
     __builtin_memset(e->_pad, 0, sizeof(e->_pad));
+    __builtin_memset(e->_pad3, 0, sizeof(e->_pad3));
+    e->peer_family = start->peer_family;
+    e->peer_port = start->peer_port;
+    __builtin_memcpy(e->peer_addr, start->peer_addr, sizeof(e->peer_addr));
     __builtin_memset(e->method, 0, sizeof(e->method));
     __builtin_memset(e->host, 0, sizeof(e->host));
     __builtin_memset(e->text, 0, sizeof(e->text));
@@ -563,6 +567,41 @@ static __always_inline void emit_client(struct pt_regs *ctx, u32 tgid, struct si
 #endif
 }
 
+/* The peer of a client call from a *net.TCPAddr {IP []byte, Port int, ...} at `addr` (an
+ * address of another kind, e.g. a unix socket's name, has no 4 or 16 IP bytes there). */
+static __always_inline void peer_from_tcp_addr(u64 addr, s32 port_at, struct call_start *call)
+{
+    struct {
+        u64 ptr;
+        s64 len;
+    } ip = {};
+    s64 port = 0;
+    if (addr == 0 || bpf_probe_read_user(&ip, sizeof(ip), (void *)addr) != 0 ||
+        bpf_probe_read_user(&port, sizeof(port), (void *)(addr + port_at)) != 0) {
+        count(COUNTER_READ_FAILED);
+        return;
+    }
+    if (ip.len != 4 && ip.len != 16)
+        return;
+    u32 words[4] = {};
+    if (bpf_probe_read_user(words, ip.len == 4 ? 4 : 16, (void *)ip.ptr) != 0)
+        return;
+    u16 family = 2;
+    if (ip.len == 16) {
+        /* Go keeps IPv4 addresses in 16 bytes too (::ffff:a.b.c.d) */
+        if (words[0] == 0 && words[1] == 0 && words[2] == 0xffff0000) {
+            words[0] = words[3];
+            words[2] = 0;
+            words[3] = 0;
+        } else {
+            family = 10;
+        }
+    }
+    __builtin_memcpy(call->peer_addr, words, sizeof(words));
+    call->peer_family = family;
+    call->peer_port = (u16)port;
+}
+
 /* Entry of a probed function (Go: after its stack-growth check, so a stack copy that
  * restarts the function does not enter it twice). */
 int span_entry(struct pt_regs *ctx)
@@ -633,6 +672,39 @@ int span_entry(struct pt_regs *ctx)
             call->rpc_status = code;
         else
             count(COUNTER_READ_FAILED);
+        return 0;
+    }
+    if (site->flags & (SITE_FLAG_CLIENT_PEER | SITE_FLAG_CLIENT_HTTP_PEER)) {
+        /* The connection of a client call in flight on this goroutine: gRPC's (invoke's
+         * call, or for a stream newClientStream's) or net/http's ((*Client).do's). */
+        struct call_start *call = calls_in_flight.lookup(&key);
+        if (!call && (site->flags & SITE_FLAG_CLIENT_PEER) && site->field_c >= 0) {
+            key.func_id = (u32)site->field_c;
+            call = calls_in_flight.lookup(&key);
+        }
+        if (!call)
+            return 0;
+        u64 addr = 0;
+        if (site->flags & SITE_FLAG_CLIENT_PEER) {
+            /* (*http2Client).NewStream(t, ...): t in RAX; t.remoteAddr is a net.Addr. */
+            if (bpf_probe_read_user(&addr, sizeof(addr), (void *)(ctx->ax + site->field_a + 8)))
+                addr = 0;
+            peer_from_tcp_addr(addr, site->field_b, call);
+            return 0;
+        }
+        /* (*persistConn).roundTrip(pc, req): pc in RAX. pc.conn is a *net.TCPConn, or with
+         * TLS a *tls.Conn around one; a TCPConn's first word is its *netFD. */
+        u64 pc = ctx->ax, conn = 0, tls = 0, fd = 0;
+        if (bpf_probe_read_user(&conn, sizeof(conn), (void *)(pc + site->field_a + 8)) != 0 ||
+            bpf_probe_read_user(&tls, sizeof(tls), (void *)(pc + site->field_b)) != 0 ||
+            (tls != 0 &&
+             bpf_probe_read_user(&conn, sizeof(conn), (void *)(conn + site->field_d + 8)) != 0) ||
+            conn == 0 || bpf_probe_read_user(&fd, sizeof(fd), (void *)conn) != 0 || fd == 0 ||
+            bpf_probe_read_user(&addr, sizeof(addr), (void *)(fd + site->field_c + 8)) != 0) {
+            count(COUNTER_READ_FAILED);
+            return 0;
+        }
+        peer_from_tcp_addr(addr, TCP_ADDR_PORT, call);
         return 0;
     }
     if (site->flags & SITE_FLAG_CLIENT_GRPC_END) {

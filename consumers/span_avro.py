@@ -286,15 +286,28 @@ def _client_rows(
 
 
 def _peer_rows(p: JoinedSpans, client: np.ndarray, addrs: list[bytes]) -> np.ndarray:
-    """Part `p`'s peer ports (-1: no peer field) for its client rows with a known peer;
+    """Part `p`'s peer ports (-1: no peer field) for its client rows with a known peer:
+    the one the agent read (gRPC), else the join's (the last network event's socket);
     their addresses as text appended to `addrs` in row order."""
-    port = np.full(len(p.rows), -1, dtype=np.int64)
-    if p.peers is None:
-        return port
-    known = client & np.isin(p.peers.family, (2, 10))
-    for family, raw in zip(p.peers.family[known].tolist(), p.peers.addr[known], strict=True):
-        addrs.append(_address_text(int(family), bytes(raw)).encode())
-    port[known] = p.peers.port[known]
+    n = len(p.rows)
+    port = np.full(n, -1, dtype=np.int64)
+    family = np.zeros(n, dtype=np.int64) if p.peers is None else p.peers.family.copy()
+    addr = np.zeros(n, dtype="S16") if p.peers is None else p.peers.addr.copy()
+    peer_port = np.zeros(n, dtype=np.int64) if p.peers is None else p.peers.port.copy()
+    c = p.batch.client
+    if c is not None and c.peer_family is not None and c.peer_addr is not None:
+        lookup = np.full(len(p.batch), -1, dtype=np.int64)
+        lookup[c.rows] = np.arange(len(c.rows))
+        at = lookup[p.rows]
+        agent = (at >= 0) & (c.peer_family.astype(np.int64)[np.maximum(at, 0)] != 0)
+        rows = at[agent]
+        family[agent] = c.peer_family[rows]
+        addr[agent] = c.peer_addr[rows]
+        peer_port[agent] = c.peer_port[rows] if c.peer_port is not None else 0
+    known = client & np.isin(family, (2, 10))
+    for fam, raw in zip(family[known].tolist(), addr[known], strict=True):
+        addrs.append(_address_text(int(fam), bytes(raw)).encode())
+    port[known] = peer_port[known]
     return port
 
 

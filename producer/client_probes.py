@@ -20,6 +20,12 @@ like every Go probe here; never a uretprobe):
   where the stream's end is known (``io.EOF`` already turned into nil: OK), on the same
   goroutine. A stream finished on another goroutine (a bidirectional stream whose receiver
   runs apart, a cancelled context) is not timed.
+* ``transport.(*http2Client).NewStream``, entry only, on the calling goroutine of either: the
+  call's connection, ``t.remoteAddr`` (a ``*net.TCPAddr``), is the span's peer.
+* ``net/http.(*persistConn).roundTrip``, entry only, on the goroutine of ``(*Client).do``:
+  the attempt's connection (``pc.conn``, a ``*net.TCPConn`` or with TLS a ``*tls.Conn``
+  around one), whose ``netFD.raddr`` is the peer; the last attempt's wins (redirects). An
+  HTTP/2 request (its own transport) or a connection of another type gets none.
 * ``database/sql.(*DB|*Tx|*Conn).QueryContext`` and ``ExecContext``: the plain ``Query``,
   ``Exec``, ``QueryRow`` and ``QueryRowContext`` all call them once, on the caller's
   goroutine, and the query string is in the same registers for all six. Not
@@ -47,7 +53,10 @@ from ebpf_apm.producer.map_layout import (
     SITE_FLAG_CLIENT_GRPC_END,
     SITE_FLAG_CLIENT_GRPC_STREAM,
     SITE_FLAG_CLIENT_HTTP,
+    SITE_FLAG_CLIENT_HTTP_PEER,
+    SITE_FLAG_CLIENT_PEER,
     SITE_FLAG_CLIENT_SQL,
+    TCP_ADDR_PORT,
 )
 
 __all__ = ["HTTP_CLIENT_SYMBOL", "GRPC_CLIENT_SYMBOL", "SQL_SYMBOLS", "ClientProbe",
@@ -62,6 +71,13 @@ GRPC_CLIENT_SYMBOL = "google.golang.org/grpc.invoke"
 GRPC_STREAM_SYMBOL = "google.golang.org/grpc.newClientStream"
 GRPC_STREAM_END_SYMBOL = "google.golang.org/grpc.(*csAttempt).finish"
 STREAM_DESC = "google.golang.org/grpc.StreamDesc"
+GRPC_PEER_SYMBOL = "google.golang.org/grpc/internal/transport.(*http2Client).NewStream"
+HTTP_PEER_SYMBOL = "net/http.(*persistConn).roundTrip"
+PERSIST_CONN = "net/http.persistConn"
+NET_FD = "net.netFD"
+TLS_CONN = "crypto/tls.Conn"
+HTTP2_CLIENT = "google.golang.org/grpc/internal/transport.http2Client"
+TCP_ADDR = "net.TCPAddr"
 #: database/sql entry points -> the register of the returned error's type word
 #: (1: RBX after (*Rows, error), 2: RCX after (Result, error)).
 SQL_SYMBOLS: dict[str, int] = {
@@ -93,6 +109,12 @@ GO_TABLE: dict[str, dict[Member, int]] = {
         (URL, "Host"): 40,
         (URL, "Path"): 56,
         (RESPONSE, "StatusCode"): 16,
+        (TCP_ADDR, "IP"): 0,
+        (TCP_ADDR, "Port"): 24,
+        (PERSIST_CONN, "conn"): 80,
+        (PERSIST_CONN, "tlsState"): 96,
+        (NET_FD, "raddr"): 112,
+        (TLS_CONN, "conn"): 0,
     },
     "1.27": {
         (REQUEST, "Method"): 0,
@@ -100,6 +122,12 @@ GO_TABLE: dict[str, dict[Member, int]] = {
         (URL, "Host"): 40,
         (URL, "Path"): 56,
         (RESPONSE, "StatusCode"): 16,
+        (TCP_ADDR, "IP"): 0,
+        (TCP_ADDR, "Port"): 24,
+        (PERSIST_CONN, "conn"): 80,
+        (PERSIST_CONN, "tlsState"): 96,
+        (NET_FD, "raddr"): 112,
+        (TLS_CONN, "conn"): 0,
     },
 }
 #: Library offsets (measured for the versions named above).
@@ -108,6 +136,7 @@ LIBRARY_TABLE: dict[Member, int] = {
     (RPC_STATUS, "Code"): 0,
     (STREAM_DESC, "ServerStreams"): 24,
     (STREAM_DESC, "ClientStreams"): 25,
+    (HTTP2_CLIENT, "remoteAddr"): 96,
 }
 
 
@@ -123,6 +152,8 @@ class ClientProbe:
     layout: tuple[tuple[str, int], ...] = ()
     span_symbol: str = ""  # the function whose span id its sites carry ("": its own)
     entry_only: bool = False  # no return probes (the stream probes)
+    #: A second span function whose id goes in field_c (the gRPC peer probe: streams)
+    other_span: str = ""
 
     @property
     def span(self) -> str:
@@ -158,6 +189,23 @@ def client_probes(table: SymbolTable, layout: GoLayout) -> list[ClientProbe]:
                     (("request_method", method), ("request_url", url), ("url_path", path)),
                 )
             )
+            peer = [(PERSIST_CONN, "conn"), (PERSIST_CONN, "tlsState"), (NET_FD, "raddr"),
+                    (TLS_CONN, "conn"), (TCP_ADDR, "IP"), (TCP_ADDR, "Port")]  # fmt: skip
+            where = [offset(*m) for m in peer]
+            if (
+                HTTP_PEER_SYMBOL in table
+                and not _missing(HTTP_PEER_SYMBOL, peer, where, layout)
+                and (where[4], where[5]) == (0, TCP_ADDR_PORT)
+            ):
+                probes.append(
+                    ClientProbe(
+                        HTTP_PEER_SYMBOL,
+                        SITE_FLAG_CLIENT_HTTP_PEER,
+                        (where[0], where[1], where[2], where[3]),
+                        span_symbol=HTTP_CLIENT_SYMBOL,
+                        entry_only=True,
+                    )
+                )
     if GRPC_CLIENT_SYMBOL in table:
         wanted = [(GRPC_ERROR, "e"), (RPC_STATUS, "Code")]
         found = [offset(*m) for m in wanted]
@@ -165,6 +213,7 @@ def client_probes(table: SymbolTable, layout: GoLayout) -> list[ClientProbe]:
             probes.append(
                 ClientProbe(GRPC_CLIENT_SYMBOL, SITE_FLAG_CLIENT_GRPC, (found[0], found[1], -1, -1))
             )
+            streaming = False
             streams = [(STREAM_DESC, "ServerStreams"), (STREAM_DESC, "ClientStreams")]
             desc = [offset(*m) for m in streams]
             if (
@@ -180,6 +229,7 @@ def client_probes(table: SymbolTable, layout: GoLayout) -> list[ClientProbe]:
                         entry_only=True,
                     )
                 )
+                streaming = True
                 probes.append(
                     ClientProbe(
                         GRPC_STREAM_END_SYMBOL,
@@ -187,6 +237,23 @@ def client_probes(table: SymbolTable, layout: GoLayout) -> list[ClientProbe]:
                         (found[0], found[1], -1, -1),
                         span_symbol=GRPC_STREAM_SYMBOL,
                         entry_only=True,
+                    )
+                )
+            peer = [(HTTP2_CLIENT, "remoteAddr"), (TCP_ADDR, "IP"), (TCP_ADDR, "Port")]
+            where = [offset(*m) for m in peer]
+            if (
+                GRPC_PEER_SYMBOL in table
+                and not _missing(GRPC_PEER_SYMBOL, peer, where, layout)
+                and where[1] == 0
+            ):
+                probes.append(
+                    ClientProbe(
+                        GRPC_PEER_SYMBOL,
+                        SITE_FLAG_CLIENT_PEER,
+                        (where[0], where[2], -1, -1),
+                        span_symbol=GRPC_CLIENT_SYMBOL,
+                        entry_only=True,
+                        other_span=GRPC_STREAM_SYMBOL if streaming else "",
                     )
                 )
     sql = [symbol for symbol in SQL_SYMBOLS if symbol in table]

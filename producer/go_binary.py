@@ -73,6 +73,11 @@ WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "net/http.Response": ("StatusCode",),
     "google.golang.org/grpc/internal/status.Error": ("e",),
     "google.golang.org/grpc.StreamDesc": ("ServerStreams", "ClientStreams"),
+    "google.golang.org/grpc/internal/transport.http2Client": ("remoteAddr",),
+    "net.TCPAddr": ("IP", "Port"),
+    "net/http.persistConn": ("conn", "tlsState"),
+    "net.netFD": ("raddr",),
+    "crypto/tls.Conn": ("conn",),
 }
 #: Bigger member offsets than this in those structs are damaged DWARF (runtime.g is < 1 KB).
 MAX_MEMBER_OFFSET = 1 << 16

@@ -358,7 +358,12 @@ class SpanBatcher(ProcessBatcher):
                 operation=[sql_operation(s) for s in statements],
                 statement=statements,
             )
-        return http, rpc, ClientColumns(rows=rows, host=host, error=error), db
+        client_columns = ClientColumns(rows=rows, host=host, error=error)
+        if client["peer_family"].any():
+            client_columns.peer_family = client["peer_family"].astype(np.uint8)
+            client_columns.peer_addr = client["peer_addr"]
+            client_columns.peer_port = client["peer_port"]
+        return http, rpc, client_columns, db
 
 
 class NetBatcher(ProcessBatcher):

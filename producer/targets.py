@@ -228,7 +228,7 @@ def _plan_binary(
                 plan_function(binary, table, client.symbol, go),
                 False,
                 server_flags=client.flags,
-                fields=client.fields,
+                fields=_with_other_span(client.fields, client.other_span, names),
                 entry_only=client.entry_only,
             ),
         )
@@ -275,6 +275,15 @@ def resolve_target(
     except FileNotFoundError as exc:
         raise TargetError(f"process {pid} exited while its binary was read") from exc
     return bind_process(pid, plan, exe)
+
+
+def _with_other_span(
+    fields: tuple[int, int, int, int], other: str, names: FunctionNames
+) -> tuple[int, int, int, int]:
+    """field_c := the function id of `other` (a second span the probe serves), if any."""
+    if not other:
+        return fields
+    return (fields[0], fields[1], names.id_of(other), fields[3])
 
 
 def _known(offset: int, fallback: int) -> int:

@@ -52,6 +52,9 @@ RPC_STATUS_MAX = 16
 RPC_STATUS_UNKNOWN = 255
 CLIENT_ROW = np.dtype("<u4")
 CLIENT_ERROR = np.dtype("u1")
+PEER_FAMILY = np.dtype("u1")
+PEER_PORT = np.dtype("<u2")
+PEER_ADDR = np.dtype("S16")
 
 
 # What a reader accepts (schemas/uprobe_events.md lists them with the reasons).
@@ -116,6 +119,11 @@ class ClientColumns:
     rows: np.ndarray
     host: list[str] | None  # HTTP: the request URL's host as requested; None for gRPC, SQL
     error: np.ndarray  # 1: the call returned an error (HTTP: a transport error, status 0)
+    # The connection's remote end where the agent read it (gRPC): family 0 (unknown), 2 or
+    # 10, the address (IPv4 in the first 4 bytes) and port; None when no row has one.
+    peer_family: np.ndarray | None = None
+    peer_addr: np.ndarray | None = None
+    peer_port: np.ndarray | None = None
 
 
 @dataclass
@@ -222,6 +230,13 @@ def encode_span_batch(batch: SpanBatch) -> bytes:
         }
         if batch.client.host is not None:
             message["client"]["host"] = batch.client.host
+        if batch.client.peer_family is not None and batch.client.peer_family.any():
+            c = batch.client
+            message["client"]["peer_family"] = np.ascontiguousarray(
+                c.peer_family, PEER_FAMILY
+            ).tobytes()
+            message["client"]["peer_addr"] = np.ascontiguousarray(c.peer_addr, PEER_ADDR).tobytes()
+            message["client"]["peer_port"] = np.ascontiguousarray(c.peer_port, PEER_PORT).tobytes()
     if batch.db is not None and len(batch.db.rows):
         message["db"] = {
             "row": np.ascontiguousarray(batch.db.rows, dtype=CLIENT_ROW).tobytes(),
@@ -404,10 +419,21 @@ def _client(raw: Any, n: int) -> ClientColumns:
     if len(error) and int(error.max()) > 1:
         raise BatchDecodeError("client.error: values are 0 (no error) or 1 (error)")
     host = raw.get("host")
+    peer: list[np.ndarray | None] = [None, None, None]
+    if raw.get("peer_family") is not None:
+        peer = [
+            _column(raw.get(f"peer_{name}"), dtype, m, f"client.peer_{name}")
+            for name, dtype in (("family", PEER_FAMILY), ("addr", PEER_ADDR), ("port", PEER_PORT))
+        ]
+        if not _FAMILY_OK[peer[0]].all():
+            raise BatchDecodeError("client.peer_family: 0 (unknown), 2 (IPv4) or 10 (IPv6)")
     return ClientColumns(
         rows=rows,
         host=None if host is None else _texts(host, "client.host", m),
         error=error,
+        peer_family=peer[0],
+        peer_addr=peer[1],
+        peer_port=peer[2],
     )
 
 
@@ -582,6 +608,10 @@ def iter_events(batch: SpanBatch) -> Iterator[dict[str, Any]]:
             if j is not None and batch.client.host is not None:
                 event["http_host"] = batch.client.host[c]
             event["error"] = int(batch.client.error[c])  # 0 or 1, as in apm.spans
+            fam = batch.client.peer_family
+            if fam is not None and fam[c] and batch.client.peer_addr is not None:
+                event["peer_addr"] = _address(int(fam[c]), batch.client.peer_addr[c])
+                event["peer_port"] = int(batch.client.peer_port[c])  # type: ignore[index]
         d = db_at.get(i)
         if d is not None and batch.db is not None:
             event["db_system"] = batch.db.system[d] or None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgpack
 import numpy as np
+import pytest
 from join_data import Net, net_batch
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
@@ -32,6 +33,7 @@ from ebpf_apm.producer.event_layout import (
 )
 from ebpf_apm.schemas.event_batch import (
     MAX_CONTAINERS,
+    BatchDecodeError,
     decode_net_batch,
     decode_span_batch,
     encode_net_batch,
@@ -220,3 +222,27 @@ def test_a_client_span_gets_the_peer_of_its_last_network_event() -> None:
         ("127.0.0.1", 5434),
     ]
     assert [r["bytes_sent"] for r in records] == [50, 20]
+
+
+def test_decoder_rejects_bad_client_parts_with_the_reason() -> None:
+    batcher = make_batcher()
+    batcher.add([spans([]), http_records(11, [], []), client_records(11, CALLS)], 0)
+    http, _, sql = (msgpack.unpackb(m.value) for m in batcher.flush_all())
+    cases = [
+        (http, "client", {"error": bytes([0, 2])}, "client.error: values are 0"),
+        (http, "client", {"host": ["a"]}, "client.host: expected a list of 2 strings"),
+        (http, "client", {"row": np.array([1, 0], "<u4").tobytes()}, "client.row: rows must"),
+        (sql, "db", {"statement": ["x"]}, "db.statement: expected a list of 2 strings"),
+        (sql, "db", {"system": "postgresql"}, "db.system: expected a list of 2 strings"),
+        (sql, "db", {"row": np.array([0, 5], "<u4").tobytes()}, "db.row: rows must"),
+    ]
+    for good, part, change, reason in cases:
+        message = dict(good, **{part: {**good[part], **change}})
+        with pytest.raises(BatchDecodeError, match=reason.replace(".", r"\.")):
+            decode_span_batch(msgpack.packb(message, use_bin_type=True))
+    both = {**{k: v for k, v in http.items() if k != "client"}, "db": sql["db"]}
+    with pytest.raises(BatchDecodeError, match="cannot be an HTTP request or gRPC call too"):
+        decode_span_batch(msgpack.packb(both, use_bin_type=True))
+    no_kinds = {k: v for k, v in sql.items() if k != "span_kind"}
+    with pytest.raises(BatchDecodeError, match="need the span_kind column"):
+        decode_span_batch(msgpack.packb(no_kinds, use_bin_type=True))

@@ -128,6 +128,8 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
     for span in http:
         call = http_calls[span["http_path"]]
         assert (span["http_method"], span["http_host"]) == ("GET", call["host"]), span
+        # the connection the request went out on, as net/http's GotConn saw it
+        assert f"{span['peer_addr']}:{span['peer_port']}" == call["remote"], (span, call)
         assert span["http_status"] == call["status"], (span, call)
         assert inside(span, call), (span, call)
     [refused] = [c for c in calls if c["kind"] == "http_error"]
@@ -135,6 +137,7 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
     [error_span] = [s for s in spans if s["func"] == HTTP_DO and s["error"]]
     assert (error_span["http_status"], error_span["http_host"]) == (0, "127.0.0.1:1")
     assert error_span["http_path"] == "/refused" and inside(error_span, refused)
+    assert "peer_addr" not in error_span  # no connection was made
     assert not [s for s in spans if "QUERYSECRET" in json.dumps(s)]
 
     # gRPC: the full method and the code the server returned
@@ -142,6 +145,8 @@ def test_http_grpc_and_sql_calls_yield_one_correct_client_span_each(
     grpc = [s for s in spans if s["func"] == GRPC_INVOKE]
     assert Counter(s["rpc_status"] for s in grpc) == Counter(c["status"] for c in grpc_calls)
     assert sorted({c["status"] for c in grpc_calls}) == list(range(17))
+    host, port = addrs["grpc"].rsplit(":", 1)
+    assert {(s["peer_addr"], s["peer_port"]) for s in grpc} == {(host, int(port))}
     for span in grpc:
         assert span["rpc_method"] == "/apm.test.Echo/Unary"
         assert span["error"] == (span["rpc_status"] != 0)
@@ -189,11 +194,12 @@ def test_stripped_client_offset_tables_match_dwarf(client_targets: dict, toolcha
         assert dwarf[struct][member] == offset, (struct, member)
 
 
-def test_sql_spans_reach_apm_spans_with_the_database_as_their_peer(
+def test_client_spans_reach_apm_spans_with_the_socket_they_used_as_their_peer(
     client_targets: dict, kafka_broker, postgres_url: str, tmp_path: Path
 ) -> None:
     """Through the join: a statement's peer is the socket lib/pq used (PostgreSQL's address
-    and port), read from the network events of the calling goroutine."""
+    and port), read from the network events of the calling goroutine; a gRPC call's is its
+    connection's remote address, which the agent reads where the call opens its stream."""
     binary = client_targets[("1.27", False)]
     database = urlsplit(postgres_url)
     log = tmp_path / "join.log"
@@ -235,8 +241,19 @@ def test_sql_spans_reach_apm_spans_with_the_database_as_their_peer(
     assert len(sql) == 32 and {s["span_kind"] for s in spans} == {"client"}
     assert {(s["peer_addr"], s["peer_port"]) for s in sql} == {(database.hostname, database.port)}
     assert all(s["bytes_sent"] > 0 and s["bytes_received"] > 0 for s in sql)
-    # net/http and grpc write from goroutines of their own: no peer on the calling one
-    assert {s["peer_addr"] for s in spans if s["db_statement"] is None} == {None}
+    # gRPC: the agent reads the call's connection (its I/O is on the transport's goroutines)
+    grpc = [s for s in spans if s["rpc_method"] is not None]
+    assert len(grpc) == 16
+    remote = {c["remote"] for c in calls if c["kind"] == "grpc"}  # what grpc.Peer said
+    assert remote == {addrs["grpc"]}
+    assert {f"{s['peer_addr']}:{s['peer_port']}" for s in grpc} == remote
+    # net/http: the connection the agent read where the request went out
+    http = {s["http_path"]: s for s in spans if s["http_method"] is not None}
+    for call in calls:
+        if call["kind"] == "http":
+            span = http[call["path"]]
+            assert f"{span['peer_addr']}:{span['peer_port']}" == call["remote"]
+    assert (http["/refused"]["peer_addr"], http["/refused"]["peer_port"]) == (None, None)
     http = [s for s in spans if s["http_host"] is not None]
     assert {s["http_host"] for s in http} == {addrs["http"], "127.0.0.1:1"}
     assert not [s for s in spans if "SECRET" in json.dumps(s)]
