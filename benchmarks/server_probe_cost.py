@@ -107,7 +107,7 @@ def probe_points(target: TargetProcess) -> list[int]:
     points = []
     for fn in target.functions:
         base = fn.plan.symbol.address
-        if not fn.http_finish:
+        if not (fn.http_finish or fn.returns_only):
             points.append(base + fn.plan.entry_offset)
         if not fn.entry_only:
             points += [base + off for off in fn.plan.return_offsets]

@@ -63,8 +63,10 @@
  * `func_id` ends with err (nil: OK). field_a, field_b as for SITE_FLAG_CLIENT_GRPC. */
 #define SITE_FLAG_CLIENT_GRPC_END 512
 /* runtime.newproc1(fn, callergp *g, callerpc, ...) *g, which makes every new goroutine (on
- * the system stack, so not keyed by goroutine): its entry notes the trace context of
- * callergp (RBX) for the thread, its RETs give it to the new g (RAX). */
+ * the system stack, so not keyed by goroutine): its RETs give the creating goroutine's trace
+ * context to the new g (RAX). With field_a (runtime.g.m) and field_b (runtime.m.curg) known,
+ * only the RETs are probed: the creator is g0.m.curg (g0 in R14). Else (-1) the entry notes
+ * the context of callergp (RBX) for the thread, in `spawning`. */
 #define SITE_FLAG_SPAWN 0x1000
 /* Entry of google.golang.org/grpc/internal/transport.(*http2Client).NewStream(t, ...), on the
  * goroutine of a gRPC client call: the peer of the call's connection, for the call in flight

@@ -826,16 +826,36 @@ int span_return(struct pt_regs *ctx)
     if (site->flags & SITE_FLAG_SPAWN) {
         /* newproc1 returns the new g in RAX: it continues its creator's context. */
         struct thread_key tkey = {.tgid = tgid, .tid = (u32)bpf_get_current_pid_tgid()};
-        struct trace_context *context = spawning.lookup(&tkey);
+        struct trace_context *context;
+        if (site->field_a >= 0) {
+            /* Return-only (offsets known): R14 is g0 on the system stack, and its m's curg
+             * is the goroutine whose `go` statement this is. */
+            u64 m = 0, curg = 0;
+            struct goroutine_key parent = {.tgid = tgid};
+            if (bpf_probe_read_user(&m, sizeof(m), (void *)(ctx->r14 + site->field_a)) != 0 ||
+                m == 0 ||
+                bpf_probe_read_user(&curg, sizeof(curg), (void *)(m + site->field_b)) != 0 ||
+                curg == 0 ||
+                bpf_probe_read_user(&parent.goid, sizeof(parent.goid),
+                                    (void *)(curg + layout->goid)) != 0) {
+                count(COUNTER_READ_FAILED);
+                return 0;
+            }
+            context = goroutine_contexts.lookup(&parent);
+        } else {
+            context = spawning.lookup(&tkey); /* noted at the entry */
+        }
         if (!context)
             return 0;
+        struct trace_context copy = *context;
         struct goroutine_key child = {.tgid = tgid};
         if (bpf_probe_read_user(&child.goid, sizeof(child.goid),
                                 (void *)(ctx->ax + layout->goid)) == 0)
-            goroutine_contexts.update(&child, context);
+            goroutine_contexts.update(&child, &copy);
         else
             count(COUNTER_READ_FAILED);
-        spawning.delete(&tkey);
+        if (site->field_a < 0)
+            spawning.delete(&tkey);
         return 0;
     }
     struct call_key key = {.tgid = tgid, .func_id = site->func_id};

@@ -239,13 +239,15 @@ class AgentProbes:
         server_flags: int = 0,
         fields: tuple[int, int, int, int] = (-1, -1, -1, -1),
         entry_only: bool = False,
+        returns_only: bool = False,
     ) -> None:
         """Attach one function: `address` is its ELF address, `load_bias` what the process
         added to ELF addresses when it mapped the binary (0 unless PIE). `http_finish`:
         only its returns, which end the HTTP span of `func_id` (finishRequest).
         `server_flags` (SITE_FLAG_H2, _GRPC, _GRPC_STATUS) and the field offsets it
         reads make it an HTTP/2 or gRPC server probe; `entry_only`: no return probes
-        (WriteStatus only adds the status to the call `func_id`)."""
+        (WriteStatus only adds the status to the call `func_id`); `returns_only`: no entry
+        probe (runtime.newproc1 with the offsets to find its caller at the return)."""
         proc = self._processes[pid]
         flags = (SITE_FLAG_HTTP if http else 0) | server_flags
         if http_finish:
@@ -253,7 +255,7 @@ class AgentProbes:
         path = binary.encode()
         known = set(self._bpf.uprobe_fds)
         try:
-            if not http_finish:
+            if not (http_finish or returns_only):
                 self._add_site(
                     proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags,
                     fields,

@@ -54,7 +54,8 @@ HTTP_SERVER_FUNCTION = "net/http.(*conn).serve"
 
 #: DWARF struct name -> the members whose offsets GoLayout carries.
 WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
-    "runtime.g": ("goid",),
+    "runtime.g": ("goid", "m"),
+    "runtime.m": ("curg",),
     "net/http.Request": ("Method", "URL", "Header"),
     "net/url.URL": ("Path", "Host"),
     "net/http.response": ("status",),

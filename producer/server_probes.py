@@ -37,7 +37,14 @@ from ebpf_apm.producer.map_layout import (
     SITE_FLAG_H2,
 )
 
-__all__ = ["GRPC_SPAN_SYMBOL", "H2_SERVERS", "ServerProbe", "server_probes", "traceparent_fields"]
+__all__ = [
+    "GRPC_SPAN_SYMBOL",
+    "H2_SERVERS",
+    "ServerProbe",
+    "creator_offsets",
+    "server_probes",
+    "traceparent_fields",
+]
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +198,24 @@ def traceparent_fields(layout: GoLayout) -> tuple[int, int]:
     if minor is None or header < 0 or layout.request_method < 0:
         return -1, HEADER_MAP_NONE
     return header, HEADER_MAP_SWISS if minor >= SWISS_MAPS_SINCE else HEADER_MAP_BUCKETS
+
+
+#: runtime.g.m and runtime.m.curg by exact Go "major.minor" (runtime.m changes often: no
+#: nearest-release guess), measured from DWARF of the test targets.
+CREATOR_TABLE: dict[str, tuple[int, int]] = {"1.19": (48, 192), "1.27": (48, 184)}
+
+
+def creator_offsets(layout: GoLayout) -> tuple[int, int]:
+    """(runtime.g.m, runtime.m.curg): at a RET of runtime.newproc1 the goroutine that made
+    the new one is g0.m.curg, so only the RETs need a probe; (-1, -1) when unknown (then
+    the entry is probed too, bpf/probe_maps.h SITE_FLAG_SPAWN)."""
+    if layout.source == "dwarf":
+        g_m = layout.dwarf_offset("runtime.g", "m")
+        m_curg = layout.dwarf_offset("runtime.m", "curg")
+        return (-1, -1) if g_m is None or m_curg is None else (g_m, m_curg)
+    minor = go_minor(layout.version)
+    key = f"{minor[0]}.{minor[1]}" if minor else ""
+    return CREATOR_TABLE.get(key, (-1, -1))
 
 
 def _offsets(layout: GoLayout) -> Callable[[str, str], int]:

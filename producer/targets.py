@@ -21,7 +21,7 @@ from ebpf_apm.producer.errors import TargetError, UnsupportedBinary
 from ebpf_apm.producer.go_binary import go_layout
 from ebpf_apm.producer.map_layout import SITE_FLAG_H2, SITE_FLAG_SPAWN
 from ebpf_apm.producer.probe_sites import ProbePlan, plan_function
-from ebpf_apm.producer.server_probes import server_probes, traceparent_fields
+from ebpf_apm.producer.server_probes import creator_offsets, server_probes, traceparent_fields
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class FunctionTarget:
     server_flags: int = 0
     fields: tuple[int, int, int, int] = (-1, -1, -1, -1)
     entry_only: bool = False  # only its entry, adding to the span `func_id` (WriteStatus)
+    returns_only: bool = False  # only its returns (runtime.newproc1, see SITE_FLAG_SPAWN)
 
 
 @dataclass
@@ -214,9 +215,15 @@ def _plan_binary(
         # Goroutine creation: the spans of goroutines a span starts descend from it.
         spawn = plan_function(binary, table, SPAWN_SYMBOL, go)
         if spawn.return_offsets:
+            g_m, m_curg = creator_offsets(go_layout(binary))
             functions += (
                 FunctionTarget(
-                    names.id_of(SPAWN_SYMBOL), spawn, False, server_flags=SITE_FLAG_SPAWN
+                    names.id_of(SPAWN_SYMBOL),
+                    spawn,
+                    False,
+                    server_flags=SITE_FLAG_SPAWN,
+                    fields=(g_m, m_curg, -1, -1),
+                    returns_only=g_m >= 0,
                 ),
             )
     if any(server.flags & SITE_FLAG_H2 for server in servers):
@@ -308,6 +315,7 @@ def attach_target(probes: AgentProbes, target: TargetProcess) -> None:
             fn.server_flags,
             fn.fields,
             fn.entry_only,
+            fn.returns_only,
         )
 
 

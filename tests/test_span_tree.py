@@ -15,10 +15,14 @@ from __future__ import annotations
 import hashlib
 from collections import Counter, defaultdict
 
+import numpy as np
 import pytest
 from agent_harness import Agent, Request, go_server, read_spans, send_concurrently
 
+from ebpf_apm.producer import go_binary, server_probes
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.map_layout import HEADER_MAP_BUCKETS, HEADER_MAP_SWISS, SITE_FLAG_SPAWN
+from ebpf_apm.producer.server_probes import CREATOR_TABLE, creator_offsets, traceparent_fields
 from ebpf_apm.producer.targets import FunctionNames, attach_target, resolve_target
 
 pytestmark = [pytest.mark.bpf, pytest.mark.integration]
@@ -122,20 +126,62 @@ def test_goroutines_a_request_starts_are_its_descendants(
 
 
 @pytest.mark.bpf
-def test_trace_contexts_are_forgotten_when_the_process_goes(go_targets: dict) -> None:
+@pytest.mark.parametrize("creator", ["return-only", "entry-and-return"])
+def test_trace_contexts_follow_goroutines_and_are_forgotten_when_the_process_goes(
+    go_targets: dict, creator: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways of following newproc1: its RETs alone (g0.m.curg known: DWARF or the
+    table) and, for a Go release the table does not know, its entry and RETs."""
+    if creator == "entry-and-return":
+        monkeypatch.setattr(server_probes, "CREATOR_TABLE", {})
     probes = AgentProbes(ProbeOptions(net_hooks="off"))
     try:
-        with go_server(go_targets[("1.27", False)]) as server:
+        with go_server(go_targets[("1.27", True)]) as server:
             pid = server.pid
             names = FunctionNames()
-            attach_target(probes, resolve_target(pid, [FANOUT, WORKER, LEAF], names))
-            # The handler's goroutines got contexts from newproc1's probes; a request still
-            # running when the process goes would leave its goroutine's context behind.
+            target = resolve_target(pid, [FANOUT, WORKER, LEAF], names)
+            spawn = [fn for fn in target.functions if fn.server_flags == SITE_FLAG_SPAWN]
+            assert [fn.returns_only for fn in spawn] == [creator == "return-only"]
+            attach_target(probes, target)
             assert server.get("/fanout/1?n=3&ms=1")[0] == 200
+            # The workers' goroutines keep the context they were given; a request still
+            # running when the process goes would leave its goroutine's context behind.
             contexts = probes._bpf[b"goroutine_contexts"]
             assert any(key.tgid == pid for key in contexts)
+            records = probes.span_reader.drain()
+            while len(records) < 1 + 3 + 6:  # handleFanout, 3 workers, 6 leaves
+                more = probes.span_reader.drain()
+                assert len(more), f"{len(records)} span records"
+                records = np.concatenate([records, more])
         probes.detach_process(pid)
         for table in (b"goroutine_contexts", b"spawning", b"calls_in_flight"):
             assert not [k for k in probes._bpf[table] if k.tgid == pid], table
     finally:
         probes.close()
+    funcs = {names.id_of(name): name for name in (FANOUT, WORKER, LEAF)}
+    by_func = {name: records[records["func_id"] == fid] for fid, name in funcs.items()}
+    (fanout,) = by_func[FANOUT]
+    assert set(by_func[WORKER]["parent_span_id"].tolist()) == {int(fanout["span_id"])}
+    workers = Counter(by_func[LEAF]["parent_span_id"].tolist())
+    assert workers == dict.fromkeys(by_func[WORKER]["span_id"].tolist(), 2)
+    assert len({bytes(t) for t in records["trace_id"]}) == 1
+
+
+@pytest.mark.parametrize("toolchain", ["1.27", "1.19"])
+def test_fixed_runtime_offsets_are_what_dwarf_says(
+    go_targets: dict, toolchain: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel reads Go's map internals at fixed offsets (bpf/probe_maps.h HEADER_MAP_*),
+    and stripped binaries find newproc1's caller through CREATOR_TABLE."""
+    maps = {"1.19": ("runtime.hmap", "B", 9, "buckets", 16),
+            "1.27": ("internal/runtime/maps.Map", "dirLen", 24, "dirPtr", 16)}  # fmt: skip
+    struct, a, a_at, b, b_at = maps[toolchain]
+    monkeypatch.setitem(go_binary.WANTED_MEMBERS, struct, (a, b))
+    dwarf = go_binary.dwarf_struct_offsets(go_targets[(toolchain, False)])
+    assert dwarf is not None
+    assert dwarf[struct] == {a: a_at, b: b_at}
+    assert (dwarf["runtime.g"]["m"], dwarf["runtime.m"]["curg"]) == CREATOR_TABLE[toolchain]
+    stripped = go_binary.go_layout(go_targets[(toolchain, True)])
+    assert creator_offsets(stripped) == CREATOR_TABLE[toolchain]
+    expected_map = HEADER_MAP_SWISS if toolchain == "1.27" else HEADER_MAP_BUCKETS
+    assert traceparent_fields(stripped) == (dwarf["net/http.Request"]["Header"], expected_map)
