@@ -24,6 +24,7 @@ from ebpf_apm.producer.binary_guard import BinaryLimits
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
 from ebpf_apm.producer.errors import AgentError, TargetError
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
+from ebpf_apm.producer.map_layout import SITE_FLAG_SPAWN
 from ebpf_apm.producer.path_redaction import PathRedactor
 from ebpf_apm.producer.pipeline import (
     AgentPipeline,
@@ -248,6 +249,9 @@ def _log_attached(target: TargetProcess) -> None:
     for fn in target.functions:
         kind = " [HTTP span end: response flushed]" if fn.http_finish else ""
         kind = kind or (" [HTTP]" if fn.http else "")
+        if fn.server_flags & SITE_FLAG_SPAWN:
+            ends = "returns only" if fn.returns_only else "entry and returns"
+            kind = f" [goroutine creation: trace context to new goroutines; {ends}]"
         log.info(
             "pid %d (%s%s): probing %s at %#x, %d return site(s)%s",
             target.pid,
