@@ -238,7 +238,7 @@ def dwarf_struct_offsets(path: str | Path) -> dict[str, dict[str, int]] | None:
                 dwarf = elf.get_dwarf_info(relocate_dwarf_sections=False)
                 if not dwarf.has_debug_info:
                     return None
-                return _find_structs(_type_units(dwarf.iter_CUs()))
+                return _find_structs(_type_units(dwarf.iter_CUs()), _linked_wanted(path))
         except OSError as exc:
             raise TargetError(f"cannot read DWARF of {path}: {exc.strerror or exc}") from exc
 
@@ -450,7 +450,36 @@ def _type_units(units: Iterable[CompileUnit]) -> list[CompileUnit]:
     return ordered
 
 
-def _find_structs(units: Iterable[CompileUnit]) -> dict[str, dict[str, int]]:
+#: Wanted structs of packages a binary may not link (the HTTP/2 and gRPC servers), by a
+#: function that is linked whenever they are used.
+OPTIONAL_STRUCTS: dict[str, str] = {
+    "net/http.http2": "net/http.(*http2serverConn).runHandler",
+    "net/http/internal/http2.": "net/http/internal/http2.(*serverConn).runHandler",
+    "golang.org/x/net/http2.": "golang.org/x/net/http2.(*serverConn).runHandler",
+    "google.golang.org/": "google.golang.org/grpc.(*Server).handleStream",
+}
+
+
+def _linked_wanted(path: str | Path) -> dict[str, tuple[str, ...]]:
+    """WANTED_MEMBERS without the optional structs of servers the binary does not link: the
+    walk stops once every wanted struct is found, and an absent one makes it read all."""
+    try:
+        table = SymbolTable.from_path(path)
+    except UnsupportedBinary:
+        return WANTED_MEMBERS
+    return {
+        name: members
+        for name, members in WANTED_MEMBERS.items()
+        if all(
+            not name.startswith(prefix) or function in table
+            for prefix, function in OPTIONAL_STRUCTS.items()
+        )
+    }
+
+
+def _find_structs(
+    units: Iterable[CompileUnit], wanted: dict[str, tuple[str, ...]]
+) -> dict[str, dict[str, int]]:
     """Member offsets of the wanted structs found among the top-level DIEs of ``units``."""
     found: dict[str, dict[str, int]] = {}
     for cu in units:
@@ -460,9 +489,9 @@ def _find_structs(units: Iterable[CompileUnit]) -> dict[str, dict[str, int]]:
                 continue
             attr = die.attributes.get("DW_AT_name")
             name = attr.value.decode("utf-8", "replace") if attr else ""
-            if name in WANTED_MEMBERS and name not in found:
-                found[name] = _member_offsets(die, WANTED_MEMBERS[name])
-                if len(found) == len(WANTED_MEMBERS):
+            if name in wanted and name not in found:
+                found[name] = _member_offsets(die, wanted[name])
+                if len(found) == len(wanted):
                     return found
     return found
 
