@@ -181,6 +181,7 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
                 await selected.stop()
             if metadata is not None:
                 await metadata.stop()
+            pipeline.close()
     finally:
         if collector is not None:  # a scrape must not read the BPF maps once they are gone
             server.registry.unregister(collector)

@@ -30,11 +30,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ebpf_apm.producer.bpf_fds import BpfMap, attach_kprobe, attach_tracepoint
+from ebpf_apm.producer.bpf_fds import (
+    BPF_TRACE_UPROBE_MULTI,
+    BpfMap,
+    attach_kprobe,
+    attach_tracepoint,
+)
 from ebpf_apm.producer.errors import KernelSupportError
 
 HELPER_TIMEOUT_S = 120.0
 _MAX_MESSAGE = 1 << 16
+# Programs attached by name (attach_named_programs); every other one is a uprobe program.
+_NAMED_ATTACH = (b"tracepoint__", b"kprobe__", b"kretprobe__")
+# A uprobe program loaded a second time for uprobe_multi links carries this suffix.
+UPROBE_MULTI_SUFFIX = ".multi"
 
 
 @dataclass
@@ -180,6 +189,10 @@ def _compile(
         name = lib.bpf_function_name(bpf.module, i)
         kind = BPF.TRACEPOINT if name.startswith(b"tracepoint__") else BPF.KPROBE
         programs[name.decode()] = bpf.load_func(name, kind).fd
+        if not name.startswith(_NAMED_ATTACH):  # a uprobe program: also as uprobe_multi
+            multi = _load_uprobe_multi(bpf, name, kind)
+            if multi is not None:
+                programs[name.decode() + UPROBE_MULTI_SUFFIX] = multi
     map_fds = {}
     for name in maps:
         fd = lib.bpf_table_fd(bpf.module, name.encode())
@@ -187,6 +200,23 @@ def _compile(
             raise KernelSupportError(f"the BPF object has no map {name}")
         map_fds[name] = fd
     return bpf, programs, map_fds
+
+
+def _load_uprobe_multi(bpf: Any, name: bytes, kind: int) -> int | None:
+    """The same function loaded again for uprobe_multi links (Linux 6.6+): its fd, or None
+    where the kernel refuses that attach type (the agent then uses a perf event per probe).
+    BCC keeps one program per name: the copy is kept under another name, so that BCC's
+    cleanup closes both."""
+    first = bpf.funcs.pop(name)
+    try:
+        copy = bpf.load_func(name, kind, attach_type=BPF_TRACE_UPROBE_MULTI)
+    except Exception:  # BCC raises bare Exception when the kernel refuses the program
+        return None
+    else:
+        bpf.funcs[name + UPROBE_MULTI_SUFFIX.encode()] = bpf.funcs.pop(name)
+        return int(copy.fd)
+    finally:
+        bpf.funcs[name] = first
 
 
 def _helper_main(request_json: str, fd: int) -> int:

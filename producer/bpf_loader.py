@@ -11,6 +11,7 @@ chosen (ProbeOptions.loader).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -24,11 +25,12 @@ import numpy as np
 
 from ebpf_apm import bpf as bpf_sources
 from ebpf_apm.producer.bpf_compiler import (
+    UPROBE_MULTI_SUFFIX,
     CompileHelper,
     attach_named_programs,
     compile_in_process,
 )
-from ebpf_apm.producer.bpf_fds import LinkCloser, attach_uprobe
+from ebpf_apm.producer.bpf_fds import LinkCloser, attach_uprobe, attach_uprobe_multi
 from ebpf_apm.producer.bpf_run_stats import RunStats, RunTimeStats, program_run_stats
 from ebpf_apm.producer.elf_symbols import SymbolTable
 from ebpf_apm.producer.errors import AgentError, KernelSupportError, PrivilegeError, TargetError
@@ -61,6 +63,7 @@ NET_HOOKS = ("auto", "kprobes", "tracepoints", "off")
 # "in-process": the old design, BCC and LLVM stay in the agent (benchmarks compare).
 LOADERS = ("helper", "in-process")
 CALL_MAPS = ("calls_in_flight", "thread_stacks")
+CLOSE_THREADS = 8  # uprobe_multi link closes at once (they share grace periods)
 SPAN_MAPS = ("probe_sites", "process_layouts", *CALL_MAPS, "counters", "probe_hits")
 
 
@@ -113,8 +116,10 @@ class ProcessLayout:
 
 @dataclass
 class _AttachedProcess:
+    pid: int
     sites: list[int] = field(default_factory=list)  # runtime addresses in probe_sites
-    links: list[int] = field(default_factory=list)  # perf event fds: closing one detaches it
+    # uprobe_multi links or perf events: closing one detaches its probes
+    links: list[int] = field(default_factory=list)
 
 
 class PerfBufferReader:
@@ -185,7 +190,10 @@ class AgentProbes:
         self.run_time_stats = RunTimeStats().open()
         self._processes: dict[int, _AttachedProcess] = {}
         self._calibration_links: list[int] = []
-        self._closer = LinkCloser()
+        # uprobe_multi links where the kernel loaded the programs for them (Linux 6.6+):
+        # one descriptor per function and kind, released in parallel; else perf events.
+        self.uprobe_links = "span_entry" + UPROBE_MULTI_SUFFIX in self._obj.programs
+        self._closer = LinkCloser(CLOSE_THREADS if self.uprobe_links else 1)
         self._maps = self._obj.maps
         self._ring_fds = [self._maps[ring].fd for ring in rings]
         self.span_reader: Reader
@@ -221,12 +229,22 @@ class AgentProbes:
     def net_enabled(self) -> bool:
         return self.options.net_hooks != "off"
 
+    def attaching(self) -> contextlib.AbstractContextManager[None]:
+        """Hold back pending probe detaches while a process's probes are attached: each
+        detach holds the kernel's perf event mutex for a grace period (bpf_fds.LinkCloser)."""
+        return self._closer.attaching()
+
+    @property
+    def pending_detaches(self) -> int:
+        """Probes detached from their process but not yet closed in the kernel."""
+        return self._closer.pending
+
     def add_process(self, pid: int, layout: ProcessLayout) -> None:
         value = np.zeros(1, dtype=PROCESS_LAYOUT)
         for name in PROCESS_LAYOUT.names or ():
             value[name] = getattr(layout, name)
         self._maps["process_layouts"].update(_PID.pack(pid), value.tobytes())
-        self._processes.setdefault(pid, _AttachedProcess())
+        self._processes.setdefault(pid, _AttachedProcess(pid))
 
     def attach_function(
         self,
@@ -250,33 +268,48 @@ class AgentProbes:
         flags = SITE_FLAG_HTTP if http else 0
         if http_finish:
             flags |= SITE_FLAG_HTTP_FINISH
-        programs = self._obj.programs
         try:
             if not http_finish:
                 self._add_site(
                     proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags
                 )
-                proc.links.append(
-                    attach_uprobe(programs["span_entry"], binary, file_offset + entry_offset, pid)
-                )
+                self._attach_uprobes(proc, "span_entry", binary, [file_offset + entry_offset])
             if is_go:
                 for offset in return_offsets:
                     self._add_site(
                         proc, pid, load_bias + address + offset, func_id, SITE_RETURN, flags
                     )
-                    proc.links.append(
-                        attach_uprobe(programs["span_return"], binary, file_offset + offset, pid)
-                    )
+                returns = [file_offset + offset for offset in return_offsets]
+                self._attach_uprobes(proc, "span_return", binary, returns)
             else:
-                proc.links.append(
-                    attach_uprobe(programs["span_uretprobe"], binary, file_offset, pid, ret=True)
-                )
+                self._attach_uprobes(proc, "span_uretprobe", binary, [file_offset], ret=True)
         except (OSError, KernelSupportError) as exc:
             if not os.path.exists(f"/proc/{pid}"):
                 raise TargetError(f"process {pid} exited while probes were attached") from exc
             raise KernelSupportError(
                 f"attaching uprobes to {binary} (pid {pid}) at {address:#x} failed: {exc}"
             ) from exc
+
+    def _attach_uprobes(
+        self,
+        proc: _AttachedProcess,
+        program: str,
+        binary: str,
+        offsets: list[int],
+        ret: bool = False,
+    ) -> None:
+        """`program` at `offsets` of `binary` in `proc`'s process: one uprobe_multi link for
+        all of them, else a perf event each; every descriptor goes into `proc.links` as soon
+        as it is open, so a failure half-way leaves nothing unaccounted."""
+        if not offsets:
+            return
+        pid = proc.pid
+        if self.uprobe_links:
+            multi = self._obj.programs[program + UPROBE_MULTI_SUFFIX]
+            proc.links.append(attach_uprobe_multi(multi, binary, offsets, pid, ret))
+            return
+        for offset in offsets:
+            proc.links.append(attach_uprobe(self._obj.programs[program], binary, offset, pid, ret))
 
     def _add_site(
         self, proc: _AttachedProcess, pid: int, ip: int, func_id: int, role: int, flags: int
@@ -343,7 +376,13 @@ class AgentProbes:
             out[name] = int(np.frombuffer(value, dtype="<u8").sum()) if value else 0
         return out
 
-    def probe_hits(self) -> dict[int, np.ndarray]:
+    def process_hits(self, pid: int) -> np.void | None:
+        """One process's PROBE_HITS record, summed over CPUs (one map lookup); None when
+        no probe ran for it."""
+        per_cpu = self._maps["probe_hits"].lookup(_PID.pack(pid))
+        return None if per_cpu is None else _summed_hits(per_cpu)
+
+    def probe_hits(self) -> dict[int, np.void]:
         """Per traced process, how often each program ran for it (a PROBE_HITS record,
         summed over CPUs)."""
         table = self._maps["probe_hits"]
@@ -352,11 +391,7 @@ class AgentProbes:
             per_cpu = table.lookup(key)
             if per_cpu is None:  # the process was detached meanwhile
                 continue
-            values = np.frombuffer(per_cpu, dtype=PROBE_HITS)
-            total = np.zeros(1, dtype=PROBE_HITS)
-            for name in PROBE_HITS.names or ():
-                total[name] = values[name].sum()
-            hits[_PID.unpack(key)[0]] = total[0]
+            hits[_PID.unpack(key)[0]] = _summed_hits(per_cpu)
         return hits
 
     def program_run_stats(self) -> dict[str, RunStats]:
@@ -383,7 +418,8 @@ class AgentProbes:
     @property
     def attached_uprobes(self) -> int:
         """Uprobes currently attached, all processes (a leak shows here)."""
-        return len(self._calibration_links) + sum(len(p.links) for p in self._processes.values())
+        processes = list(self._processes.values())  # attaches run in the pipeline's thread
+        return len(self._calibration_links) + sum(len(p.links) for p in processes)
 
     def set_synthetic_pid(self, pid: int) -> None:
         self._maps["synthetic_pid"].update(_PID.pack(0), _PID.pack(pid))
@@ -398,6 +434,14 @@ class AgentProbes:
         self._closer.shutdown()
         self._obj.close()
         self.run_time_stats.close()
+
+
+def _summed_hits(per_cpu: bytes) -> np.void:
+    values = np.frombuffer(per_cpu, dtype=PROBE_HITS)
+    total = np.zeros(1, dtype=PROBE_HITS)
+    for name in PROBE_HITS.names or ():
+        total[name] = values[name].sum()
+    return total[0]
 
 
 def start_compiling(options: ProbeOptions) -> CompileHelper | None:

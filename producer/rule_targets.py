@@ -2,7 +2,7 @@
 
     sched exec/exit tracepoints + /proc scan -> TargetTracker (rules, pod metadata)
         -> plan once per binary (ResolveOnceCache, in the "binary-parse" worker thread)
-        -> AgentPipeline.attach / detach (event loop)
+        -> AgentPipeline.attach_running / detach (the pipeline's probe worker, in order)
     the rules file, re-read every RULES_RELOAD_S when it changed -> TargetTracker.set_rules
 
 Target binaries are input the agent does not control. They are parsed in one worker thread,
@@ -221,7 +221,11 @@ class RuleTargets:
         assert planned.plan is not None
         plan = planned.plan
         try:
-            self._pipeline.attach(bind_process(process.pid, plan), k8s=process.event_fields())
+            target = bind_process(process.pid, plan)
+            if not await self._pipeline.attach_running(target, k8s=process.event_fields()):
+                log.debug("pid %d (%s) exited while its probes were attached", process.pid,
+                          process.exe)  # fmt: skip
+                return
         except (AgentError, ProcessLookupError, FileNotFoundError) as exc:
             # A process that exited before its probes were in place is churn, not a fault:
             # thousands a minute on a busy node would bury the real warnings.

@@ -107,6 +107,9 @@ class FixedSource:
     def probe_hits(self) -> Mapping[int, Any]:
         return self.hits
 
+    def process_hits(self, pid: int) -> Any:
+        return self.hits.get(pid)
+
     def program_run_stats(self) -> Mapping[str, RunStats]:
         return self.programs
 
