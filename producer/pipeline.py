@@ -193,7 +193,7 @@ class AgentPipeline:
         except Exception:  # a bug: say so (no one reads the future), and go on
             log.exception("detaching pid %d failed", pid)
 
-    async def _probe_jobs_done(self) -> None:
+    async def probe_jobs_done(self) -> None:
         """Until every attach and detach asked for so far has run."""
         await asyncio.wrap_future(self._probe_worker.submit(lambda: None))
 
@@ -232,7 +232,7 @@ class AgentPipeline:
                 await self._drain_once()
                 self._touch_health()
                 self._on_turn()
-            await self._probe_jobs_done()  # exits seen so far are accounted for
+            await self.probe_jobs_done()  # exits seen so far are accounted for
             if self.cost_meter is not None:  # the last figures, before detaching clears them
                 self._costs = self.cost_meter.sample()
             # Detach first, so the last drain sees every record the probes will ever write;
@@ -240,7 +240,7 @@ class AgentPipeline:
             for pid in [*self.targets, *self._attaching]:
                 self._probe_worker.submit(self.probes.detach_process, pid)
             self._attaching.clear()
-            await self._probe_jobs_done()
+            await self.probe_jobs_done()
             await self._drain_once()
             flushed = True
             for stream in self.streams:
