@@ -85,32 +85,26 @@ def measure_churn(count: int, bootstrap: str, work: Path) -> dict:
     with harness.Agent(args) as agent:
         agent.wait_ready(120)
         pid = agent.process.pid
-        at_rest = footprint.perf_event_fds(pid)
+        at_rest = footprint.probe_fds(pid)
         start_rss = footprint.rss_kib(pid)
         churn.run_churn(binary, 200)  # warm-up, as the test does
-        _settle(footprint, pid, at_rest)
+        footprint.wait_settled(pid, at_rest, PER_PROCESS_MAPS)
         before = footprint.rss_kib(pid)
         seconds = churn.run_churn(binary, count)
-        _settle(footprint, pid, at_rest)
+        settled = footprint.wait_settled(pid, at_rest, PER_PROCESS_MAPS)
         after = footprint.rss_kib(pid)
         result = {
             "seconds": seconds,
+            "settled_s": settled,
             "attached": agent.log.count("selected by churn"),
             "start_mib": start_rss / 1024,
             "before_mib": before / 1024,
             "after_mib": after / 1024,
-            "probes_left": footprint.perf_event_fds(pid) - at_rest,
+            "probes_left": footprint.probe_fds(pid) - at_rest,
             "entries_left": footprint.map_entries(pid, PER_PROCESS_MAPS),
         }
         agent.stop()
     return result
-
-
-def _settle(footprint: Any, pid: int, at_rest: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while footprint.perf_event_fds(pid) > at_rest and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)
 
 
 def _median(runs: list[dict]) -> dict:
@@ -157,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.churn:
             c = measure_churn(args.churn, broker.bootstrap_servers, work)
             print(f"churn: {args.churn} short-lived processes in {c['seconds']:.1f} s "
-                  f"({args.churn / c['seconds']:.0f}/s), {c['attached']} attached")  # fmt: skip
+                  f"({args.churn / c['seconds']:.0f}/s), {c['attached']} attached (with "
+                  f"warm-up); every probe and map entry gone {c['settled_s']:.1f} s after "
+                  f"the last exit")  # fmt: skip
             print(f"  agent RSS: {c['start_mib']:.1f} MiB at start, {c['before_mib']:.1f} after "
                   f"200 warm-up processes, {c['after_mib']:.1f} after the churn "
                   f"({c['after_mib'] - c['before_mib']:+.1f} MiB; target within 10)")  # fmt: skip

@@ -1,5 +1,5 @@
 """What a running agent process holds, read from outside it: resident memory, mapped
-libraries, perf event descriptors (one per attached probe) and the entries of its BPF maps.
+libraries, probe descriptors (perf events, BPF links) and the entries of its BPF maps.
 
 The maps are opened by their kernel ids, which /proc/PID/fdinfo names, so the figures are
 the kernel's, not the agent's own account of them.
@@ -8,6 +8,7 @@ the kernel's, not the agent's own account of them.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from ebpf_apm.producer.bpf_fds import BpfMap, open_map_by_id
@@ -43,9 +44,31 @@ def _fd_links(pid: int) -> dict[int, str]:
     return links
 
 
-def perf_event_fds(pid: int) -> int:
-    """Perf event descriptors: the agent holds one per attached probe."""
-    return sum(link == "anon_inode:[perf_event]" for link in _fd_links(pid).values())
+PROBE_FD_KINDS = ("anon_inode:[perf_event]", "anon_inode:bpf_link")
+
+
+def probe_fds(pid: int) -> int:
+    """Descriptors that keep probes attached: perf events (tracepoints, and uprobes on
+    kernels before 6.6) and BPF links (uprobe_multi: one per function and kind)."""
+    return sum(link in PROBE_FD_KINDS for link in _fd_links(pid).values())
+
+
+def wait_settled(
+    pid: int, probes_at_rest: int, maps: tuple[str, ...], timeout: float = 60
+) -> float:
+    """Until the agent has dealt with every process it saw: no probe descriptor beyond
+    `probes_at_rest` and no entry in the per-process `maps` (a process's entries go in before
+    its probes are opened, so an attach still under way shows there). A leak stays, and the
+    caller's checks then fail. Returns the seconds it took."""
+    started = time.monotonic()
+    empty = dict.fromkeys(maps, 0)
+    while time.monotonic() - started < timeout:
+        if probe_fds(pid) <= probes_at_rest and map_entries(pid, maps) == empty:
+            break
+        time.sleep(0.2)
+    settled = time.monotonic() - started
+    time.sleep(0.5)  # a drain turn or two for the last records
+    return settled
 
 
 def map_entries(pid: int, names: tuple[str, ...]) -> dict[str, int]:

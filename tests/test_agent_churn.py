@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-from agent_footprint import compiler_mappings, map_entries, perf_event_fds, rss_kib
+from agent_footprint import compiler_mappings, map_entries, probe_fds, rss_kib, wait_settled
 from agent_harness import Agent
 from churn import rules_text, run_churn
 from go_builds import TARGETS_DIR, build_go
@@ -38,22 +37,6 @@ def gocalls(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
-def wait_settled(pid: int, probes_at_rest: int, timeout: float = 60) -> float:
-    """Until the agent has dealt with every churn process: no probe left open and nothing
-    in the per-process maps (a process's entries go in before its probes are opened, so an
-    attach still under way shows there). A leak stays; the caller's asserts then fail.
-    Returns the seconds it took."""
-    started = time.monotonic()
-    empty = dict.fromkeys(PER_PROCESS_MAPS, 0)
-    while time.monotonic() - started < timeout:
-        if perf_event_fds(pid) <= probes_at_rest and map_entries(pid, PER_PROCESS_MAPS) == empty:
-            break
-        time.sleep(0.2)
-    settled = time.monotonic() - started
-    time.sleep(0.5)  # a drain turn or two for the last records
-    return settled
-
-
 def test_churn_leaves_memory_flat_and_the_kernel_maps_empty(
     gocalls: Path, kafka_broker, tmp_path: Path
 ) -> None:
@@ -65,12 +48,12 @@ def test_churn_leaves_memory_flat_and_the_kernel_maps_empty(
         agent.wait_ready()
         pid = agent.process.pid
         assert compiler_mappings(pid) == [], "BCC/LLVM mapped in the agent"
-        at_rest = perf_event_fds(pid)  # the network and exec/exit tracepoints
+        at_rest = probe_fds(pid)  # the network and exec/exit tracepoints
         run_churn(gocalls, WARMUP)
-        wait_settled(pid, at_rest)
+        wait_settled(pid, at_rest, PER_PROCESS_MAPS)
         before = rss_kib(pid)
         seconds = run_churn(gocalls, CHURN)
-        settled = wait_settled(pid, at_rest)
+        settled = wait_settled(pid, at_rest, PER_PROCESS_MAPS)
         after = rss_kib(pid)
         attached = agent.log.count("selected by churn")
         print(f"\n{CHURN} processes in {seconds:.1f} s, {attached} attached (with warm-up), "
@@ -78,7 +61,7 @@ def test_churn_leaves_memory_flat_and_the_kernel_maps_empty(
               f"{after / 1024:.1f} MiB")  # fmt: skip
         assert agent.process.poll() is None, agent.log
         assert attached > CHURN // 20, f"attached {attached}:\n{agent.log[-3000:]}"
-        assert perf_event_fds(pid) == at_rest, "probes left attached"
+        assert probe_fds(pid) == at_rest, "probes left attached"
         assert map_entries(pid, PER_PROCESS_MAPS) == dict.fromkeys(PER_PROCESS_MAPS, 0)
         assert after - before <= RSS_SLACK_KIB, f"RSS grew {(after - before) / 1024:.1f} MiB"
         assert compiler_mappings(pid) == []

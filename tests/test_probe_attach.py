@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from agent_footprint import perf_event_fds
 from go_builds import TARGETS_DIR, build_go
 
 from ebpf_apm.producer.bpf_fds import LinkCloser
@@ -95,7 +94,7 @@ def test_an_exit_seen_while_the_attach_runs_leaves_nothing(
     gocalls: Path, probes: AgentProbes, how: str
 ) -> None:
     target = Waiting(gocalls)
-    fds_before = perf_event_fds(os.getpid())
+    fds_before = probe_fds()
     try:
         resolved = resolve_target(target.pid, ["main.work"], FunctionNames(), False)
         pipeline = new_pipeline(probes)
@@ -122,7 +121,7 @@ def test_an_exit_seen_while_the_attach_runs_leaves_nothing(
         target.run_calls()  # nothing is probed any more: no hit is counted
         assert entry_hits(probes, target.pid) is None
         wait_closed(probes)
-        assert perf_event_fds(os.getpid()) == fds_before
+        assert probe_fds() == fds_before
     finally:
         target.end()
 
