@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +201,52 @@ def _is_open(fd: int) -> bool:
     except OSError:
         return False
     return True
+
+
+DAEMONSET = Path(__file__).resolve().parent.parent / "deploy/base/agent-daemonset.yaml"
+WITH_DAEMONSET_CAPS = """
+import subprocess, sys
+from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
+from ebpf_apm.producer.targets import FunctionNames, attach_target, resolve_target
+target = subprocess.Popen([sys.argv[1], "-n", "7", "-wait"], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+target.stdout.readline()
+probes = AgentProbes(ProbeOptions(net_hooks="off"))
+attach_target(probes, resolve_target(target.pid, ["main.work"], FunctionNames(), False))
+target.communicate("\\n")
+record = probes.process_hits(target.pid)
+print("links", probes.uprobe_links, "entry", int(record["entry"]), "ret", int(record["ret"]))
+probes.detach_process(target.pid)
+probes.close()
+"""
+
+
+@pytest.mark.bpf
+def test_the_daemonsets_capabilities_are_enough_for_the_helper_and_the_links(
+    gocalls: Path,
+) -> None:
+    """Exactly the capabilities the DaemonSet adds (no CAP_SYS_ADMIN): the compile helper
+    loads the programs, and uprobe_multi links attach and count."""
+    import yaml  # noqa: PLC0415 - only this test reads the manifest
+
+    docs = list(yaml.safe_load_all(DAEMONSET.read_text()))
+    pod = next(d for d in docs if d and d.get("kind") == "DaemonSet")["spec"]["template"]["spec"]
+    agent = next(c for c in pod["containers"] if "agent" in c["name"])
+    caps = agent["securityContext"]["capabilities"]["add"]
+    bounding = "-all," + ",".join(f"+{cap.lower()}" for cap in caps)
+    result = subprocess.run(
+        [
+            "setpriv",
+            f"--bounding-set={bounding}",
+            "--inh-caps=-all",
+            sys.executable,
+            "-c",
+            WITH_DAEMONSET_CAPS,
+            str(gocalls),
+        ],  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "links True entry 7 ret 7" in result.stdout, result.stdout + result.stderr
