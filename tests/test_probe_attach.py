@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import yaml
 from go_builds import TARGETS_DIR, build_go
 
 from ebpf_apm.producer.bpf_fds import LinkCloser
@@ -227,8 +228,6 @@ def test_the_daemonsets_capabilities_are_enough_for_the_helper_and_the_links(
 ) -> None:
     """Exactly the capabilities the DaemonSet adds (no CAP_SYS_ADMIN): the compile helper
     loads the programs, and uprobe_multi links attach and count."""
-    import yaml  # noqa: PLC0415 - only this test reads the manifest
-
     docs = list(yaml.safe_load_all(DAEMONSET.read_text()))
     pod = next(d for d in docs if d and d.get("kind") == "DaemonSet")["spec"]["template"]["spec"]
     agent = next(c for c in pod["containers"] if "agent" in c["name"])
