@@ -62,7 +62,11 @@ def measure_design(loader: str, server_binary: Path, bootstrap: str, requests: i
             # Every request's two spans (HTTP + handler) reached Kafka: the agent did the work.
             spans = harness.read_spans(bootstrap, server.pid, 2 * requests, timeout=60)
             if len(spans) < 2 * requests:
-                raise RuntimeError(f"agent ({loader}): {len(spans)} spans of {2 * requests}")
+                agent.stop()
+                totals = [line for line in agent.log.splitlines() if "totals:" in line]
+                raise RuntimeError(
+                    f"agent ({loader}): {len(spans)} spans of {2 * requests}; {totals}"
+                )
             rss = footprint.rss_kib(agent.process.pid)
             compiler = footprint.compiler_mappings(agent.process.pid)
             if agent.stop() != 0:

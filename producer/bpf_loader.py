@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import logging
 import os
 import struct
@@ -64,6 +65,7 @@ NET_HOOKS = ("auto", "kprobes", "tracepoints", "off")
 LOADERS = ("helper", "in-process")
 CALL_MAPS = ("calls_in_flight", "thread_stacks")
 CLOSE_THREADS = 8  # uprobe_multi link closes at once (they share grace periods)
+_LINKS_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
 SPAN_MAPS = ("probe_sites", "process_layouts", *CALL_MAPS, "counters", "probe_hits")
 
 
@@ -306,10 +308,23 @@ class AgentProbes:
         pid = proc.pid
         if self.uprobe_links:
             multi = self._obj.programs[program + UPROBE_MULTI_SUFFIX]
-            proc.links.append(attach_uprobe_multi(multi, binary, offsets, pid, ret))
-            return
+            try:
+                proc.links.append(attach_uprobe_multi(multi, binary, offsets, pid, ret))
+                return
+            except OSError as exc:
+                if exc.errno not in _LINKS_UNSUPPORTED:
+                    raise
+                refused = exc
+        else:
+            refused = None
         for offset in offsets:
             proc.links.append(attach_uprobe(self._obj.programs[program], binary, offset, pid, ret))
+        if refused is not None:
+            # Perf events work where the link did not: the kernel loads programs for links
+            # but refuses to create them. Perf events from now on, for every process.
+            log.warning("uprobe_multi links refused (%s): attaching perf events", refused)
+            self.uprobe_links = False
+            self._closer.workers = 1
 
     def _add_site(
         self, proc: _AttachedProcess, pid: int, ip: int, func_id: int, role: int, flags: int
