@@ -59,14 +59,15 @@ def measure_design(loader: str, server_binary: Path, bootstrap: str, requests: i
             startup_s = time.monotonic() - started
             plan = harness.plan_requests(requests, deep_every=10**9)
             harness.send_concurrently(server, plan, clients=16)
-            # Every request's two spans (HTTP + handler) reached Kafka: the agent did the work.
-            spans = harness.read_spans(bootstrap, server.pid, 2 * requests, timeout=60)
-            if len(spans) < 2 * requests:
+            # Every request's HTTP span, and the handler's of each /sleep request (request 0
+            # is a /deep one: plan_requests makes every deep_every-th from 0), reached Kafka:
+            # the agent did the work.
+            expected = requests + sum(r.path.startswith("/sleep/") for r in plan)
+            spans = harness.read_spans(bootstrap, server.pid, expected, timeout=60)
+            if len(spans) < expected:
                 agent.stop()
                 totals = [line for line in agent.log.splitlines() if "totals:" in line]
-                raise RuntimeError(
-                    f"agent ({loader}): {len(spans)} spans of {2 * requests}; {totals}"
-                )
+                raise RuntimeError(f"agent ({loader}): {len(spans)} spans of {expected}; {totals}")
             rss = footprint.rss_kib(agent.process.pid)
             compiler = footprint.compiler_mappings(agent.process.pid)
             if agent.stop() != 0:
