@@ -1,10 +1,10 @@
 """The node agent, assembled in one place from its configuration.
 
-    targets (--pid/--exe, or rules as processes start) -> AgentProbes (BCC: uprobes, sock
-    tracepoints) -> RecordStreams: rings -> batchers -> publishers -> AgentPipeline (drain
-    loop) ; pod names from the Kubernetes API when in a cluster ; MetricsServer (/metrics
-    from AgentCollector, /healthz from the drain loop, /readyz: probes loaded, loop turning,
-    broker answering)
+    targets (--pid/--exe, or rules as processes start) -> AgentProbes (compiled by BCC in a
+    helper process, handed over as fds; uprobes, sock tracepoints) -> RecordStreams: rings
+    -> batchers -> publishers -> AgentPipeline (drain loop) ; pod names from the Kubernetes
+    API when in a cluster ; MetricsServer (/metrics from AgentCollector, /healthz from the
+    drain loop, /readyz: probes loaded, loop turning, broker answering)
 
 `serve` builds every part with what it needs, in order, and runs the pipeline until asked
 to stop. Nothing is patched after construction.
@@ -21,8 +21,14 @@ from ebpf_apm.kafka.connection import KafkaConnection
 from ebpf_apm.kafka.reachability import broker_unreachable
 from ebpf_apm.producer.agent_metrics import AgentCollector
 from ebpf_apm.producer.binary_guard import BinaryLimits
-from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions, require_privileges
+from ebpf_apm.producer.bpf_loader import (
+    AgentProbes,
+    ProbeOptions,
+    require_privileges,
+    start_compiling,
+)
 from ebpf_apm.producer.errors import AgentError, TargetError
+from ebpf_apm.producer.heap_trim import release_free_memory
 from ebpf_apm.producer.kafka_publisher import KafkaPublisher, PublisherConfig
 from ebpf_apm.producer.map_layout import SITE_FLAG_SPAWN
 from ebpf_apm.producer.path_redaction import PathRedactor
@@ -85,6 +91,7 @@ class AgentConfig:
     path_redactor: PathRedactor
     metrics_address: str | None = None
     binary_limits: BinaryLimits = BinaryLimits()
+    bpf_loader: str = "helper"  # bpf_loader.LOADERS
 
 
 async def serve(config: AgentConfig, stop: asyncio.Event) -> int:
@@ -101,10 +108,21 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
     names = FunctionNames()
     rules_file = TargetRulesFile(Path(config.config)) if config.config else None
     rules = rules_file.load() if rules_file else None
-    targets = _static_targets(config, names)
-    probes = AgentProbes(
-        ProbeOptions(use_perf_buffer=config.event_transport == "perf", net_hooks=config.net_hooks)
+    options = ProbeOptions(
+        use_perf_buffer=config.event_transport == "perf",
+        net_hooks=config.net_hooks,
+        loader=config.bpf_loader,
     )
+    # The helper compiles on the other core while this process reads the target binaries.
+    compiling = start_compiling(options)
+    try:
+        targets = _static_targets(config, names)
+    except BaseException:
+        if compiling is not None:
+            compiling.cancel()
+        raise
+    release_free_memory()  # the target binaries' parse is done: its heap goes back
+    probes = AgentProbes(options, compiling)
     collector: AgentCollector | None = None
     try:
         # What the probes cost each process: hits x run time + trap cost measured here.
@@ -138,13 +156,6 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
         log.info("network events: %s", NET_HOOK_NAMES[probes.options.net_hooks])
         log.info("URL paths: query strings cut, segments redacted: %s",
                  config.path_redactor.describe())  # fmt: skip
-        log.info(
-            "tracing %d process(es)%s; publishing to %s on %s",
-            len(targets),
-            f" and those the rules in {config.config} select" if config.config else "",
-            ", ".join(stream.topic for stream in streams),
-            config.connection,
-        )
         metadata = None
         if config.kubernetes is not None:
             metadata = await start_pod_metadata(config.kubernetes)
@@ -155,6 +166,15 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
                 pipeline, rules_file, rules, names, config.http, metadata, config.binary_limits
             )
             await selected.start()
+        # Logged once every process the agent will ever trace is covered: static targets
+        # attached, and (with rules) exec/exit already watched.
+        log.info(
+            "tracing %d process(es)%s; publishing to %s on %s",
+            len(targets),
+            f" and those the rules in {config.config} select" if config.config else "",
+            ", ".join(stream.topic for stream in streams),
+            config.connection,
+        )
         try:
             return await pipeline.run(stop)
         finally:
@@ -162,6 +182,7 @@ async def _trace(config: AgentConfig, stop: asyncio.Event, server: MetricsServer
                 await selected.stop()
             if metadata is not None:
                 await metadata.stop()
+            pipeline.close()
     finally:
         if collector is not None:  # a scrape must not read the BPF maps once they are gone
             server.registry.unregister(collector)

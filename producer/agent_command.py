@@ -17,7 +17,7 @@ from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.connection import add_connection_arguments, connection_from_args
 from ebpf_apm.producer.agent import COMPRESSIONS, AgentConfig, serve
 from ebpf_apm.producer.binary_guard import DEFAULT_MAX_BYTES, DEFAULT_TIME_LIMIT_S, BinaryLimits
-from ebpf_apm.producer.bpf_loader import NET_HOOKS
+from ebpf_apm.producer.bpf_loader import LOADERS, NET_HOOKS
 from ebpf_apm.producer.errors import TargetError
 from ebpf_apm.producer.path_redaction import PLACEHOLDER, PathRedactor
 from ebpf_apm.producer.rule_targets import KubernetesSettings
@@ -58,6 +58,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         compression=args.compression,
         idempotent=args.idempotent,
         event_transport=args.event_transport,
+        bpf_loader=args.bpf_loader,
         max_batch_events=args.max_batch_events,
         max_batch_delay_ms=args.max_batch_delay_ms,
         max_call_seconds=args.max_call_seconds,
@@ -167,6 +168,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="ringbuf",
         help="how records leave the kernel: BPF ring buffer (Linux 5.8+) or "
         "perf buffer (older kernels)",
+    )
+    parser.add_argument(
+        "--bpf-loader",
+        choices=LOADERS,
+        default="helper",
+        help="where BCC compiles the probes: a short-lived helper process that hands the "
+        "loaded programs and maps over (the agent never maps LLVM), or in the agent itself "
+        "(the old design, ~200 MB more resident; --event-transport perf always does this)",
     )
     parser.add_argument(
         "--max-binary-mib",

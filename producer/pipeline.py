@@ -7,6 +7,12 @@
 Each line is a `RecordStream`: the rings it drains, its batcher, its publisher. The loop
 treats them alike. The agent is assembled in ebpf_apm.producer.agent.
 
+Processes are attached and detached in one worker thread ("probe-attach"), in the order
+asked: perf_event_open of a uprobe can wait on the kernel's perf event mutex (held by the
+detaches of exited processes, a grace period each), and the drain loop must not wait with
+it. Because the order is kept, the exit of a process whose probes are still being attached
+removes them after the attach, never before or halfway (`attach_running`, `detach`).
+
 The reader drains when the kernel forces a wakeup (enough records wait on a CPU) and on a
 short timer, so a quiet process's records still leave within the batch delay. Every loss is
 counted where it happens: in the kernel (ring full, in-flight table full), in a publisher
@@ -22,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,29 +119,87 @@ class AgentPipeline:
         self._costs: dict[int, ProcessCost] = {}  # at the previous stats line
         self._costs_at = time.monotonic()
         # Processes detached before the end (exited): their costs summed, for the totals line.
+        # Written by the probe worker only.
         self._detached_hits, self._detached_cpu_ns = 0, 0.0
         self._on_turn = on_turn
+        # Every attach and detach of the probes, in the order asked (see the module doc).
+        self._probe_worker = ThreadPoolExecutor(1, thread_name_prefix="probe-attach")
+        self._attaching: dict[int, object] = {}  # pid -> the attach under way for it
 
     def attach(self, target: TargetProcess, k8s: dict[str, str | None] | None = None) -> None:
-        """Attach one resolved target (called before `run`, or as processes appear)."""
+        """Attach one resolved target now (before `run`: the static targets)."""
         self._retired.discard(target.pid)
-        attach_target(self.probes, target)
+        self._probe_worker.submit(attach_target, self.probes, target).result()
+        self._attached(target, k8s)
+
+    async def attach_running(
+        self, target: TargetProcess, k8s: dict[str, str | None] | None = None
+    ) -> bool:
+        """Attach a process that appeared while the drain loop runs, in the probe worker.
+
+        Raises what `attach_target` raises (nothing of the process is left then). Returns
+        False if the process was detached meanwhile (it exited): the detach, queued behind
+        the attach, removes its probes. A caller cancelled meanwhile undoes the attach."""
+        pid = target.pid
+        self._retired.discard(pid)
+        attach = object()
+        self._attaching[pid] = attach
+        job = asyncio.wrap_future(self._probe_worker.submit(attach_target, self.probes, target))
+        job.add_done_callback(_consume_error)  # read here, or by no one if cancelled
+        try:
+            await asyncio.shield(job)
+        except asyncio.CancelledError:
+            if self._attaching.get(pid) is attach:
+                self.detach(pid)
+            raise
+        except BaseException:
+            if self._attaching.get(pid) is attach:
+                del self._attaching[pid]
+            raise
+        if self._attaching.get(pid) is not attach:
+            return False
+        del self._attaching[pid]
+        self._attached(target, k8s)
+        return True
+
+    def _attached(self, target: TargetProcess, k8s: dict[str, str | None] | None) -> None:
         self.targets[target.pid] = target
         self.process_info[target.pid] = ProcessInfo(exe=target.exe, k8s=k8s)
         if self._running:
             self._watch_exit(target.pid)
 
-    def detach(self, pid: int) -> None:
-        """Remove a process's probes; its records already read still leave with its name."""
+    def detach(self, pid: int) -> Future[None] | None:
+        """Remove a process's probes (in the probe worker, after an attach of it still under
+        way); its records already read still leave with its name. None if it was not
+        attached, else the removal's future."""
         self._unwatch(pid)
-        self.targets.pop(pid, None)
-        if self.cost_meter is not None:  # its last figures, before detaching clears them
-            cost = self.cost_meter.sample().get(pid)
-            if cost is not None:
-                self._detached_hits += cost.hits
-                self._detached_cpu_ns += cost.cpu_ns
-        self.probes.detach_process(pid)
+        attached = self.targets.pop(pid, None) is not None
+        attaching = self._attaching.pop(pid, None) is not None
+        if not (attached or attaching):
+            return None  # detached already (its pidfd and the exit event both report it)
         self._retired.add(pid)
+        return self._probe_worker.submit(self._remove_probes, pid)
+
+    def _remove_probes(self, pid: int) -> None:
+        """In the probe worker: the process's last cost figures, then its probes and map
+        entries."""
+        try:
+            if self.cost_meter is not None:  # before detaching clears its counters
+                cost = self.cost_meter.final(pid)
+                if cost is not None:
+                    self._detached_hits += cost.hits
+                    self._detached_cpu_ns += cost.cpu_ns
+            self.probes.detach_process(pid)
+        except Exception:  # a bug: say so (no one reads the future), and go on
+            log.exception("detaching pid %d failed", pid)
+
+    async def probe_jobs_done(self) -> None:
+        """Until every attach and detach asked for so far has run."""
+        await asyncio.wrap_future(self._probe_worker.submit(lambda: None))
+
+    def close(self) -> None:
+        """After `run`: wait for the probe worker's last jobs and end it."""
+        self._probe_worker.shutdown(wait=True)
 
     def update_process(self, pid: int, k8s: dict[str, str | None] | None) -> None:
         """New Kubernetes names for a traced process (the kubelet reported its container)."""
@@ -167,11 +232,15 @@ class AgentPipeline:
                 await self._drain_once()
                 self._touch_health()
                 self._on_turn()
+            await self.probe_jobs_done()  # exits seen so far are accounted for
             if self.cost_meter is not None:  # the last figures, before detaching clears them
                 self._costs = self.cost_meter.sample()
-            # Detach first, so the last drain sees every record the probes will ever write.
-            for pid in list(self.targets):
-                self.probes.detach_process(pid)
+            # Detach first, so the last drain sees every record the probes will ever write;
+            # attaches still under way too (queued after them).
+            for pid in [*self.targets, *self._attaching]:
+                self._probe_worker.submit(self.probes.detach_process, pid)
+            self._attaching.clear()
+            await self.probe_jobs_done()
             await self._drain_once()
             flushed = True
             for stream in self.streams:
@@ -346,6 +415,13 @@ class AgentPipeline:
         rates = cost_rates(self._costs, costs, now - self._costs_at)
         self._costs, self._costs_at = costs, now
         return format_rates(rates)
+
+
+def _consume_error(job: asyncio.Future[None]) -> None:
+    """Mark a finished attach's exception as read: asyncio would log it as lost when its
+    awaiting caller was cancelled (the detach that cancelled it cleans up)."""
+    if not job.cancelled():
+        job.exception()
 
 
 def _drops(stats: PublisherStats) -> str:

@@ -16,7 +16,9 @@ from tracepoints (or kprobes): no trap, their run time only.
 
 `ProbeCostMeter.update` and `cost_rates` are pure (figures in, figures out); `sample` reads
 the kernel through `ProbeCostSource` (AgentProbes). The collector may run on the metrics
-server's thread: the meter locks around a sample.
+server's thread: the meter locks around a sample. `final` is the last figure of one process
+as it is detached (on every exit): it reads that process's record only, one map lookup, so
+an exit costs the same however many processes are traced.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ Hits = Mapping[str, int]  # HIT_KINDS -> runs
 class ProbeCostSource(Protocol):
     def probe_hits(self) -> Mapping[int, Any]: ...  # pid -> PROBE_HITS record
 
+    def process_hits(self, pid: int) -> Any: ...  # its PROBE_HITS record, or None
+
     def program_run_stats(self) -> Mapping[str, RunStats]: ...
 
 
@@ -68,7 +72,8 @@ def runs_by_kind(programs: Mapping[str, RunStats]) -> dict[str, RunStats]:
     """Run time and count summed over the programs that count into each hit kind."""
     totals: dict[str, RunStats] = {}
     for name, stats in programs.items():
-        kind = PROGRAM_KINDS.get(name)
+        # A copy of a program loaded for another attach type is "NAME.SUFFIX" (uprobe_multi).
+        kind = PROGRAM_KINDS.get(name.split(".", 1)[0])
         if kind is not None:
             before = totals.get(kind, RunStats(0, 0))
             totals[kind] = RunStats(
@@ -104,33 +109,60 @@ class ProbeCostMeter:
             hits = {pid: {k: int(record[k]) for k in HIT_KINDS} for pid, record in records.items()}
             return self.update(hits, self.source.program_run_stats())
 
+    def final(self, pid: int) -> ProcessCost | None:
+        """The figures of one process up to now, which is then forgotten (it is being
+        detached); None if no probe ever ran for it. Reads its own record (one lookup) and
+        the programs' run statistics, not every process's: it runs on every exit."""
+        assert self.source is not None
+        with self._lock:
+            record = self.source.process_hits(pid)
+            if record is None:
+                self._forget(pid)
+                return None
+            hits = {k: int(record[k]) for k in HIT_KINDS}
+            # The mean run time since the last sample; the sample's baseline stays, so the
+            # other processes' next interval is unchanged.
+            means = _means(self._runs, runs_by_kind(self.source.program_run_stats()))
+            cost = self._account(pid, hits, means)
+            self._forget(pid)
+            return cost
+
     def update(
         self, hits: Mapping[int, Hits], programs: Mapping[str, RunStats]
     ) -> dict[int, ProcessCost]:
         """Account the hits since the previous update; processes absent from `hits` (exited
         and detached) are forgotten."""
         runs = runs_by_kind(programs)
-        means = {kind: mean_run_ns(self._runs.get(kind), now) for kind, now in runs.items()}
+        means = _means(self._runs, runs)
         self._runs = runs
-        costs: dict[int, ProcessCost] = {}
-        for pid, now in hits.items():
-            before = self._hits.get(pid, {})
-            if any(now.get(k, 0) < before.get(k, 0) for k in HIT_KINDS):
-                before = {}  # a new process under a reused pid
-                self._cpu_ns.pop(pid, None)
-            added = 0.0
-            for kind in HIT_KINDS:
-                new = now.get(kind, 0) - before.get(kind, 0)
-                added += new * means.get(kind, 0.0)
-                if kind in TRAPPED_KINDS:
-                    added += new * self.trap_ns_per_hit
-            self._cpu_ns[pid] = self._cpu_ns.get(pid, 0.0) + added
-            self._hits[pid] = {k: now.get(k, 0) for k in HIT_KINDS}
-            costs[pid] = ProcessCost(pid, sum(self._hits[pid].values()), self._cpu_ns[pid])
+        costs = {pid: self._account(pid, now, means) for pid, now in hits.items()}
         for gone in set(self._hits) - set(hits):
-            del self._hits[gone]
-            self._cpu_ns.pop(gone, None)
+            self._forget(gone)
         return costs
+
+    def _account(self, pid: int, now: Hits, means: Mapping[str, float]) -> ProcessCost:
+        """Add the hits since the process's previous figures, at `means` ns per run."""
+        before = self._hits.get(pid, {})
+        if any(now.get(k, 0) < before.get(k, 0) for k in HIT_KINDS):
+            before = {}  # a new process under a reused pid
+            self._cpu_ns.pop(pid, None)
+        added = 0.0
+        for kind in HIT_KINDS:
+            new = now.get(kind, 0) - before.get(kind, 0)
+            added += new * means.get(kind, 0.0)
+            if kind in TRAPPED_KINDS:
+                added += new * self.trap_ns_per_hit
+        self._cpu_ns[pid] = self._cpu_ns.get(pid, 0.0) + added
+        self._hits[pid] = {k: now.get(k, 0) for k in HIT_KINDS}
+        return ProcessCost(pid, sum(self._hits[pid].values()), self._cpu_ns[pid])
+
+    def _forget(self, pid: int) -> None:
+        self._hits.pop(pid, None)
+        self._cpu_ns.pop(pid, None)
+
+
+def _means(before: Mapping[str, RunStats], runs: Mapping[str, RunStats]) -> dict[str, float]:
+    return {kind: mean_run_ns(before.get(kind), now) for kind, now in runs.items()}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ so processes in other mount namespaces (containers) resolve from the agent's. Id
 binaries, one image shared by many pods, are resolved once: `ResolveOnceCache` keys the
 result by the file's device, inode and mtime, then by its build id.
 
-The only other user of `bcc` besides producer.bpf_loader, kept to `ProcessEventSource`.
+BCC compiles the program in a helper process (producer.bpf_compiler); this process gets
+its programs and maps as descriptors.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import numpy as np
 
 from ebpf_apm import bpf as bpf_sources
+from ebpf_apm.producer.bpf_compiler import LoadedObject, attach_named_programs, compile_in_helper
 from ebpf_apm.producer.errors import AgentError, KernelSupportError, PrivilegeError
 from ebpf_apm.producer.ringbuf_reader import RingBufReader
 
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 
 BPF_DIR = bpf_sources.source_dir()
 PROCESS_PROGRAM = BPF_DIR / "process_events.bpf.c"
+PROCESS_MAPS = ("process_events", "process_counters")
 EXIT_FORMATS = (
     Path("/sys/kernel/tracing/events/sched/sched_process_exit/format"),
     Path("/sys/kernel/debug/tracing/events/sched/sched_process_exit/format"),
@@ -104,7 +107,7 @@ class ProcessEventSource:
     def __init__(self, ring_pages: int = 64, wakeup_every: int = 32) -> None:
         self.ring_pages = ring_pages
         self.wakeup_every = wakeup_every
-        self._bpf: Any = None
+        self._obj: LoadedObject | None = None
         self._reader: RingBufReader | None = None
 
     def cflags(self) -> list[str]:
@@ -118,34 +121,29 @@ class ProcessEventSource:
         return flags
 
     def start(self) -> None:
-        if self._bpf is not None:
+        if self._obj is not None:
             return
         if os.geteuid() != 0 and not _has_bpf_caps():
             raise PrivilegeError(
                 "watching exec/exit tracepoints needs root or CAP_BPF and CAP_PERFMON"
             )
+        # Compiled in a helper process: this process never maps BCC or LLVM.
+        obj = compile_in_helper([PROCESS_PROGRAM], self.cflags(), PROCESS_MAPS)
         try:
-            from bcc import BPF  # noqa: PLC0415 - bcc stays inside this class
-        except ImportError as exc:
+            attach_named_programs(obj)
+        except (OSError, KernelSupportError) as exc:
+            obj.close()
             raise KernelSupportError(
-                f"cannot import BCC ({exc}); run `make setup` (Debian package python3-bpfcc)"
+                f"attaching {PROCESS_PROGRAM.name} to the sched tracepoints failed: {exc}"
             ) from exc
-        try:
-            self._bpf = BPF(src_file=str(PROCESS_PROGRAM).encode(), cflags=self.cflags())
-        except Exception as exc:  # BCC raises bare Exception for compile and load failures
-            raise KernelSupportError(
-                f"could not compile or load {PROCESS_PROGRAM.name}: {exc}. Check kernel "
-                "headers (`make setup`), tracefs, and the sched tracepoints"
-            ) from exc
-        self._reader = RingBufReader(
-            self._bpf[b"process_events"].map_fd, self.ring_pages, PROCESS_EVENT
-        )
+        self._obj = obj
+        self._reader = RingBufReader(obj.maps["process_events"].fd, self.ring_pages, PROCESS_EVENT)
 
     @property
     def fileno(self) -> int:
-        if self._bpf is None:
+        if self._obj is None:
             raise RuntimeError("ProcessEventSource.start() first")
-        return int(self._bpf[b"process_events"].map_fd)
+        return self._obj.maps["process_events"].fd
 
     def poll(self) -> list[ProcessEvent]:
         if self._reader is None:
@@ -166,18 +164,22 @@ class ProcessEventSource:
         return out
 
     def counters(self) -> dict[str, int]:
-        if self._bpf is None:
+        if self._obj is None:
             return dict.fromkeys(PROCESS_COUNTERS, 0)
-        table = self._bpf[b"process_counters"]
-        return {name: int(table.sum(slot).value) for name, slot in PROCESS_COUNTERS.items()}
+        table = self._obj.maps["process_counters"]
+        out = {}
+        for name, slot in PROCESS_COUNTERS.items():
+            value = table.lookup(slot.to_bytes(4, "little"))
+            out[name] = int(np.frombuffer(value, dtype="<u8").sum()) if value else 0
+        return out
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
 
     def __enter__(self) -> ProcessEventSource:
         self.start()

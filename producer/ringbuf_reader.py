@@ -4,8 +4,10 @@ BCC's reader calls back into Python once per record, which tops out near a milli
 records a second with no work done. This reader maps the ring buffer itself and, because
 every record in one ring has the same size, views everything committed between the consumer
 and producer positions as one numpy array: a drain is a few array operations however many
-records wait. The data pages are mapped twice back to back by the kernel, so a run of records
-that wraps around the end is still contiguous in memory.
+records wait. The kernel offers the data pages twice back to back, so that a run wrapping
+around the end reads as one; this reader maps them once and joins the two pieces of a
+wrapped run itself (one copy, which the drain makes anyway): the second mapping would double
+the ring's share of the agent's resident size once every page has been read through both.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ class RingBufReader:
             map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0
         )
         self._producer_map = mmap.mmap(
-            map_fd, page + 2 * self.data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
+            map_fd, page + self.data_size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page
         )
         self._consumer_pos = np.frombuffer(self._consumer_map, dtype="<u8", count=1)
         self._producer_pos = np.frombuffer(self._producer_map, dtype="<u8", count=1)
@@ -67,7 +69,12 @@ class RingBufReader:
         if count <= 0:
             return np.empty(0, dtype=self.record)
         start = consumer & self._mask
-        slots = self._data[start : start + count * self._stride].view(self._slot)
+        end = start + count * self._stride
+        if end <= self.data_size:
+            run = self._data[start:end]
+        else:  # wraps: the tail of the data area, then its head
+            run = np.concatenate((self._data[start:], self._data[: end - self.data_size]))
+        slots = run.view(self._slot)
         lengths = slots["rb_len"]
         busy = np.flatnonzero(lengths & BUSY_BIT)
         if len(busy):

@@ -2,7 +2,7 @@
 
     sched exec/exit tracepoints + /proc scan -> TargetTracker (rules, pod metadata)
         -> plan once per binary (ResolveOnceCache, in the "binary-parse" worker thread)
-        -> AgentPipeline.attach / detach (event loop)
+        -> AgentPipeline.attach_running / detach (the pipeline's probe worker, in order)
     the rules file, re-read every RULES_RELOAD_S when it changed -> TargetTracker.set_rules
 
 Target binaries are input the agent does not control. They are parsed in one worker thread,
@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from ebpf_apm.producer.binary_guard import BinaryLimits
 from ebpf_apm.producer.errors import AgentError
+from ebpf_apm.producer.heap_trim import release_free_memory
 from ebpf_apm.producer.k8s_metadata import PodMetadata
 from ebpf_apm.producer.kube_api import KubeApiConfig
 from ebpf_apm.producer.pipeline import AgentPipeline
@@ -206,6 +207,8 @@ class RuleTargets:
         except Exception:  # a bug, not the binary: say so, and keep tracing the others
             log.exception("pid %d (%s): planning its probes failed", process.pid, process.exe)
             return
+        if planned.fresh:  # a binary was parsed: its transient memory goes back
+            await loop.run_in_executor(self._parser, release_free_memory)
         if planned.error is not None:
             if planned.fresh:  # one line per binary, however many processes run it
                 log.warning("pid %d (%s) matched %s but cannot be traced: %s",
@@ -218,10 +221,18 @@ class RuleTargets:
         assert planned.plan is not None
         plan = planned.plan
         try:
-            self._pipeline.attach(bind_process(process.pid, plan), k8s=process.event_fields())
+            target = bind_process(process.pid, plan)
+            if not await self._pipeline.attach_running(target, k8s=process.event_fields()):
+                log.debug("pid %d (%s) exited while its probes were attached", process.pid,
+                          process.exe)  # fmt: skip
+                return
         except (AgentError, ProcessLookupError, FileNotFoundError) as exc:
-            log.warning("pid %d (%s) matched %s but cannot be traced: %s",
-                        process.pid, process.exe, rules, exc)  # fmt: skip
+            # A process that exited before its probes were in place is churn, not a fault:
+            # thousands a minute on a busy node would bury the real warnings.
+            gone = not os.path.exists(f"/proc/{process.pid}")
+            log.log(logging.DEBUG if gone else logging.WARNING,
+                    "pid %d (%s) matched %s but cannot be traced: %s",
+                    process.pid, process.exe, rules, exc)  # fmt: skip
             return
         log.info("pid %d (%s) selected by %s: %d function(s) probed", process.pid,
                  process.exe, rules, len(plan.functions))  # fmt: skip

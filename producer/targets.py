@@ -299,13 +299,25 @@ def _known(offset: int, fallback: int) -> int:
 
 def attach_target(probes: AgentProbes, target: TargetProcess) -> None:
     """Load one process's layout and attach every planned function's probes."""
-    probes.add_process(target.pid, target.layout)
+    with probes.attaching():
+        probes.add_process(target.pid, target.layout)
+        try:
+            _attach_functions(probes, target)
+        except BaseException:
+            # The process exited (or a probe failed) half-way: nothing of it may stay in the
+            # maps, since no exit watch will ever come for it.
+            probes.detach_process(target.pid)
+            raise
+
+
+def _attach_functions(probes: AgentProbes, target: TargetProcess) -> None:
     for fn in target.functions:
         probes.attach_function(
             target.pid,
             target.binary,
             target.load_bias,
             fn.plan.symbol.address,
+            fn.plan.symbol.file_offset,
             fn.plan.entry_offset,
             fn.plan.return_offsets,
             fn.func_id,

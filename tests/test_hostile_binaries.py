@@ -285,8 +285,9 @@ class RecordingPipeline:
     def __init__(self) -> None:
         self.attached: list[TargetProcess] = []
 
-    def attach(self, target: TargetProcess, k8s: object = None) -> None:
+    async def attach_running(self, target: TargetProcess, k8s: object = None) -> bool:
         self.attached.append(target)
+        return True
 
     def detach(self, pid: int) -> None:
         pass

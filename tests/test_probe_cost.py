@@ -111,8 +111,49 @@ class FixedSource:
     def probe_hits(self) -> Mapping[int, Any]:
         return self.hits
 
+    def process_hits(self, pid: int) -> Any:
+        return self.hits.get(pid)
+
     def program_run_stats(self) -> Mapping[str, RunStats]:
         return self.programs
+
+
+class CountingSource(FixedSource):
+    """Counts how often every process's counters are read (a whole-meter sample)."""
+
+    whole_reads = 0
+
+    def probe_hits(self) -> Mapping[int, Any]:
+        self.whole_reads += 1
+        return self.hits
+
+
+def test_an_exiting_process_is_accounted_from_its_own_record_alone() -> None:
+    """`final` on every exit: that process's record only, and the other processes' next
+    figures are what they would have been without it."""
+    first = {1: hits(10, 10), 2: hits(4, 4)}
+    later = {1: hits(30, 30), 2: hits(6, 6)}
+    programs = {"span_entry": RunStats(1400, 14), "span_return": RunStats(2800, 14)}
+    # 24 more runs of each program since the sample, at 300 and 500 ns: the interval's means.
+    programs_later = {
+        "span_entry": RunStats(1400 + 24 * 300, 38),
+        "span_return": RunStats(2800 + 24 * 500, 38),
+    }
+    source = CountingSource(first, programs)
+    meter, twin = (
+        ProbeCostMeter(source, 1000.0),
+        ProbeCostMeter(FixedSource(first, programs), 1000.0),
+    )
+    before = meter.sample()
+    twin.sample()
+    source.hits, source.programs = later, programs_later
+    cost = meter.final(1)
+    assert source.whole_reads == 1  # only the sample before
+    added = 20 * 300 + 20 * 500 + 40 * 1000  # the interval's mean run times, plus traps
+    assert cost == ProcessCost(1, 60, before[1].cpu_ns + added)
+    assert meter.final(3) is None  # never hit
+    twin.source = FixedSource(later, programs_later)
+    assert meter.sample()[2] == twin.sample()[2]
 
 
 def test_collector_exports_counters_with_pod_labels() -> None:

@@ -22,6 +22,7 @@ func work(x int) int {
 func main() {
 	n := flag.Int("n", 1000000, "number of calls to work")
 	wait := flag.Bool("wait", false, "print READY <pid> and wait for a line on stdin before starting")
+	sleep := flag.Duration("sleep", 0, "sleep this long before the calls (churn tests: the agent attaches meanwhile)")
 	flag.Parse()
 
 	if *wait {
@@ -32,6 +33,7 @@ func main() {
 		}
 	}
 
+	time.Sleep(*sleep)
 	acc := 0
 	start := time.Now()
 	for i := 0; i < *n; i++ {
