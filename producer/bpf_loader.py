@@ -390,8 +390,8 @@ class AgentProbes:
         self._forget_calls(pid)
 
     def _forget_calls(self, pid: int) -> None:
-        tgid = _PID.pack(pid)  # the first field of both keys
-        for table in ("calls_in_flight", "thread_stacks"):
+        tgid = _PID.pack(pid)  # the first field of every key of these maps
+        for table in CALL_MAPS:
             for key in self._maps[table].all_keys():
                 if key[:4] == tgid:
                     self._maps[table].delete(key)
