@@ -9,7 +9,7 @@
         failed       events Kafka refused for good
     ebpf_apm_agent_kernel_events_total{counter}   the BPF programs' raw counters
     ebpf_apm_agent_traced_processes               processes with probes attached
-    ebpf_apm_agent_attached_uprobes               uprobes attached (a leak shows here)
+    ebpf_apm_agent_attached_uprobes               uprobe descriptors attached (a leak shows here)
     ebpf_apm_agent_publisher_buffered_bytes{stream}  bytes waiting for acknowledgement
     ebpf_apm_agent_publisher_connected{stream}    1 while the publisher reaches Kafka
 
@@ -85,6 +85,7 @@ class AgentCollector(Collector):
         )
         yield GaugeMetricFamily(
             "ebpf_apm_agent_attached_uprobes",
-            "Uprobes attached, all processes",
+            "Uprobe descriptors attached, all processes: uprobe_multi links (one per "
+            "function and kind) or, before Linux 6.6, perf events (one per probe)",
             value=pipeline.probes.attached_uprobes,
         )

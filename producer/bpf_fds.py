@@ -304,17 +304,19 @@ class LinkCloser:
 
     def close(self, fds: Iterable[int]) -> None:
         """Hand descriptors over; they are closed soon (or by `shutdown`)."""
-        if self._stopping:  # shut down: nothing else will close them
+        fds = list(fds)
+        with self._cond:
+            stopped = self._stopping
+            if not stopped:
+                self._queue.extend(fds)
+                while len(self._threads) < min(self.workers, len(self._queue)):
+                    thread = threading.Thread(target=self._run, name="probe-detach", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+                self._cond.notify_all()
+        if stopped:  # shut down: nothing else will close them
             for fd in fds:
                 os.close(fd)
-            return
-        with self._cond:
-            self._queue.extend(fds)
-            while len(self._threads) < min(self.workers, len(self._queue)):
-                thread = threading.Thread(target=self._run, name="probe-detach", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-            self._cond.notify_all()
 
     @contextlib.contextmanager
     def attaching(self) -> Iterator[None]:

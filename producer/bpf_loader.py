@@ -470,7 +470,8 @@ class AgentProbes:
 
     @property
     def attached_uprobes(self) -> int:
-        """Uprobes currently attached, all processes (a leak shows here)."""
+        """Uprobe descriptors currently attached, all processes (a leak shows here): a
+        uprobe_multi link holds one function's probes of one kind, a perf event one probe."""
         processes = list(self._processes.values())  # attaches run in the pipeline's thread
         return len(self._calibration_links) + sum(len(p.links) for p in processes)
 
