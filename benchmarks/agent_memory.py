@@ -36,10 +36,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from ebpf_apm.kafka.embedded_broker import EmbeddedBroker  # noqa: E402
+from ebpf_apm.producer import bpf_loader  # noqa: E402
 
 HANDLE_SLEEP = "main.(*server).handleSleep"
-PER_PROCESS_MAPS = ("probe_sites", "process_layouts", "probe_hits", "calls_in_flight",
-                    "thread_stacks")  # fmt: skip
+# The kernel keeps the first 15 bytes of a map's name.
+PER_PROCESS_MAPS = tuple(name[:15] for name in bpf_loader.PER_PROCESS_MAPS)
 
 
 def tests_module(name: str) -> Any:

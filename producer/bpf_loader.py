@@ -73,6 +73,8 @@ CALL_MAPS = ("calls_in_flight", "thread_stacks", "goroutine_contexts", "spawning
 CLOSE_THREADS = 8  # uprobe_multi link closes at once (they share grace periods)
 _LINKS_UNSUPPORTED = (errno.EINVAL, errno.EOPNOTSUPP, 524)  # 524: the kernel's ENOTSUPP
 SPAN_MAPS = ("probe_sites", "process_layouts", *CALL_MAPS, "counters", "probe_hits")
+#: Maps with entries of each traced process: all empty for a process once it is detached.
+PER_PROCESS_MAPS = ("probe_sites", "process_layouts", "probe_hits", *CALL_MAPS)
 
 
 @dataclass(frozen=True)
@@ -402,7 +404,7 @@ class AgentProbes:
         tgid = _PID.pack(pid)
         return {
             name: sum(key[:4] == tgid for key in self._maps[name].all_keys())
-            for name in ("probe_sites", "process_layouts", "probe_hits", *CALL_MAPS)
+            for name in PER_PROCESS_MAPS
         }
 
     def sweep_abandoned_calls(self, older_than_ns: int) -> int:

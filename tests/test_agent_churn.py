@@ -21,10 +21,12 @@ from agent_harness import Agent
 from churn import rules_text, run_churn
 from go_builds import TARGETS_DIR, build_go
 
+from ebpf_apm.producer import bpf_loader
+
 CHURN = int(os.environ.get("EBPF_APM_CHURN", "1000"))
 WARMUP = 200  # first allocations (caches, arenas, the publisher's buffers) come before
-PER_PROCESS_MAPS = ("probe_sites", "process_layouts", "probe_hits", "calls_in_flight",
-                    "thread_stacks")  # fmt: skip
+# The kernel keeps the first 15 bytes of a map's name.
+PER_PROCESS_MAPS = tuple(name[:15] for name in bpf_loader.PER_PROCESS_MAPS)
 RSS_SLACK_KIB = 10 * 1024
 
 
