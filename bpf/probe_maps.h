@@ -117,6 +117,7 @@ struct site {
     __s32 field_b;
     __s32 field_c;
     __s32 field_d;
+    __s32 field_e;       /* SITE_FLAG_H2: the request's Header (a traceparent is read), -1 */
 };
 
 /* process_layouts: field offsets of the Go runtime and net/http for one process

@@ -182,16 +182,16 @@ static __always_inline int parse_traceparent(const char *tp, struct call_start *
     return 0;
 }
 
-/* An incoming traceparent header of an HTTP/1 request (`request`: its *http.Request), read
- * from the Header map while the map is a single bucket or group; 0 if found and valid. */
+/* An incoming traceparent header of a request, read from its Header map (the map pointer at
+ * `header`, -1 offsets unknown) while the map is a single bucket or group; 0 if found and
+ * valid. */
 static __always_inline int read_traceparent(struct process_layout *layout, u64 request,
-                                            struct call_start *start)
+                                            s32 header_at, struct call_start *start)
 {
     u64 map = 0, group = 0;
     u32 key_stride = 16, elems_at = 8 + 8 * 16, elem_stride = 24; /* HEADER_MAP_BUCKETS */
-    if (layout->header_map == HEADER_MAP_NONE || layout->request_header < 0 ||
-        bpf_probe_read_user(&map, sizeof(map), (void *)(request + layout->request_header)) != 0 ||
-        map == 0)
+    if (layout->header_map == HEADER_MAP_NONE || header_at < 0 ||
+        bpf_probe_read_user(&map, sizeof(map), (void *)(request + header_at)) != 0 || map == 0)
         return -1;
     if (layout->header_map == HEADER_MAP_BUCKETS) {
         u8 log2_buckets = 1;
@@ -751,7 +751,8 @@ int span_entry(struct pt_regs *ctx)
             return 0; /* an HTTP/2 stream: runHandler's probe makes its span */
         }
         read_request(start, layout, ctx->di, layout->request_method, layout->request_url);
-        if ((start->flags & CALL_HTTP1) && read_traceparent(layout, ctx->di, start) == 0)
+        if ((start->flags & CALL_HTTP1) &&
+            read_traceparent(layout, ctx->di, layout->request_header, start) == 0)
             start->flags |= CALL_REMOTE_PARENT;
     } else if (site->flags & SITE_FLAG_H2) {
         /* runHandler(sc, rw *responseWriter, req *http.Request, handler): rw in RBX, req in
@@ -760,6 +761,8 @@ int span_entry(struct pt_regs *ctx)
          * from rw (and pools) just before runHandler returns. */
         start->flags = CALL_HTTP2;
         read_request(start, layout, ctx->cx, site->field_c, site->field_d);
+        if (read_traceparent(layout, ctx->cx, site->field_e, start) == 0)
+            start->flags |= CALL_REMOTE_PARENT;
         u64 rws = 0;
         if (site->field_a >= 0 && site->field_b >= 0 &&
             bpf_probe_read_user(&rws, sizeof(rws), (void *)(ctx->bx + site->field_a)) == 0 &&

@@ -282,7 +282,7 @@ class AgentProbes:
         is_go: bool,
         http_finish: bool = False,
         server_flags: int = 0,
-        fields: tuple[int, int, int, int] = (-1, -1, -1, -1),
+        fields: tuple[int, int, int, int, int] = (-1, -1, -1, -1, -1),
         entry_only: bool = False,
         returns_only: bool = False,
     ) -> None:
@@ -366,7 +366,7 @@ class AgentProbes:
         func_id: int,
         role: int,
         flags: int,
-        fields: tuple[int, int, int, int] = (-1, -1, -1, -1),
+        fields: tuple[int, int, int, int, int] = (-1, -1, -1, -1, -1),
     ) -> None:
         key = np.zeros(1, dtype=SITE_KEY)
         key["tgid"], key["ip"] = pid, ip

@@ -64,7 +64,7 @@ WANTED_MEMBERS: dict[str, tuple[str, ...]] = {
     "net/http.http2responseWriterState": ("status", "stream"),
     "net/http/internal/http2.responseWriter": ("rws",),
     "net/http/internal/http2.responseWriterState": ("status", "stream"),
-    "net/http/internal/http2.ServerRequest": ("Method", "URL"),
+    "net/http/internal/http2.ServerRequest": ("Method", "URL", "Header"),
     "golang.org/x/net/http2.responseWriter": ("rws",),
     "golang.org/x/net/http2.responseWriterState": ("status", "stream"),
     "google.golang.org/grpc/internal/transport.Stream": ("method",),

@@ -62,6 +62,7 @@ SITE = np.dtype(
         ("field_b", "<i4"),
         ("field_c", "<i4"),
         ("field_d", "<i4"),
+        ("field_e", "<i4"),
     ],
     align=True,
 )

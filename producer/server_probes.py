@@ -104,6 +104,7 @@ GO_TABLE: dict[str, dict[Member, int]] = {
         ("net/http/internal/http2.responseWriterState", "stream"): 0,
         ("net/http/internal/http2.ServerRequest", "Method"): 48,
         ("net/http/internal/http2.ServerRequest", "URL"): 64,
+        ("net/http/internal/http2.ServerRequest", "Header"): 72,
     },
 }
 #: Library offsets (the same with every Go release; measured for the versions named above).
@@ -124,7 +125,7 @@ class ServerProbe:
     symbol: str
     span_symbol: str
     flags: int  # SITE_FLAG_H2, SITE_FLAG_GRPC or SITE_FLAG_GRPC_STATUS
-    fields: tuple[int, int, int, int]  # field_a..field_d of the sites (bpf/probe_maps.h)
+    fields: tuple[int, int, int, int, int]  # field_a..field_e of the sites (bpf/probe_maps.h)
     entry_only: bool = False  # no return probes (WriteStatus)
 
 
@@ -159,11 +160,12 @@ def server_probes(table: SymbolTable, layout: GoLayout) -> list[ServerProbe]:
             )
             continue
         a, b, c, d = fields
-        probes.append(ServerProbe(h2.symbol, h2.symbol, SITE_FLAG_H2, (a, b, c, d)))
+        e = offset(h2.request, "Header")  # -1: no traceparent read for this server
+        probes.append(ServerProbe(h2.symbol, h2.symbol, SITE_FLAG_H2, (a, b, c, d, e)))
     if GRPC_SPAN_SYMBOL in table:
         method = offset(GRPC_STREAM, "method")
         if not _missing(GRPC_SPAN_SYMBOL, [(GRPC_STREAM, "method")], [method], layout):
-            method_only = (method, -1, -1, -1)
+            method_only = (method, -1, -1, -1, -1)
             span = ServerProbe(GRPC_SPAN_SYMBOL, GRPC_SPAN_SYMBOL, SITE_FLAG_GRPC, method_only)
             probes.append(span)
             wanted = [(GRPC_STATUS, "s"), (RPC_STATUS, "Code")]
@@ -176,7 +178,7 @@ def server_probes(table: SymbolTable, layout: GoLayout) -> list[ServerProbe]:
                         GRPC_STATUS_SYMBOL,
                         GRPC_SPAN_SYMBOL,
                         SITE_FLAG_GRPC_STATUS,
-                        (found[0], found[1], -1, -1),
+                        (found[0], found[1], -1, -1, -1),
                         entry_only=True,
                     )
                 )

@@ -60,7 +60,7 @@ class FunctionTarget:
     http_finish: bool = False  # only its returns, ending the HTTP span `func_id`
     # HTTP/2 and gRPC servers (producer/server_probes.py): SITE_FLAG_* and field offsets
     server_flags: int = 0
-    fields: tuple[int, int, int, int] = (-1, -1, -1, -1)
+    fields: tuple[int, int, int, int, int] = (-1, -1, -1, -1, -1)
     entry_only: bool = False  # only its entry, adding to the span `func_id` (WriteStatus)
     returns_only: bool = False  # only its returns (runtime.newproc1, see SITE_FLAG_SPAWN)
 
@@ -179,6 +179,9 @@ def _plan_binary(
             else f"{exe}: nothing to trace: HTTP tracing is off and no --func was given"
         )
     wanted = [(name, False) for name in symbols if name != HTTP_SERVER_SYMBOL]
+    if http and (serves_http or servers):
+        header, header_map = traceparent_fields(go_layout(binary))
+        layout = replace(layout, request_header=header, header_map=header_map)
     if http and serves_http:
         offsets = (layout.request_method, layout.request_url, layout.url_path)
         if min(*offsets, layout.response_status) < 0:
@@ -188,8 +191,6 @@ def _plan_binary(
                 "functions with --func and --no-http instead",
             )
         wanted.append((HTTP_SERVER_SYMBOL, True))
-        header, header_map = traceparent_fields(go_layout(binary))
-        layout = replace(layout, request_header=header, header_map=header_map)
     functions = tuple(
         FunctionTarget(names.id_of(name), plan_function(binary, table, name, go), is_http)
         for name, is_http in wanted
@@ -222,7 +223,7 @@ def _plan_binary(
                     spawn,
                     False,
                     server_flags=SITE_FLAG_SPAWN,
-                    fields=(g_m, m_curg, -1, -1),
+                    fields=(g_m, m_curg, -1, -1, -1),
                     returns_only=g_m >= 0,
                 ),
             )

@@ -9,6 +9,7 @@ status or code the handler was told to return, inside the client's own timing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -94,6 +95,12 @@ def servers(binary: Path) -> Iterator[Servers]:
             process.stdout.close()
 
 
+def traceparent(seed: str) -> tuple[str, str]:
+    """A W3C trace id and parent id for one request."""
+    digest = hashlib.sha256(seed.encode()).hexdigest()
+    return digest[:32], digest[32:48]
+
+
 def check_inside(span: dict, calls: list[dict], min_ns: int) -> None:
     """The span lasted at least `min_ns` and fits inside one of the client's calls."""
     assert span["duration_ns"] >= min_ns, span
@@ -111,8 +118,14 @@ def test_grpc_and_http2_calls_yield_one_correct_server_span_each(
     grpc_targets: dict, kafka_broker, toolchain: str, stripped: bool
 ) -> None:
     unary_calls, stream_calls = 68, 34
+    # Every other request carries a W3C traceparent (after '#': the client sends it as the
+    # header): its span continues that trace.
     http_asks = {
-        kind: [f"/{kind}/{i}?ms=3&status={HTTP_STATUSES[i % 4]}" for i in range(32)]
+        kind: [
+            f"/{kind}/{i}?ms=3&status={HTTP_STATUSES[i % 4]}"
+            + ("#00-{}-{}-01".format(*traceparent(f"{kind}/{i}")) if i % 2 else "")
+            for i in range(32)
+        ]
         for kind in ("h2tls", "h2c")
     }
     with servers(grpc_targets[(toolchain, stripped)]) as srv:
@@ -147,6 +160,8 @@ def test_grpc_and_http2_calls_yield_one_correct_server_span_each(
             check_inside(span, group, (5 + span["rpc_status"]) * 1_000_000)
     assert len(rpc) == unary_calls + stream_calls
 
+    sent_paths = [a.split("?")[0][1:] for asks in http_asks.values() for a in asks]
+    traces = {traceparent(path)[0] for path in sent_paths}
     for kind in http_asks:
         mine = [s for s in spans if s.get("http_path", "").startswith(f"/{kind}/")]
         by_path = {c["ask"].split("?")[0]: c for c in calls[kind]}
@@ -157,6 +172,12 @@ def test_grpc_and_http2_calls_yield_one_correct_server_span_each(
             assert span["http_status"] == call["code"], (span, call)
             assert span["span_kind"] == "server"
             check_inside(span, [call], 3_000_000)
+            if "#" in call["ask"]:
+                sent = traceparent(span["http_path"][1:])
+                assert (span["trace_id"], span["parent_span_id"]) == sent, (span, call)
+            else:
+                assert span["parent_span_id"] is None and span["trace_id"] not in traces
+        assert sum("#" in c["ask"] for c in calls[kind]) == 16
 
 
 @pytest.mark.parametrize("toolchain", ["1.27", "1.19"])

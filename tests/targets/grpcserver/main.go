@@ -250,7 +250,16 @@ func main() {
 		}
 		hc := &http.Client{Transport: tr}
 		do = func(ask string) (int, error) {
-			resp, err := hc.Get(base + ask)
+			// "path?query#TRACEPARENT": the request carries that traceparent header.
+			target, traceparent, _ := strings.Cut(ask, "#")
+			req, err := http.NewRequest("GET", base+target, nil)
+			if err != nil {
+				return 0, err
+			}
+			if traceparent != "" {
+				req.Header.Set("traceparent", traceparent)
+			}
+			resp, err := hc.Do(req)
 			if err != nil {
 				return 0, err
 			}
