@@ -372,7 +372,8 @@ class AgentProbes:
         key["tgid"], key["ip"] = pid, ip
         site = np.zeros(1, dtype=SITE)
         site["func_id"], site["role"], site["flags"] = func_id, role, flags
-        site["field_a"], site["field_b"], site["field_c"], site["field_d"] = fields
+        for name, value in zip(("field_a", "field_b", "field_c", "field_d", "field_e"), fields):
+            site[name] = value
         self._maps["probe_sites"].update(key.tobytes(), site.tobytes())
         proc.sites.append(ip)
 

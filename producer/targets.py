@@ -287,11 +287,11 @@ def resolve_target(
 
 def _with_other_span(
     fields: tuple[int, int, int, int], other: str, names: FunctionNames
-) -> tuple[int, int, int, int]:
-    """field_c := the function id of `other` (a second span the probe serves), if any."""
-    if not other:
-        return fields
-    return (fields[0], fields[1], names.id_of(other), fields[3])
+) -> tuple[int, int, int, int, int]:
+    """A client probe's site fields (field_e unused); field_c := the function id of `other`
+    (a second span the probe serves), if any."""
+    a, b, c, d = fields
+    return (a, b, names.id_of(other) if other else c, d, -1)
 
 
 def _known(offset: int, fallback: int) -> int:
