@@ -301,7 +301,12 @@ class AgentProbes:
         try:
             if not (http_finish or returns_only):
                 self._add_site(
-                    proc, pid, load_bias + address + entry_offset, func_id, SITE_ENTRY, flags,
+                    proc,
+                    pid,
+                    load_bias + address + entry_offset,
+                    func_id,
+                    SITE_ENTRY,
+                    flags,
                     fields,
                 )
                 self._attach_uprobes(proc, "span_entry", binary, [file_offset + entry_offset])
@@ -310,7 +315,12 @@ class AgentProbes:
             elif is_go:
                 for offset in return_offsets:
                     self._add_site(
-                        proc, pid, load_bias + address + offset, func_id, SITE_RETURN, flags,
+                        proc,
+                        pid,
+                        load_bias + address + offset,
+                        func_id,
+                        SITE_RETURN,
+                        flags,
                         fields,
                     )
                 returns = [file_offset + offset for offset in return_offsets]
@@ -372,7 +382,9 @@ class AgentProbes:
         key["tgid"], key["ip"] = pid, ip
         site = np.zeros(1, dtype=SITE)
         site["func_id"], site["role"], site["flags"] = func_id, role, flags
-        for name, value in zip(("field_a", "field_b", "field_c", "field_d", "field_e"), fields):
+        for name, value in zip(
+            ("field_a", "field_b", "field_c", "field_d", "field_e"), fields, strict=True
+        ):
             site[name] = value
         self._maps["probe_sites"].update(key.tobytes(), site.tobytes())
         proc.sites.append(ip)
