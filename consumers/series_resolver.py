@@ -7,7 +7,8 @@ A series is (workload, operation, status class):
   (`/package.Service/Method`) for a gRPC call, else the function. Client spans (calls the
   program made) never share a series with the spans it served: their operation starts with
   `client `: `client METHOD host route` (HTTP), `client /package.Service/Method` (gRPC),
-  `client OPERATION shape` (SQL: the sanitized statement with runs of `?, ?` collapsed, so
+  `client shape` (SQL: the sanitized statement with runs of `?, ?` collapsed, preceded by its
+  OPERATION when the statement does not start with it, as after WITH; so
   `IN (?, ?)` and `IN (?, ?, ?)` are one series);
 - status class: `2xx`..`5xx`, or `unknown`, for an HTTP span; the gRPC code's name (`OK`,
   `NOT_FOUND`, ..., `UNAUTHENTICATED`), or `unknown`, for a gRPC call; `error` for a client
@@ -113,8 +114,10 @@ def series_key_of(columns: SpanColumns, row: int) -> SeriesKey:
     statement = columns.text("db_statement", row)
     if error >= 0:  # a client span
         if statement is not None:
-            operation = columns.text("db_operation", row) or ""
-            operation = f"{operation} {statement_shape(statement)}"
+            verb, shape = columns.text("db_operation", row) or "", statement_shape(statement)
+            # The shape names its operation already, except after WITH (the outer one's).
+            same = shape.split(" ", 1)[0].upper() == verb
+            operation = shape if same else f"{verb} {shape}".strip()
             code = 0
         elif rpc_method is not None:
             operation = rpc_method

@@ -184,11 +184,11 @@ def test_client_calls_are_series_of_their_own() -> None:
         ("client GET api:8080 /v1/items/{id}", "4xx"),
         ("client /pkg.Svc/Get", "NOT_FOUND"),
         ("client /pkg.Svc/Get", "OK"),
-        ("client SELECT SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
-        ("client INSERT INSERT INTO t VALUES (?", "OK"),
-        ("client SELECT SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
-        ("client SELECT SELECT a FROM t WHERE id IN (?)", "OK"),
-        ("client SELECT SELECT a FROM t WHERE id IN (?)", "error"),
+        ("client SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
+        ("client INSERT INTO t VALUES (?", "OK"),
+        ("client SELECT * FROM t WHERE name = ? AND id = ?", "OK"),
+        ("client SELECT a FROM t WHERE id IN (?)", "OK"),
+        ("client SELECT a FROM t WHERE id IN (?)", "error"),
     ]
     assert len(set(ids.tolist())) == 9
 
