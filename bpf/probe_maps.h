@@ -67,7 +67,7 @@
  * context to the new g (RAX). With field_a (runtime.g.m) and field_b (runtime.m.curg) known,
  * only the RETs are probed: the creator is g0.m.curg (g0 in R14). Else (-1) the entry notes
  * the context of callergp (RBX) for the thread, in `spawning`. */
-#define SITE_FLAG_SPAWN 0x1000
+#define SITE_FLAG_SPAWN 0x8000  /* far from the client flags (32..2048) */
 /* Entry of google.golang.org/grpc/internal/transport.(*http2Client).NewStream(t, ...), on the
  * goroutine of a gRPC client call: the peer of the call's connection, for the call in flight
  * there (`func_id` invoke's; field_c: newClientStream's function id, -1 none). field_a:

@@ -836,10 +836,16 @@ int span_return(struct pt_regs *ctx)
             u64 m = 0, curg = 0;
             struct goroutine_key parent = {.tgid = tgid};
             if (bpf_probe_read_user(&m, sizeof(m), (void *)(ctx->r14 + site->field_a)) != 0 ||
-                m == 0 ||
-                bpf_probe_read_user(&curg, sizeof(curg), (void *)(m + site->field_b)) != 0 ||
-                curg == 0 ||
-                bpf_probe_read_user(&parent.goid, sizeof(parent.goid),
+                (m != 0 &&
+                 bpf_probe_read_user(&curg, sizeof(curg), (void *)(m + site->field_b)) != 0)) {
+                count(COUNTER_READ_FAILED);
+                return 0;
+            }
+            /* No user goroutine on this M: the runtime itself makes one (a timer's
+             * time.AfterFunc callback runs on g0, say). Nothing to inherit. */
+            if (curg == 0)
+                return 0;
+            if (bpf_probe_read_user(&parent.goid, sizeof(parent.goid),
                                     (void *)(curg + layout->goid)) != 0) {
                 count(COUNTER_READ_FAILED);
                 return 0;
