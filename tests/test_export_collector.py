@@ -71,8 +71,11 @@ def start_export(
 def check_span(got: Received, record: dict[str, Any], server_pid: int) -> None:
     """One span out of the collector against its apm.spans record."""
     span = got.span
-    wide = bytes.fromhex(record["span_id"])
-    assert span.trace_id == wide and span.span_id == wide[:8] and span.parent_span_id == b""
+    # The kernel's ids (apm.spans version 3): the trace, the span's own 8 bytes, its parent.
+    parent = bytes.fromhex(record["parent_span_id"] or "")
+    assert span.trace_id == bytes.fromhex(record["trace_id"])
+    assert span.span_id == bytes.fromhex(record["span_id"]) and len(span.span_id) == 8
+    assert span.parent_span_id == parent
     assert (span.start_time_unix_nano, span.end_time_unix_nano) == (
         record["start_ns"],
         record["end_ns"],
