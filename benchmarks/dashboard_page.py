@@ -33,6 +33,7 @@ from ebpf_apm.consumers.latency_store import LatencyRow, open_store
 from ebpf_apm.consumers.range_figures import TimeRange, read_rows, summarise
 from ebpf_apm.consumers.route_template import SeriesKey
 from ebpf_apm.consumers.window_aggregator import ClosedWindow
+from ebpf_apm.kafka.connection import KafkaConnection
 
 S = 1_000_000_000
 WINDOW = 10 * S
@@ -65,7 +66,7 @@ async def bench(args: argparse.Namespace, directory: Path) -> int:
     rows = await fill(url, args.workloads, args.operations, args.windows, t0)
     span = TimeRange(t0, t0 + args.windows * WINDOW)
     since, until = str(span.since_ns // S), str(span.until_ns // S)
-    runner = web.AppRunner(Dashboard(url).app(), access_log=None)
+    runner = web.AppRunner(Dashboard(url, KafkaConnection("127.0.0.1:9092")).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

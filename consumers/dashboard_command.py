@@ -2,7 +2,8 @@
 
 Checks at start that the storage can be read (exit 1 if not, 2 for a bad URL or --listen),
 then prints `dashboard: http://HOST:PORT/ (storage)` on stdout, the storage URL without its
-password. `--listen 127.0.0.1:0` takes a free port (the printed line says which).
+password. The trace page (/trace?id=...) reads apm.spans from the Kafka the connection flags
+name. `--listen 127.0.0.1:0` takes a free port (the printed line says which).
 """
 
 from __future__ import annotations
@@ -18,6 +19,11 @@ from ebpf_apm.consumers.latency_store import (
     open_store,
     redact_url,
     storage_url,
+)
+from ebpf_apm.kafka.connection import (
+    KafkaConnection,
+    add_connection_arguments,
+    connection_from_args,
 )
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -48,16 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LISTEN,
         help=f"address of the web page (default: {DEFAULT_LISTEN}; port 0: a free one)",
     )
+    add_connection_arguments(parser)  # the trace page reads apm.spans there
 
 
-async def serve(url: str, host: str, port: int, stop: asyncio.Event) -> int:
+async def serve(url: str, kafka: KafkaConnection, host: str, port: int, stop: asyncio.Event) -> int:
     from aiohttp import web  # only this command needs the web server
 
     from ebpf_apm.consumers.dashboard_service import Dashboard
 
     store = await open_store(url, create=False)  # readable now, or a clear error
     await store.close()
-    site_runner = web.AppRunner(Dashboard(url).app(), access_log=None)
+    site_runner = web.AppRunner(Dashboard(url, kafka).app(), access_log=None)
     await site_runner.setup()
     try:
         site = web.TCPSite(site_runner, host, port)
@@ -80,4 +87,5 @@ def run(args: argparse.Namespace) -> int:
     """0 after SIGINT/SIGTERM; 2 bad flags; 1 storage unreadable or the address taken."""
     host, port = parse_listen(args.listen)
     url = storage_url(args.storage)
-    return runner.run(lambda stop: serve(url, host, port, stop))
+    kafka = connection_from_args(args)
+    return runner.run(lambda stop: serve(url, kafka, host, port, stop))

@@ -3,6 +3,8 @@
     GET /?since=15m&until=now[&workload=W&operation=OP]
       -> read_rows(storage, range) -> summarise -> the operations table   (range_figures)
                                    -> window_points -> chart and heatmap  (svg_charts)
+    GET /trace?id=TRACE_ID&since=15m
+      -> read_trace(apm.spans on Kafka, since) -> build_tree -> the trace page  (trace_view)
     GET /healthz -> "ok"
 
 Each request opens the store, reads the range and closes it, so a page always shows what is
@@ -20,7 +22,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from ebpf_apm.consumers.dashboard_page import Choice, PageView, render
+from ebpf_apm.consumers.dashboard_page import Choice, PageView, TraceView, render, render_trace
 from ebpf_apm.consumers.errors import ConsumerConfigError, ConsumerError
 from ebpf_apm.consumers.latency_heatmap import latency_heatmap
 from ebpf_apm.consumers.latency_store import LatencyRow, StorageError, redact_url
@@ -31,6 +33,10 @@ from ebpf_apm.consumers.range_figures import (
     summarise,
     window_points,
 )
+from ebpf_apm.consumers.trace_tree import build_tree, parse_trace_id
+from ebpf_apm.consumers.trace_view import read_trace
+from ebpf_apm.kafka.connection import KafkaConnection
+from ebpf_apm.kafka.errors import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +59,41 @@ def choose(
 
 
 class Dashboard:
-    def __init__(self, storage_url: str) -> None:
+    def __init__(self, storage_url: str, kafka: KafkaConnection) -> None:
         self.storage_url = storage_url
         self.shown_storage = redact_url(storage_url)
+        self.kafka = kafka  # where the trace page reads apm.spans
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/", self.page)
+        app.router.add_get("/trace", self.trace)
         app.router.add_get("/healthz", self.healthz)
         return app
+
+    async def trace(self, request: web.Request) -> web.Response:
+        """One trace as a tree, read from apm.spans: 400 a bad id or range, 503 Kafka away."""
+        typed = request.query.get("id", "")
+        since = request.query.get("since", DEFAULT_SINCE)
+        view = TraceView(typed, since, str(self.kafka))
+        try:
+            trace_id = parse_trace_id(typed)
+            span = TimeRange.parse(since, DEFAULT_UNTIL, time.time_ns())
+        except (ValueError, ConsumerConfigError) as exc:
+            return self._trace_html(replace(view, problem=str(exc)), 400)
+        try:
+            spans = await read_trace(
+                self.kafka, trace_id, span.since_ns // 1_000_000, span.until_ns // 1_000_000
+            )
+        except Exception as exc:  # Kafka away or the topic missing: say so, keep serving
+            log.warning("cannot read trace %s: %s", trace_id, exc)
+            problem = f"cannot read apm.spans: {describe_error(exc)}"
+            return self._trace_html(replace(view, problem=problem), 503)
+        return self._trace_html(replace(view, trace_id=trace_id, roots=build_tree(spans)))
+
+    @staticmethod
+    def _trace_html(view: TraceView, status: int = 200) -> web.Response:
+        return web.Response(text=render_trace(view), status=status, content_type="text/html")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

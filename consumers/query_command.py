@@ -106,10 +106,10 @@ def run(args: argparse.Namespace) -> int:
 
 def show_trace(args: argparse.Namespace, span: TimeRange) -> int:
     """0 (also when no span of the trace was found), 2 a malformed id, 1 Kafka."""
-    from ebpf_apm.consumers import trace_view  # Kafka's client only when a trace is asked for
+    from ebpf_apm.consumers import trace_tree, trace_view  # Kafka only when a trace is asked
 
     try:
-        trace_id = trace_view.parse_trace_id(args.trace)
+        trace_id = trace_tree.parse_trace_id(args.trace)
     except ValueError as exc:
         raise ConsumerConfigError(str(exc)) from None
     connection = connection_from_args(args)
@@ -118,15 +118,15 @@ def show_trace(args: argparse.Namespace, span: TimeRange) -> int:
             connection, trace_id, span.since_ns // 1_000_000, span.until_ns // 1_000_000
         )
     )
-    roots = trace_view.build_tree(spans)
+    roots = trace_tree.build_tree(spans)
     if args.json:
-        print(json.dumps(trace_view.as_json(roots), default=str))
+        print(json.dumps(trace_tree.as_json(roots), default=str))
         return 0
     if not roots:
         between = f"{_when(span.since_ns)} and {_when(span.until_ns)}"
         print(f"no span of trace {trace_id} published between {between}", file=sys.stderr)
         return 0
-    print(trace_view.render(roots))
+    print(trace_tree.render(roots))
     return 0
 
 

@@ -159,7 +159,7 @@ class Demo:
             f"join: pid {join.pid} -> apm.spans; aggregate: pid {aggregate.pid} -> "
             f"{WINDOW_S} s windows in {DATABASE.relative_to(ROOT)} and apm.latency"
         )
-        self.start_dashboard()
+        self.start_dashboard(kafka)
         for topic, add in (("apm.spans", self.board.add_span),
                            ("apm.latency", self.board.add_latency)):  # fmt: skip
             tail = self.children.start(
@@ -172,7 +172,7 @@ class Demo:
         self.screen.note(f"logs: {LOG_DIR.relative_to(ROOT)}/")
         return host, int(port)
 
-    def start_dashboard(self) -> None:
+    def start_dashboard(self, kafka: list[str]) -> None:
         """`ebpf-apm dashboard` on the demo's storage, once the aggregator has created it."""
         deadline = time.monotonic() + STORAGE_WAIT_S
         while not DATABASE.exists():
@@ -181,10 +181,8 @@ class Demo:
                 raise ChildFailed(self.children.started[-1], f"no {DATABASE} after "
                                   f"{STORAGE_WAIT_S:.0f} s")  # fmt: skip
             time.sleep(0.1)
-        dashboard = self.children.start(
-            "dashboard", [*EBPF_APM, "dashboard", "--storage", STORAGE, "--listen", listen()],
-            cwd=ROOT, stdout=subprocess.PIPE,
-        )  # fmt: skip
+        argv = [*EBPF_APM, "dashboard", "--storage", STORAGE, "--listen", listen(), *kafka]
+        dashboard = self.children.start("dashboard", argv, cwd=ROOT, stdout=subprocess.PIPE)
         assert dashboard.process.stdout is not None
         line = dashboard.process.stdout.readline().split()
         if len(line) < 2 or line[0] != "dashboard:":

@@ -30,10 +30,10 @@ EBPF_APM = [sys.executable, "-m", "ebpf_apm.cli"]
 
 
 @contextlib.contextmanager
-def dashboard(storage: str) -> Iterator[tuple[str, str]]:
+def dashboard(storage: str, *flags: str) -> Iterator[tuple[str, str]]:
     """`ebpf-apm dashboard` on a free port: its base URL and the line it printed."""
     process = subprocess.Popen(
-        [*EBPF_APM, "dashboard", "--storage", storage, "--listen", "127.0.0.1:0"],
+        [*EBPF_APM, "dashboard", "--storage", storage, "--listen", "127.0.0.1:0", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -11,8 +12,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
+from dashboard_harness import dashboard, get_page
 
-from ebpf_apm.consumers.trace_view import build_tree, parse_trace_id, render
+from ebpf_apm.consumers.latency_store import open_store
+from ebpf_apm.consumers.trace_tree import build_tree, parse_trace_id, render
 from ebpf_apm.kafka.embedded_broker import EmbeddedBroker
 from ebpf_apm.schemas.avro_codec import codec
 
@@ -100,7 +103,7 @@ def test_a_malformed_trace_id_is_refused(bad: str) -> None:
 
 
 @pytest.mark.integration
-def test_query_trace_reads_the_trace_from_apm_spans(tmp_path: Any) -> None:
+def test_query_trace_and_the_trace_page_read_the_trace_from_apm_spans(tmp_path: Any) -> None:
     encode = codec("span.avsc").encode
     spans = tree_spans()
     noise = [span(f"{i:016x}", None, 0, 1, trace_id=OTHER) for i in range(1, 200)]
@@ -134,3 +137,30 @@ def test_query_trace_reads_the_trace_from_apm_spans(tmp_path: Any) -> None:
         assert f"no span of trace {TRACE}" in empty.stderr
         bad = subprocess.run([*base[:5], "nope"], capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "not a trace id" in bad.stderr
+
+        # The dashboard's trace page draws the same tree, one row per span, parents first.
+        storage = f"sqlite:///{tmp_path / 'apm.sqlite'}"
+        asyncio.run(create_store(storage))
+        kafka = ("--bootstrap-servers", broker.bootstrap_servers)
+        with dashboard(storage, *kafka) as (base_url, _):
+            status, page = get_page(f"{base_url}trace?id={TRACE}&since=1h")
+            assert status == 200, page
+            rows = re.findall(r'<tr class="span (\w+)" data-span-id="(\w+)"', page)
+            assert rows == [("server", "a" * 16), ("client", "b" * 16), ("internal", "d" * 16),
+                            ("client", "c" * 16), ("internal", "e" * 16)]  # fmt: skip
+            # Each bar spans the span's share of the trace (50 ms from the first start).
+            widths = re.findall(r'margin-left:([\d.]+)%;width:([\d.]+)%', page)
+            assert [(float(a), float(b)) for a, b in widths] == [
+                (0.0, 100.0), (20.0, 24.0), (22.0, 6.0), (60.0, 10.0), (80.0, 2.0)
+            ]  # fmt: skip
+            assert "(parent not found)" in page and "gRPC /shop.Stock/Get 0" in page
+            status, page = get_page(f"{base_url}trace?id=nope")
+            assert status == 400 and "not a trace id" in page
+        with dashboard(storage, "--bootstrap-servers", "127.0.0.1:1") as (base_url, _):
+            status, page = get_page(f"{base_url}trace?id={TRACE}")
+            assert status == 503 and "cannot read apm.spans" in page
+
+
+async def create_store(url: str) -> None:
+    store = await open_store(url)
+    await store.close()
