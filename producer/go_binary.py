@@ -450,13 +450,17 @@ def _type_units(units: Iterable[CompileUnit]) -> list[CompileUnit]:
     return ordered
 
 
-#: Wanted structs of packages a binary may not link (the HTTP/2 and gRPC servers), by a
-#: function that is linked whenever they are used.
-OPTIONAL_STRUCTS: dict[str, str] = {
-    "net/http.http2": "net/http.(*http2serverConn).runHandler",
-    "net/http/internal/http2.": "net/http/internal/http2.(*serverConn).runHandler",
-    "golang.org/x/net/http2.": "golang.org/x/net/http2.(*serverConn).runHandler",
-    "google.golang.org/": "google.golang.org/grpc.(*Server).handleStream",
+#: Wanted structs of packages a binary may not link (the HTTP/2 servers, gRPC servers and
+#: clients), by the functions of which one is linked whenever they are used.
+OPTIONAL_STRUCTS: dict[str, tuple[str, ...]] = {
+    "net/http.http2": ("net/http.(*http2serverConn).runHandler",),
+    "net/http/internal/http2.": ("net/http/internal/http2.(*serverConn).runHandler",),
+    "golang.org/x/net/http2.": ("golang.org/x/net/http2.(*serverConn).runHandler",),
+    "google.golang.org/": (
+        "google.golang.org/grpc.(*Server).handleStream",
+        "google.golang.org/grpc.invoke",
+        "google.golang.org/grpc.newClientStream",
+    ),
 }
 
 
@@ -471,8 +475,8 @@ def _linked_wanted(path: str | Path) -> dict[str, tuple[str, ...]]:
         name: members
         for name, members in WANTED_MEMBERS.items()
         if all(
-            not name.startswith(prefix) or function in table
-            for prefix, function in OPTIONAL_STRUCTS.items()
+            not name.startswith(prefix) or any(function in table for function in functions)
+            for prefix, functions in OPTIONAL_STRUCTS.items()
         )
     }
 
