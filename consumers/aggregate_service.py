@@ -80,6 +80,7 @@ from ebpf_apm.schemas.input_limits import TimeBounds
 log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 16384  # spans per columnar decode: numpy temporaries stay in cache
+POLL_MS = 1000  # the longest a quiet loop waits for input: idle members cost little
 SHARED = -1  # the windows of plain apm.spans records (not batches): one set for all partitions
 CLIENT_ID = "ebpf-apm-aggregate"
 
@@ -267,7 +268,7 @@ class AggregateService:
 
     async def loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            batches = await self.input.poll(200)
+            batches = await self.input.poll(POLL_MS)
             self.telemetry.turned()
             now_ns = time.time_ns()
             if batches:
