@@ -154,25 +154,47 @@ def aggregate_command(
     ]  # fmt: skip
 
 
-def aggregated(commands: list[list[str]]) -> tuple[int, int]:
-    """Spans the aggregate processes took into windows and messages they read, from their
-    /metrics."""
+def scrape(command: list[str]) -> tuple[int, int, list[int]]:
+    """From one aggregate process's /metrics: spans taken into windows, messages read, and
+    the lag of each partition it holds (empty before its first fetch)."""
+    address = command[command.index("--metrics-address") + 1]
+    try:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0, 0, []
     spans = messages = 0
-    for command in commands:
-        address = command[command.index("--metrics-address") + 1]
-        try:
-            with urllib.request.urlopen(f"http://{address}/metrics", timeout=2) as response:
-                text = response.read().decode()
-        except OSError:
-            continue
-        for line in text.splitlines():
-            if line.startswith('ebpf_apm_aggregate_spans_total{outcome="aggregated"}'):
-                spans += int(float(line.split()[-1]))
-            elif line.startswith("ebpf_apm_aggregate_spans_total{") and float(line.split()[-1]):
-                raise RuntimeError(f"spans left out, the run cannot finish: {line}")
-            elif line.startswith("ebpf_apm_consumer_records_total{") and 'outcome="read"' in line:
-                messages += int(float(line.split()[-1]))
-    return spans, messages
+    lags = []
+    for line in text.splitlines():
+        value = line.split()[-1] if line and not line.startswith("#") else "0"
+        if line.startswith('ebpf_apm_aggregate_spans_total{outcome="aggregated"}'):
+            spans += int(float(value))
+        elif line.startswith("ebpf_apm_aggregate_spans_total{") and float(value):
+            raise RuntimeError(f"spans left out, the run cannot finish: {line}")
+        elif line.startswith("ebpf_apm_consumer_records_total{") and 'outcome="read"' in line:
+            messages += int(float(value))
+        elif line.startswith("ebpf_apm_consumer_lag_records{"):
+            lags.append(int(float(value)))
+    return spans, messages, lags
+
+
+def aggregated(commands: list[list[str]]) -> tuple[int, int]:
+    """Spans the aggregate processes took into windows and messages they read."""
+    figures = [scrape(command) for command in commands]
+    return sum(f[0] for f in figures), sum(f[1] for f in figures)
+
+
+def drained(command: list[str]) -> None:
+    """Wait until an aggregate process has read all it holds (lag 0) and aggregated it (its
+    count unchanged over a second)."""
+    last = -1
+    for _ in range(300):
+        spans, _, lags = scrape(command)
+        if lags and not any(lags) and spans == last:
+            return
+        last = spans
+        time.sleep(SCRAPE_S)
+    raise RuntimeError("an aggregate member did not drain its partitions in 300 s")
 
 
 def join_command(bootstrap: str) -> list[str]:
@@ -208,10 +230,13 @@ def measure(
     publish: Callable[[], None],
     storage: str,
     spans: int,
+    staged: bool = False,
 ) -> Measured:
     """Start the processes, settle, SIGSTOP, publish, SIGCONT, then watch: storage every
     50 ms, the aggregators' /metrics every SCRAPE_S (a scrape costs the process ~1 ms, as
-    Prometheus' would: at 20 Hz it was a sixth of the aggregator's CPU)."""
+    Prometheus' would: at 20 Hz it was a sixth of the aggregator's CPU). `staged`: resume
+    the processes one after the other, each once the one before has drained its partitions
+    (members of one group that do not share a core; the wall figure then means nothing)."""
     tmp = scratch("pipeline-bench-")
     procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     for kind, kind_commands in commands.items():
@@ -237,9 +262,12 @@ def measure(
             p.send_signal(signal.SIGSTOP)
         publish()
         before = {id(p): cpu_s(p.pid) for _, p, _ in procs}
-        for _, p, _ in procs:
-            p.send_signal(signal.SIGCONT)
         start = time.perf_counter()
+        assert not staged or list(commands) == ["aggregate"], "staged: aggregate processes only"
+        for i, (_, p, _) in enumerate(procs):
+            p.send_signal(signal.SIGCONT)
+            if staged and i < len(procs) - 1:
+                drained(commands["aggregate"][i])
         wall, busy, scraped, messages = 0.0, {}, start, 0
         while asyncio.run(stored(storage)) < spans:
             now = time.perf_counter()
@@ -308,7 +336,11 @@ def pipeline(events: int, members: int) -> tuple[int, Measured]:
 
 
 def aggregate_only(
-    messages: list[tuple[bytes, bytes]], spans: int, members: int, lateness_s: int = LATENESS_S
+    messages: list[tuple[bytes, bytes]],
+    spans: int,
+    members: int,
+    lateness_s: int = LATENESS_S,
+    staged: bool = False,
 ) -> Measured:
     with EmbeddedBroker() as broker:
         bootstrap = broker.bootstrap_servers
@@ -322,7 +354,11 @@ def aggregate_only(
             ]
         }
         return measure(
-            commands, lambda: asyncio.run(produce(bootstrap, topic, messages)), storage, spans
+            commands,
+            lambda: asyncio.run(produce(bootstrap, topic, messages)),
+            storage,
+            spans,
+            staged,
         )
 
 
@@ -354,12 +390,13 @@ def main() -> int:
         aggregate_only(keyed, args.spans, 1, BASELINE_LATENESS_S),
         1,
     )
-    alone: dict[int, list[float]] = {1: [], 2: []}
+    alone: dict[str, list[float]] = {"1": [], "2": [], "2 staged": []}
     for _ in range(args.rounds):
-        for members in (1, 2):
-            run = aggregate_only(batched, args.spans, members)
-            alone[members].append(report("apm.span.batches", args.spans, run, members))
-    one, two = statistics.median(alone[1]), statistics.median(alone[2])
+        for way in alone:
+            run = aggregate_only(batched, args.spans, int(way[0]), staged="staged" in way)
+            label = "apm.span.batches" + (" (staged)" if "staged" in way else "")
+            alone[way].append(report(label, args.spans, run, int(way[0])))
+    one, two, staged = (statistics.median(alone[way]) for way in ("1", "2", "2 staged"))
     print(
         f"target >= 400,000 spans per aggregate CPU-second: {pipe[1]:,.0f} in the pipeline, "
         f"{one:,.0f} alone (median of {args.rounds}; baseline {baseline:,.0f}; issue 11 "
@@ -367,8 +404,12 @@ def main() -> int:
     )
     print(
         f"target 2 members >= 0.9x of 1 per CPU-second: {pipe[2] / pipe[1]:.2f}x in the "
-        f"pipeline, {two / one:.2f}x alone (medians; per round "
-        + ", ".join(f"{b / a:.2f}x" for a, b in zip(alone[1], alone[2], strict=True))
+        f"pipeline; alone (medians) {two / one:.2f}x with the members sharing core 1, "
+        f"{staged / one:.2f}x staged (per round "
+        + ", ".join(
+            f"{b / a:.2f}x/{c / a:.2f}x"
+            for a, b, c in zip(alone["1"], alone["2"], alone["2 staged"], strict=True)
+        )
         + ")"
     )
     for path in _SCRATCH:
