@@ -145,12 +145,13 @@ def aggregate_command(
     # join's partitions release it at their own pace, so one apm.span.batches partition
     # mixes event times up to the backlog (EVENT_SECONDS) apart. Plain apm.spans records
     # share one watermark over all partitions, read at their own pace: up to the whole
-    # input's event time apart (BASELINE_LATENESS_S). Session timeout 180 s: a staged member
-    # stays stopped while the one before drains; it must not be taken out of the group.
+    # input's event time apart (BASELINE_LATENESS_S). Session timeout 60 s: a staged member
+    # stays stopped while the one before drains (~10 s), it must stay in the group; longer
+    # ones make aiokafka's JoinGroup request time out at the embedded broker.
     return [
         sys.executable, "-m", "ebpf_apm", "aggregate", "--bootstrap-servers", bootstrap,
         "--storage", storage, "--group", group, "--spans-topic", topic, "--window", "10s",
-        "--lateness", f"{lateness_s}s", "--idle-timeout", "1s", "--session-timeout", "180s",
+        "--lateness", f"{lateness_s}s", "--idle-timeout", "1s", "--session-timeout", "60s",
         "--deadletter-topic", f"{topic}.dead", "--metrics-address", f"127.0.0.1:{free_port()}",
     ]  # fmt: skip
 
