@@ -30,7 +30,12 @@ import numpy as np
 import uvloop
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from ebpf_apm.consumers.aggregate_service import DECODE_CHUNK, AggregateConfig, AggregateService
+from ebpf_apm.consumers.aggregate_service import (
+    DECODE_CHUNK,
+    SHARED,
+    AggregateConfig,
+    AggregateService,
+)
 from ebpf_apm.consumers.latency_store import open_store
 from ebpf_apm.consumers.route_template import SeriesRegistry
 from ebpf_apm.consumers.series_resolver import SeriesResolver
@@ -136,27 +141,30 @@ async def full_path(messages: list[bytes], fetch: int, db: str) -> tuple[float, 
     )
     store = await open_store(config.storage)
     service = await AggregateService.resume(config, store)
+    aggregator = await service.load(SHARED)
     partitions = np.zeros(fetch, dtype=np.int64)
+    shards = np.full(fetch, SHARED, dtype=np.int64)
     rows = writes = 0
     start = time.perf_counter()
     for first in range(0, len(messages), fetch):
         values = messages[first : first + fetch]
         offsets = np.arange(first, first + len(values), dtype=np.int64)
-        service.add_spans(values, partitions[: len(values)], offsets, now_ns=time.time_ns())
-        closed = service.aggregator.close_ready()
+        n = len(values)
+        service.add_spans(values, shards[:n], partitions[:n], offsets, now_ns=time.time_ns())
+        closed = aggregator.close_ready()
         if closed:
             out = service.rows_of(closed)
             for row in out:
                 service.encode(row)  # the apm.latency message (not sent: no Kafka here)
-            await service.write(out)
+            await service.write(out, SHARED, aggregator)
             rows, writes = rows + len(out), writes + 1
-    service.aggregator.advance_idle(time.time_ns() + 3_600_000_000_000)  # input ends: close all
-    closed = service.aggregator.close_ready()
+    aggregator.advance_idle(time.time_ns() + 3_600_000_000_000)  # input ends: close all
+    closed = aggregator.close_ready()
     out = service.rows_of(closed)
-    await service.write(out)
+    await service.write(out, SHARED, aggregator)
     elapsed = time.perf_counter() - start
     await store.close()
-    stats = service.aggregator.stats
+    stats = service.stats
     assert stats.spans == len(messages), stats  # none late, none from the future
     return elapsed, rows + len(out), writes + 1
 
@@ -205,6 +213,7 @@ async def through_kafka(messages: list[bytes], db: str) -> tuple[float, float, i
             window_ns=WINDOW_NS,
             lateness_ns=WINDOW_NS // 2,
             idle_timeout_ns=10**12,
+            spans_topic=topic,
         )
         store = await open_store(config.storage)
         service = await AggregateService.resume(config, store)
@@ -220,12 +229,12 @@ async def through_kafka(messages: list[bytes], db: str) -> tuple[float, float, i
 
         service.ingest = ingest  # type: ignore[method-assign]
         task = asyncio.create_task(service.loop(stop))
-        while service.aggregator.stats.spans < len(messages):
+        while service.stats.spans < len(messages):
             await asyncio.sleep(0.001)
         # The input ends: instead of waiting for the idle timeout, end the windows now (the
         # service's loop publishes, stores and commits them).
-        service.aggregator.advance_idle(time.time_ns() + 3_600_000_000_000)
-        while service.aggregator.open_windows or not service.writes:
+        service.advance_idle(time.time_ns() + 3_600_000_000_000)
+        while service.open_windows or not service.writes:
             await asyncio.sleep(0.001)
         elapsed = time.perf_counter() - started[0]
         stop.set()

@@ -97,7 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_time_bounds_arguments(parser)
     parser.add_argument("--group", default="ebpf-apm-aggregate", help="Kafka consumer group")
     parser.add_argument(
-        "--spans-topic", default=topics.SPANS, help=f"input (default: {topics.SPANS})"
+        "--spans-topic",
+        default=topics.SPAN_BATCHES,
+        help=f"input (default: {topics.SPAN_BATCHES}, the join's span batches keyed by "
+        f"workload; {topics.SPANS} also works, with one member per group only)",
     )
     parser.add_argument(
         "--latency-topic",

@@ -1,11 +1,24 @@
 """`ebpf-apm aggregate`'s stages, wired in one place (flags: aggregate_command.py).
 
-    apm.spans (GroupInput) -> span_columns: Avro -> numpy columns, whole fetches at once
+    apm.span.batches (GroupInput) -> span_batch: messages -> the spans' byte ranges
+      -> span_columns: Avro -> numpy columns, whole fetches at once
       -> series_resolver: series id per span (route templating, cap per workload)
-      -> window_aggregator: tumbling event-time windows, sketches; closes windows by watermark
+      -> window_aggregator, one per input partition: tumbling event-time windows, sketches;
+         closes windows by that partition's watermark
       -> closed windows: apm.latency (Avro, acknowledged) -> storage (one transaction: rows
-         and watermark) -> commit offsets
+         and the partition's watermark) -> commit offsets
     undecodable messages -> apm.deadletter (acknowledged) before their offsets are committed
+
+Scaling out. The join keys apm.span.batches by workload, so all spans of a series sit in one
+partition. Each partition has its own windows and its own watermark (stored as progress
+`<group>#p<partition>`), which depend only on that partition's content: whichever member
+owns a partition, before or after a rebalance or a SIGKILL, it closes the same windows with
+the same spans, and writes complete rows that no other member writes. Any number of members
+therefore store what one member stores.
+
+Plain apm.spans records (one span per message, keyed by node/pid: `--spans-topic apm.spans`)
+are still read, into one shared set of windows (progress `<group>`): a series is then spread
+over partitions, so only one member per group may read such a topic.
 
 Crash safety. Offsets are committed only after the windows are durable in storage, and only
 up to the oldest span an open window holds, so a restart replays every span of every open
@@ -13,9 +26,6 @@ window. Spans of windows that were already written replay too (they sit past the
 offset); the watermark stored with the rows marks those windows closed, so their spans count
 as late and nothing is counted twice. A crash between publishing and storing publishes
 those windows again after the restart (same content): apm.latency is at-least-once.
-
-One aggregator per group holds all partitions' windows; a second member of the group would
-write partial windows of its own partitions over the first one's.
 
 Outages. Publishing closed windows, storing them and dead-lettering are retried with
 backoff and jitter until they succeed (`Outage`: one log line when the wait starts, one when
@@ -50,14 +60,16 @@ from ebpf_apm.consumers.route_template import (
     SeriesRegistry,
 )
 from ebpf_apm.consumers.series_resolver import SeriesResolver
+from ebpf_apm.consumers.span_batch import SpanSlices, is_batch, slice_messages
 from ebpf_apm.consumers.span_columns import (
     SpanColumns,
     check_span_values,
-    decode_spans,
+    decode_slices,
     explain_bad_span,
+    padded,
 )
 from ebpf_apm.consumers.time_spec import format_duration_ns
-from ebpf_apm.consumers.window_aggregator import ClosedWindow, WindowAggregator
+from ebpf_apm.consumers.window_aggregator import AggregatorStats, ClosedWindow, WindowAggregator
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.admin import ensure_topics
 from ebpf_apm.kafka.connection import KafkaConnection
@@ -67,7 +79,9 @@ from ebpf_apm.schemas.input_limits import TimeBounds
 
 log = logging.getLogger(__name__)
 
-DECODE_CHUNK = 8192  # messages per columnar decode: numpy temporaries stay in cache
+DECODE_CHUNK = 16384  # spans per columnar decode: numpy temporaries stay in cache
+POLL_MS = 1000  # the longest a quiet loop waits for input: idle members cost little
+SHARED = -1  # the windows of plain apm.spans records (not batches): one set for all partitions
 CLIENT_ID = "ebpf-apm-aggregate"
 
 
@@ -76,7 +90,7 @@ class AggregateConfig:
     connection: KafkaConnection
     storage: str
     group: str = "ebpf-apm-aggregate"
-    spans_topic: str = topics.SPANS
+    spans_topic: str = topics.SPAN_BATCHES
     latency_topic: str = topics.LATENCY
     deadletter_topic: str = topics.DEADLETTER
     window_ns: int = 10_000_000_000
@@ -94,27 +108,41 @@ _value = operator.attrgetter("value")
 _offset = operator.attrgetter("offset")
 
 
+def progress_key(group: str, shard: int) -> str:
+    """Where a shard's watermark is stored (aggregate_progress.consumer)."""
+    return group if shard == SHARED else f"{group}#p{shard}"
+
+
+def _sum_stats(parts: list[AggregatorStats]) -> AggregatorStats:
+    out = AggregatorStats()
+    for part in parts:
+        for name in vars(out):
+            setattr(out, name, getattr(out, name) + getattr(part, name))
+    return out
+
+
 class AggregateService:
-    """Built by `resume` from what storage holds: the watermark and the known series."""
+    """Built by `resume` from what storage holds: the known series; each partition's
+    watermark is read when its first message arrives (`load`)."""
 
     def __init__(
         self,
         config: AggregateConfig,
         store: LatencyStore,
         registry: SeriesRegistry,
-        aggregator: WindowAggregator,
         telemetry: ConsumerTelemetry | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.registry = registry
         self.resolver = SeriesResolver(registry)
-        self.aggregator = aggregator
+        self.aggregators: dict[int, WindowAggregator] = {}  # shard -> its windows
+        self._dropped = AggregatorStats()  # of aggregators forgotten at revocations
         self.telemetry = telemetry or ConsumerTelemetry.unserved("aggregate")
         self.metrics = AggregateMetrics(
             self.telemetry.server,
             config.window_ns,
-            stats=lambda: self.aggregator.stats,
+            stats=lambda: self.stats,
             series=lambda: SeriesFigures(len(self.registry), sum(self.registry.refused.values())),
         )
         self.telemetry.server.probe("storage", self._storage_unreachable)
@@ -145,28 +173,40 @@ class AggregateService:
         store: LatencyStore,
         telemetry: ConsumerTelemetry | None = None,
     ) -> AggregateService:
-        """The service as storage left it: the watermark and series of the last write."""
-        progress = await store.progress(config.group)
-        if progress is not None and progress.window_ns != config.window_ns:
-            raise ConsumerConfigError(
-                f"storage {redact_url(store.url)} holds windows of "
-                f"{format_duration_ns(progress.window_ns)} written by group {config.group!r}, "
-                f"not --window {format_duration_ns(config.window_ns)}: use the same --window, "
-                "or another --group and --storage"
-            )
+        """The service as storage left it: the series written so far."""
+        await _stored_watermark(config, store, SHARED)  # checks the window length
         registry = SeriesRegistry(
             config.max_series_per_workload, config.max_workloads, config.max_series
         )
         registry.seed(await store.series())
-        aggregator = WindowAggregator(
-            config.window_ns,
-            config.lateness_ns,
-            config.idle_timeout_ns,
-            relative_accuracy=DEFAULT_RELATIVE_ACCURACY,
-            watermark_ns=progress.watermark_ns if progress else None,
-            max_future_ns=config.time_bounds.max_skew_ns,
-        )
-        return cls(config, store, registry, aggregator, telemetry)
+        return cls(config, store, registry, telemetry)
+
+    @property
+    def stats(self) -> AggregatorStats:
+        return _sum_stats([self._dropped, *(a.stats for a in self.aggregators.values())])
+
+    @property
+    def open_windows(self) -> int:
+        return sum(len(a.open_windows) for a in self.aggregators.values())
+
+    async def load(self, shard: int) -> WindowAggregator:
+        """The shard's windows; new ones start after the watermark storage holds for it."""
+        aggregator = self.aggregators.get(shard)
+        if aggregator is None:
+            config = self.config
+            aggregator = self.aggregators[shard] = WindowAggregator(
+                config.window_ns,
+                config.lateness_ns,
+                config.idle_timeout_ns,
+                relative_accuracy=DEFAULT_RELATIVE_ACCURACY,
+                watermark_ns=await _stored_watermark(config, self.store, shard),
+                max_future_ns=config.time_bounds.max_skew_ns,
+            )
+        return aggregator
+
+    def advance_idle(self, now_ns: int) -> None:
+        for aggregator in self.aggregators.values():
+            aggregator.advance_idle(now_ns)
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -195,16 +235,14 @@ class AggregateService:
             await self.output.stop(0)
             raise
         self.telemetry.watch(self.input)
-        watermark = self.aggregator.watermark_ns
         log.info(
-            "aggregating %s into %s and %s: windows of %s, lateness %s, group %s%s",
+            "aggregating %s into %s and %s: windows of %s, lateness %s, group %s",
             config.spans_topic,
             redact_url(self.store.url),
             config.latency_topic,
             format_duration_ns(config.window_ns),
             format_duration_ns(config.lateness_ns),
             config.group,
-            f", resuming after watermark {watermark}" if watermark is not None else "",
         )
 
     async def close(self) -> None:
@@ -218,8 +256,10 @@ class AggregateService:
 
     async def _on_revoked(self, revoked: list[TopicPart]) -> None:
         # The open windows hold spans of partitions we may lose; whoever owns them next
-        # (we, usually) replays them from the committed offsets.
-        self.aggregator.forget()
+        # (we, usually) replays them from the committed offsets, after the watermark it
+        # reads back from storage.
+        self._dropped = self.stats
+        self.aggregators.clear()
         self.next_offsets.clear()
         self.committed.clear()
         self.generation += 1
@@ -228,93 +268,111 @@ class AggregateService:
 
     async def loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            batches = await self.input.poll(200)
+            batches = await self.input.poll(POLL_MS)
             self.telemetry.turned()
             now_ns = time.time_ns()
             if batches:
                 await self.ingest(batches, now_ns)
             elif await self.input.all_caught_up():
-                self.aggregator.advance_idle(now_ns)
-            closed = self.aggregator.close_ready()
-            if closed:
-                await self.emit(closed)
+                self.advance_idle(now_ns)
+            for shard, aggregator in list(self.aggregators.items()):
+                closed = aggregator.close_ready()
+                if closed:
+                    await self.emit(shard, aggregator, closed)
             await self.commit()
 
     async def ingest(self, batches: dict[TopicPart, list[InputRecord]], now_ns: int) -> None:
-        # Two passes over the records, in C (map with attrgetter): Python work per span is
-        # what this service cannot afford.
+        # In C (map with attrgetter): Python work per span is what this service cannot
+        # afford; per message (a batch of ~1,000 spans) it can. All partitions go in one
+        # call, as plain apm.spans records of all partitions share one watermark.
         parts = [batches[tp] for tp in sorted(batches) if batches[tp]]
         if not parts:
             return
         self.telemetry.read(self.config.spans_topic, sum(map(len, parts)))
-        values: list[bytes | None] = []
-        for part in parts:
-            values.extend(map(_value, part))
-        offsets = np.concatenate(
-            [np.fromiter(map(_offset, part), np.int64, len(part)) for part in parts]
-        )
+        records = [r for part in parts for r in part]
+        values: list[bytes | None] = list(map(_value, records))
+        offsets = np.fromiter(map(_offset, records), np.int64, len(records))
         partitions = np.concatenate(
             [np.full(len(part), part[0].partition, dtype=np.int64) for part in parts]
         )
+        batched = np.fromiter(map(is_batch, values), np.bool_, len(values))
+        shards = np.where(batched, partitions, SHARED)
         generation = self.generation
-        bad = self.add_spans(values, partitions, offsets, now_ns)
-        if bad:
-            records = [r for part in parts for r in part]
-            await self._deadletter([(records[i], why) for i, why in sorted(bad.items())])
+        for shard in np.unique(shards).tolist():
+            await self.load(shard)
         if generation != self.generation:
             return  # partitions were revoked meanwhile: these spans will be read again
-        for (_, partition), records in batches.items():
-            if records:
-                self.next_offsets[partition] = records[-1].offset + 1
+        bad = self.add_spans(values, shards, partitions, offsets, now_ns)
+        if bad:
+            await self._deadletter([(records[i], why) for i, why in sorted(bad.items())])
+        if generation != self.generation:
+            return
+        for part in parts:
+            self.next_offsets[part[0].partition] = part[-1].offset + 1
 
     def add_spans(
         self,
         values: list[bytes | None],
+        shards: np.ndarray,
         partitions: np.ndarray,
         offsets: np.ndarray,
         now_ns: int,
     ) -> dict[int, str]:
-        """Decode apm.spans message values and add them to the windows; the indices of the
-        messages that could not be used, with the reason (for the dead letter)."""
+        """Add the spans of messages (batches, or plain apm.spans records) to the windows of
+        their shard (`load`ed); the indices of the messages that could not be used, with the
+        reason (for the dead letter: a batch with one bad span is dead-lettered whole, its
+        other spans are counted)."""
+        slices = slice_messages(values)
+        buf = padded(slices.buf)
+        span_shards = shards[slices.message]
+        sources = partitions[slices.message]
+        positions = offsets[slices.message]
         bad: dict[int, str] = {}
-        for first in range(0, len(values), DECODE_CHUNK):
-            chunk = values[first : first + DECODE_CHUNK]
-            columns = decode_spans(chunk)
+        for first in range(0, len(slices.starts), DECODE_CHUNK):
+            part = slice(first, first + DECODE_CHUNK)
+            columns = decode_slices(buf, slices.starts[part], slices.sizes[part])
             rejected = check_span_values(columns, now_ns, self.config.time_bounds)
             for row in np.flatnonzero(columns.bad).tolist():
-                rejected[row] = explain_bad_span(chunk[row] or b"")
-            good = np.setdiff1d(np.arange(columns.n), np.fromiter(rejected, np.int64))
+                rejected[row] = _explain(slices, first + row)
+            usable = np.ones(columns.n, dtype=np.bool_)
+            usable[np.fromiter(rejected, np.int64, len(rejected))] = False
+            good = np.flatnonzero(usable)
+            chunk = (span_shards[part], sources[part], positions[part])
             try:
-                self._add(columns, good, partitions[first + good], offsets[first + good], now_ns)
-            except Exception:  # find the messages that fail on their own
+                self._add(columns, good, chunk, now_ns)
+            except Exception:  # find the spans that fail on their own
                 for row in good.tolist():
-                    one = np.array([row])
                     try:
-                        self._add(
-                            columns, one, partitions[first + one], offsets[first + one], now_ns
-                        )
+                        self._add(columns, np.array([row]), chunk, now_ns)
                     except Exception as exc:
                         rejected[row] = f"aggregating failed: {type(exc).__name__}: {exc}"
-            bad.update({first + row: why for row, why in rejected.items()})
+            for row, why in rejected.items():
+                message = int(slices.message[first + row])
+                if message not in bad:
+                    batched = shards[message] != SHARED
+                    bad[message] = f"a span of the batch: {why}" if batched else why
         return bad
 
     def _add(
         self,
         columns: SpanColumns,
         rows: np.ndarray,
-        sources: np.ndarray,
-        positions: np.ndarray,
+        chunk: tuple[np.ndarray, np.ndarray, np.ndarray],
         now_ns: int,
     ) -> None:
+        shards, sources, positions = (a[rows] for a in chunk)
         series = self.resolver.resolve(columns, rows)
-        self.aggregator.add(
-            series,
-            columns.ints["end_ns"][rows],
-            columns.ints["duration_ns"][rows],
-            arrival_ns=now_ns,
-            sources=sources,
-            positions=positions,
-        )
+        end, duration = columns.ints["end_ns"][rows], columns.ints["duration_ns"][rows]
+        for shard in np.unique(shards).tolist():
+            mine = shards == shard
+            self.aggregators[shard].add(
+                series[mine],
+                end[mine],
+                duration[mine],
+                arrival_ns=now_ns,
+                sources=sources[mine],
+                positions=positions[mine],
+            )
 
     async def _deadletter(self, rejected: Sequence[tuple[InputRecord, str]]) -> None:
         """Dead-letter the messages (retried while Kafka refuses them)."""
@@ -330,8 +388,11 @@ class AggregateService:
         self.deadlettered += len(letters)
         self.telemetry.dead_lettered(self.config.spans_topic, "undecodable", len(letters))
 
-    async def emit(self, closed: list[ClosedWindow]) -> None:
-        """Publish, then store (durably), the closed windows; offsets are committed after."""
+    async def emit(
+        self, shard: int, aggregator: WindowAggregator, closed: list[ClosedWindow]
+    ) -> None:
+        """Publish, then store (durably, with the shard's watermark), the closed windows;
+        offsets are committed after."""
         rows = self.rows_of(closed)
         messages = [(row.series.encode(), self.encode(row)) for row in rows]
         await self.output.outage.retry(
@@ -341,11 +402,13 @@ class AggregateService:
         )
         self.telemetry.acked(self.config.latency_topic, len(rows))
         await self.storage_outage.retry(
-            f"writing {len(rows)} windows", lambda: self.write(rows), self._stop
+            f"writing {len(rows)} windows",
+            lambda: self.write(rows, shard, aggregator),
+            self._stop,
         )
         self.writes += 1
         self.metrics.written(rows)
-        stats = self.aggregator.stats
+        stats = self.stats
         log.info(
             "wrote %d windows (%d series, up to %s); spans %d, late %d, from the future %d, "
             "dead-lettered %d, series refused by the cap %d (per workload) and %d (global caps)",
@@ -370,19 +433,22 @@ class AggregateService:
         """The apm.latency message of a row."""
         return self.latency_codec.encode(row.as_dict())
 
-    async def write(self, rows: list[LatencyRow]) -> None:
-        """Store rows and the watermark in one durable transaction."""
-        assert self.aggregator.watermark_ns is not None  # a window closed: there is one
+    async def write(self, rows: list[LatencyRow], shard: int, aggregator: WindowAggregator) -> None:
+        """Store rows and the shard's watermark in one durable transaction."""
+        assert aggregator.watermark_ns is not None  # a window closed: there is one
         await self.store.write(
             rows,
-            consumer=self.config.group,
+            consumer=progress_key(self.config.group, shard),
             window_ns=self.config.window_ns,
-            watermark_ns=self.aggregator.watermark_ns,
+            watermark_ns=aggregator.watermark_ns,
         )
 
     async def commit(self) -> None:
         """Commit, per partition, the oldest offset an open window still needs."""
-        safe = self.aggregator.safe_positions()
+        safe: dict[int, int] = {}
+        for aggregator in self.aggregators.values():
+            for partition, position in aggregator.safe_positions().items():
+                safe[partition] = min(safe.get(partition, position), position)
         assigned = {partition for _, partition in self.input.assignment()}
         offsets = {}
         for partition, after_last in self.next_offsets.items():
@@ -394,3 +460,29 @@ class AggregateService:
         if offsets and await self.input.commit(offsets):
             for (_, partition), offset in offsets.items():
                 self.committed[partition] = offset
+
+
+def _explain(slices: SpanSlices, index: int) -> str:
+    """Why span `index` of the slices cannot be read."""
+    message = int(slices.message[index])
+    if message in slices.problems:
+        return slices.problems[message]
+    start, size = int(slices.starts[index]), int(slices.sizes[index])
+    return explain_bad_span(slices.buf[start : start + size])
+
+
+async def _stored_watermark(config: AggregateConfig, store: LatencyStore, shard: int) -> int | None:
+    """The watermark storage holds for a shard. A partition never written by a batch reader
+    starts from the group's own (a store written before windows were kept per partition);
+    ConsumerConfigError if the stored windows have another length."""
+    progress = await store.progress(progress_key(config.group, shard))
+    if progress is None and shard != SHARED:
+        progress = await store.progress(config.group)
+    if progress is not None and progress.window_ns != config.window_ns:
+        raise ConsumerConfigError(
+            f"storage {redact_url(store.url)} holds windows of "
+            f"{format_duration_ns(progress.window_ns)} written by group {config.group!r}, "
+            f"not --window {format_duration_ns(config.window_ns)}: use the same --window, "
+            "or another --group and --storage"
+        )
+    return progress.watermark_ns if progress else None

@@ -1,6 +1,7 @@
 """The join consumer's stages, wired in one place (`ebpf-apm join`: join_command.py).
 
     apm.uprobe.events ─┐              ┌─ PartitionJoiner ─ encode_spans ─> apm.spans
+                       │              │                                 └> apm.span.batches
                        ├─ GroupInput ─┤   (one per partition number: watermark, store)
     apm.kprobe.events ─┘ (one group)  └─ unreadable (join_input) ──────> apm.deadletter
     acknowledgements ─> offset ledgers ─> commit (only what every output it fed is acked)
@@ -11,6 +12,11 @@ Kafka acknowledgements update the ledgers as they arrive; offsets are committed 
 `commit_interval_s`, on partition revocation and at exit. On revocation the partition's
 state is dropped after that commit: the next owner re-reads from the committed offsets, so
 a span is emitted at least once (a replay has the same span_id).
+
+Every span goes out twice, with the same bytes: one message each on apm.spans (keyed by
+node/pid, for outside subscribers and the export) and, ~1,000 spans per message keyed by
+workload, on apm.span.batches (consumers/span_batch.py: what the aggregators read). An input
+message is committed once both copies of all its spans are acknowledged.
 
 Outages. A frozen broker only delays acknowledgements (output waits up to kafka_io's
 OUTPUT_TIMEOUT_MS); output Kafka gave up on (a broker that died, an outage longer than that)
@@ -42,6 +48,7 @@ from ebpf_apm.consumers.kafka_io import (
 from ebpf_apm.consumers.offset_ledger import EmitStep, EmitSteps, InputMessage, TopicPartitionLedger
 from ebpf_apm.consumers.outage import stopped_within
 from ebpf_apm.consumers.span_avro import encode_spans
+from ebpf_apm.consumers.span_batch import MAX_SPANS_PER_BATCH, encode_batch, workload_of
 from ebpf_apm.consumers.span_joiner import JoinCounters, JoinedSpans, JoinSettings, PartitionJoiner
 from ebpf_apm.kafka import topics
 from ebpf_apm.kafka.admin import ensure_topics, existing_partition_counts
@@ -55,6 +62,8 @@ log = logging.getLogger(__name__)
 SPAN_TOPIC = topics.SPAN_EVENTS
 NET_TOPIC = topics.NET_EVENTS
 OUTPUT_TOPIC = topics.SPANS
+BATCH_TOPIC = topics.SPAN_BATCHES
+COPIES = 2  # outputs per span: apm.spans and apm.span.batches
 CLIENT_ID = "ebpf-apm-join"
 # zstd: aiokafka compresses lz4 at level 9, 115 MB/s here; zstd's level 3 runs at 350 MB/s
 # and packs span records 4.6:1 (lz4 3.3:1). Output compression is most of the producer's CPU.
@@ -140,14 +149,22 @@ class JoinTotals:
 class _Delivery:
     """What one acknowledged output batch completes."""
 
-    __slots__ = ("sources", "step", "steps", "spans", "rewinds")
+    __slots__ = ("sources", "step", "steps", "spans", "records", "rewinds", "topic")
 
-    def __init__(self, step: EmitStep | None, steps: EmitSteps | None, rewinds: int) -> None:
+    def __init__(
+        self,
+        step: EmitStep | None,
+        steps: EmitSteps | None,
+        rewinds: int,
+        topic: str = OUTPUT_TOPIC,
+    ) -> None:
         self.sources: dict[InputMessage, int] = {}
         self.step = step
         self.steps = steps
         self.spans = 0
+        self.records = 0  # Kafka messages (a batch message carries many spans)
         self.rewinds = rewinds  # state it belongs to: failures of older state are moot
+        self.topic = topic
 
 
 class JoinService:
@@ -205,7 +222,7 @@ class JoinService:
         is raised once the service has shut down, with what to do about it."""
         config = self.config
         partitions = await prepare_topics(config)
-        await self._output.start(keyed_topics=(OUTPUT_TOPIC, topics.DEADLETTER))
+        await self._output.start(keyed_topics=(OUTPUT_TOPIC, BATCH_TOPIC, topics.DEADLETTER))
         try:
             await self._input.start()
         except BaseException:
@@ -320,7 +337,7 @@ class JoinService:
         now = self._clock()
         async with self._lock:
             # A broker that lost its topics (a restarted in-memory one) may have new counts.
-            await self._output.refresh_partitions((OUTPUT_TOPIC,))
+            await self._output.refresh_partitions((OUTPUT_TOPIC, BATCH_TOPIC))
             for number in sorted(span_parts & net_parts):
                 self._partition(number, now)
         log.info("assigned partitions %s", sorted(span_parts & net_parts))
@@ -400,11 +417,12 @@ class JoinService:
                 if isinstance(spans, DeadLetter):
                     self._dead.append((spans, part.spans.track(r.offset, outstanding=1), 1))
                     continue
-                message = part.spans.track(r.offset, outstanding=len(spans), record=r)
+                outputs = COPIES * len(spans)
+                message = part.spans.track(r.offset, outstanding=outputs, record=r)
                 try:
                     part.joiner.add_spans(spans, message, now_ns)
                 except Exception as exc:  # one bad message must not stop the join
-                    self._dead_letter(r, message, len(spans), "joining", exc)
+                    self._dead_letter(r, message, outputs, "joining", exc)
             else:
                 net = read_net_message(
                     r.topic, r.partition, r.offset, r.key, r.value, now_ns, bounds
@@ -481,12 +499,85 @@ class JoinService:
                 done += taken
                 delivery.sources[source] = delivery.sources.get(source, 0) + taken
                 delivery.spans += taken
+                delivery.records += taken
                 if done == len(part_values):
                     break
                 await self._send(batch, delivery)  # full: the rest goes into a new batch
                 batch, delivery = open_batches[number] = self._new_batch(topic, number, step, steps)
         for batch, delivery in open_batches.values():
             await self._send(batch, delivery)
+        await self._publish_batches(joined, encoded.values, encoded.parts, step, steps)
+
+    async def _publish_batches(
+        self,
+        joined: list[JoinedSpans],
+        values: list[bytes],
+        parts: list[slice],
+        step: EmitStep,
+        steps: EmitSteps,
+    ) -> None:
+        """The same spans on apm.span.batches: per workload, messages of up to
+        MAX_SPANS_PER_BATCH spans (a series' spans all land in the workload's partition)."""
+        by_workload: dict[str, list[tuple[JoinedSpans, slice]]] = {}
+        for spans, where in zip(joined, parts, strict=True):
+            b = spans.batch
+            labels = b.k8s or {}
+            name = workload_of(labels.get("k8s_namespace"), labels.get("k8s_workload"), b.exe)
+            by_workload.setdefault(name, []).append((spans, where))
+        open_batches: dict[int, tuple[OutputBatch, _Delivery]] = {}
+        for name, members in by_workload.items():
+            key = name.encode()
+            number = self._output.partition_of(BATCH_TOPIC, key)
+            pending: list[bytes] = []
+            counts: dict[InputMessage, int] = {}
+            for spans, where in members:
+                source = spans.token
+                assert isinstance(source, InputMessage)
+                at = where.start
+                while at < where.stop:
+                    take = min(where.stop - at, MAX_SPANS_PER_BATCH - len(pending))
+                    pending += values[at : at + take]
+                    counts[source] = counts.get(source, 0) + take
+                    at += take
+                    if len(pending) == MAX_SPANS_PER_BATCH:
+                        await self._add_batch(
+                            open_batches, (number, key), pending, counts, step, steps
+                        )
+                        pending, counts = [], {}
+            if pending:
+                await self._add_batch(open_batches, (number, key), pending, counts, step, steps)
+        for batch, delivery in open_batches.values():
+            await self._send(batch, delivery)
+
+    async def _add_batch(
+        self,
+        open_batches: dict[int, tuple[OutputBatch, _Delivery]],
+        where: tuple[int, bytes],
+        values: list[bytes],
+        counts: dict[InputMessage, int],
+        step: EmitStep,
+        steps: EmitSteps,
+    ) -> None:
+        """One apm.span.batches message into the partition's open Kafka batch."""
+        number, key = where
+        value = encode_batch(values)
+        current = open_batches.get(number)
+        if current is None:
+            current = open_batches[number] = self._new_batch(BATCH_TOPIC, number, step, steps)
+        batch, delivery = current
+        if not batch.extend(key, [value]):
+            await self._send(batch, delivery)  # full: this one goes into a new batch
+            batch, delivery = open_batches[number] = self._new_batch(
+                BATCH_TOPIC, number, step, steps
+            )
+            if not batch.extend(key, [value]):
+                raise ConsumerKafkaError(
+                    f"a {BATCH_TOPIC} message of {len(value)} bytes does not fit a Kafka batch"
+                )
+        for source, count in counts.items():
+            delivery.sources[source] = delivery.sources.get(source, 0) + count
+        delivery.spans += len(values)
+        delivery.records += 1
 
     def _encodable(self, joined: list[JoinedSpans]) -> list[JoinedSpans]:
         """The parts that encode on their own; the others' input messages are queued as
@@ -498,7 +589,9 @@ class JoinService:
             except Exception as exc:
                 message = spans.token
                 assert isinstance(message, InputMessage)
-                self._dead_letter(message.record, message, len(spans), "encoding spans", exc)
+                self._dead_letter(
+                    message.record, message, COPIES * len(spans), "encoding spans", exc
+                )
             else:
                 good.append(spans)
         return good
@@ -506,7 +599,8 @@ class JoinService:
     def _new_batch(
         self, topic: str, number: int, step: EmitStep, steps: EmitSteps
     ) -> tuple[OutputBatch, _Delivery]:
-        return self._output.new_batch(topic, number), _Delivery(step, steps, self.totals.rewinds)
+        delivery = _Delivery(step, steps, self.totals.rewinds, topic)
+        return self._output.new_batch(topic, number), delivery
 
     async def _send(self, batch: OutputBatch, delivery: _Delivery) -> None:
         if not batch.count:
@@ -528,8 +622,9 @@ class JoinService:
             return
         for message, count in delivery.sources.items():
             message.outstanding -= count
-        self.totals.spans_acked += delivery.spans
-        self.telemetry.acked(OUTPUT_TOPIC, delivery.spans)
+        if delivery.topic == OUTPUT_TOPIC:  # the batches carry the same spans
+            self.totals.spans_acked += delivery.spans
+        self.telemetry.acked(delivery.topic, delivery.records)
         self.totals.last_acked_at = time.monotonic()
         if delivery.step is not None and delivery.steps is not None:
             delivery.steps.acked(delivery.step)
@@ -573,7 +668,7 @@ async def prepare_topics(config: JoinConfig) -> int:
     if len(set(known.values())) > 1:
         raise _layout_error(known)
     count = next(iter(known.values()), config.partitions)
-    wanted = {t: count for t in (SPAN_TOPIC, NET_TOPIC, OUTPUT_TOPIC)}
+    wanted = {t: count for t in (SPAN_TOPIC, NET_TOPIC, OUTPUT_TOPIC, BATCH_TOPIC)}
     wanted[topics.DEADLETTER] = count
     counts = await ensure_topics(config.connection, wanted)
     if counts[SPAN_TOPIC] != counts[NET_TOPIC]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -225,18 +226,33 @@ def _create_private(path: str) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
 
 
+def _set_up(db: sqlite3.Connection, patience_s: float = 10.0) -> None:
+    """WAL mode and the schema. Two processes opening a new file at once (aggregate members
+    started together) can both be refused the switch to WAL at once: SQLite answers "database
+    is locked" at once, without waiting (a deadlock otherwise), so try again for a while."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA busy_timeout=10000")
+            for statement in _schema("BLOB"):
+                db.execute(statement)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SqliteStore(LatencyStore):
     def __init__(self, url: str, path: str) -> None:
         self.url = redact_url(url)
         self.path = path
         try:
             _create_private(path)
-            self._db = sqlite3.connect(path, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            for statement in _schema("BLOB"):
-                self._db.execute(statement)
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+            _set_up(self._db)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(
                 f"cannot open SQLite database {path!r} ({self.url}): {exc}; check that the "

@@ -189,15 +189,28 @@ def decode_spans(values: Sequence[bytes | None]) -> SpanColumns:
     n = len(data)
     sizes = np.fromiter(map(len, data), dtype=np.int64, count=n)
     ends = np.cumsum(sizes)
-    starts = ends - sizes
-    buf = np.frombuffer(b"".join([*data, _PADDING]), dtype=np.uint8)  # read-only
+    return decode_slices(padded(b"".join(data)), ends - sizes, sizes)
+
+
+def padded(data: bytes) -> np.ndarray:
+    """data, then the zero padding decode_slices reads past the last record, as uint8."""
+    return np.frombuffer(data + _PADDING, dtype=np.uint8)  # read-only
+
+
+def decode_slices(buf: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> SpanColumns:
+    """Read the records at buf[starts[i]:starts[i] + sizes[i]] (buf from `padded`; a size
+    below 0 is a bad row): the spans of apm.span.batches messages, not copied apart."""
+    n = len(starts)
+    missing = sizes < 0
+    sizes = np.where(missing, 0, sizes)
+    ends = starts + sizes
     words = _words(buf)
     bad = (sizes < HEADER_SIZE) | (sizes > MAX_MESSAGE_BYTES)
     first, tail = words[starts], words[starts + 8] & np.uint64(0xFFFF)
     version = np.full(n, -1, dtype=np.int64)  # 0: the newest schema
     for word, tail_word, v in _HEADERS:
         version[(first == word) & (tail == tail_word)] = v
-    bad |= version < 0
+    bad |= (version < 0) | missing
     older = version > 0
     pos = starts + HEADER_SIZE
 

@@ -47,6 +47,7 @@ BASE_OBJECTS = {
     ("KafkaTopic", "apm-uprobe-events"),
     ("KafkaTopic", "apm-kprobe-events"),
     ("KafkaTopic", "apm-spans"),
+    ("KafkaTopic", "apm-span-batches"),
     ("KafkaTopic", "apm-latency"),
     ("KafkaTopic", "apm-alerts"),
     ("KafkaTopic", "apm-deadletter"),
@@ -544,6 +545,7 @@ def test_topics_and_co_partitioning(rendered: list[Doc]) -> None:
         "apm.uprobe.events",
         "apm.kprobe.events",
         "apm.spans",
+        "apm.span.batches",
         "apm.latency",
         "apm.alerts",
         "apm.deadletter",
@@ -654,11 +656,11 @@ KAFKA_RIGHTS: dict[str, tuple[set[str], set[str], str | None]] = {
     "ebpf-apm-agent": (set(), {"apm.uprobe.events", "apm.kprobe.events"}, None),
     "ebpf-apm-join": (
         {"apm.uprobe.events", "apm.kprobe.events"},
-        {"apm.spans", "apm.deadletter"},
+        {"apm.spans", "apm.span.batches", "apm.deadletter"},
         "ebpf-apm-join",
     ),
     "ebpf-apm-aggregate": (
-        {"apm.spans"},
+        {"apm.span.batches"},
         {"apm.latency", "apm.deadletter"},
         "ebpf-apm-aggregate",
     ),
@@ -863,6 +865,7 @@ def test_the_local_kafka_listens_with_tls_and_scram_only(tree: str, rendered: li
     (peers,) = listener["networkPolicyPeers"]
     (deny,) = [d for d in rendered if d["metadata"]["name"] == "ebpf-apm-default-deny"]
     assert peers["podSelector"] == deny["spec"]["podSelector"]
+
 
 # --- metrics and probes ------------------------------------------------------------------------
 

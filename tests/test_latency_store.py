@@ -6,6 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -233,3 +234,31 @@ def test_sqlite_files_are_private(tmp_path: Path) -> None:
         asyncio.run(write())
     finally:
         os.umask(old)
+
+
+_OPEN_AT_ONCE = """
+import sys, time
+from ebpf_apm.consumers.latency_store import SqliteStore
+until = float(sys.argv[2])
+while time.time() < until:
+    pass
+SqliteStore(sys.argv[1], sys.argv[1][len("sqlite:///"):])
+"""
+
+
+def test_members_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
+    # Aggregate members started together: each switches the new file to WAL; SQLite refuses
+    # all but one at once ("database is locked"), and the store tries again.
+    for attempt in range(5):
+        url = f"sqlite:///{tmp_path / f'at-once-{attempt}.sqlite'}"
+        start = str(time.time() + 1.0)
+        members = [
+            subprocess.Popen(
+                [sys.executable, "-c", _OPEN_AT_ONCE, url, start],
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(4)
+        ]
+        for member in members:
+            _, err = member.communicate(timeout=60)
+            assert member.returncode == 0, err.decode()

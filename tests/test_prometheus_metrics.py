@@ -135,10 +135,13 @@ def test_prometheus_sees_acked_spans_and_route_latency_and_readiness_follows_the
         assert prom.scalar("ebpf_apm_agent_traced_processes") == 1
         joined = 'ebpf_apm_consumer_records_total{service="join",topic="apm.spans",outcome="acked"}'
         wait_until(lambda: prom.scalar(joined) == REQUESTS, 60, f"{joined} == {REQUESTS}")
-        aggregated = (
-            'ebpf_apm_consumer_records_total{service="aggregate",topic="apm.spans",outcome="read"}'
-        )
+        aggregated = 'ebpf_apm_aggregate_spans_total{outcome="aggregated"}'
         wait_until(lambda: prom.scalar(aggregated) == REQUESTS, 60, f"{aggregated} == {REQUESTS}")
+        batches = (
+            'ebpf_apm_consumer_records_total{service="aggregate",topic="apm.span.batches",'
+            'outcome="read"}'
+        )
+        assert 1 <= prom.scalar(batches) <= REQUESTS, "the spans come in batch messages"
 
         route = 'operation=~"GET /sleep.*"'
         spans = f"sum(ebpf_apm_latency_window_spans{{{route}}})"

@@ -1,6 +1,7 @@
 """Every topic the pipeline uses, named once (the product's contract lists them).
 
-agent --> SPAN_EVENTS, NET_EVENTS --> join --> SPANS --> aggregate --> LATENCY --> alert
+agent --> SPAN_EVENTS, NET_EVENTS --> join --> SPANS (outside subscribers, export)
+                                          --> SPAN_BATCHES --> aggregate --> LATENCY --> alert
                                                                                  --> ALERTS
 any consumer --> DEADLETTER (input it could not read, unchanged, with a reason header)
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 SPAN_EVENTS = "apm.uprobe.events"  # the agent's span batches (schemas/uprobe_events.md)
 NET_EVENTS = "apm.kprobe.events"  # the agent's socket I/O batches (schemas/kprobe_events.md)
 SPANS = "apm.spans"  # joined spans, Avro (schemas/span.avsc)
+# The same spans, ~1,000 per message, keyed by workload (consumers/span_batch.py)
+SPAN_BATCHES = "apm.span.batches"
 LATENCY = "apm.latency"  # closed windows, Avro (schemas/latency.avsc)
 ALERTS = "apm.alerts"  # alert transitions, Avro (schemas/alert.avsc)
 DEADLETTER = "apm.deadletter"  # rejected input, original bytes + `reason`/`source` headers
