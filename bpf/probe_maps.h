@@ -67,6 +67,11 @@
  * context to the new g (RAX). With field_a (runtime.g.m) and field_b (runtime.m.curg) known,
  * only the RETs are probed: the creator is g0.m.curg (g0 in R14). Else (-1) the entry notes
  * the context of callergp (RBX) for the thread, in `spawning`. */
+/* Entry of the h2 server's (*responseWriter).handlerDone(w), on the goroutine of the
+ * runHandler call `func_id`: the status the response goes out with (0: none written, the
+ * flush sends 200), read while w.rws is still this stream's. field_a: responseWriter.rws,
+ * field_b: responseWriterState.status. */
+#define SITE_FLAG_H2_DONE 0x4000
 #define SITE_FLAG_SPAWN 0x8000  /* far from the client flags (32..2048) */
 /* Entry of google.golang.org/grpc/internal/transport.(*http2Client).NewStream(t, ...), on the
  * goroutine of a gRPC client call: the peer of the call's connection, for the call in flight
@@ -171,7 +176,8 @@ struct call_start {
     __u64 stream;        /* HTTP/2: rws.stream at the entry (see SITE_FLAG_H2) */
     struct trace_context context; /* the span's trace and own id (fixed at the entry) */
     __u64 parent_span_id; /* 0: a root span */
-    __s32 rpc_status;    /* gRPC: the code WriteStatus sent, -1 until then */
+    __s32 rpc_status;    /* gRPC: the code WriteStatus sent; HTTP/2: the status handlerDone
+                          * saw; -1 until then */
     /* Server spans: the request's method and path (gRPC: full method), copied at the entry.
      * Not read through `request` at the return: the h2 server reuses a stream's request
      * state (and the memory its strings point to) for the next stream once the handler is

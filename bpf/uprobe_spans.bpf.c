@@ -392,6 +392,10 @@ static __always_inline void fill_http(struct http_span_event *e, struct call_sta
         e->flushed_ns = e->span.hdr.ts_ns;          /* now: finishRequest has returned */
         e->span.hdr.ts_ns = start->handler_end_ns;  /* the span ends where ServeHTTP did */
     }
+    if ((start->flags & CALL_HTTP2) && start->rpc_status >= 0) {
+        e->status = (u16)start->rpc_status; /* seen at handlerDone */
+        return;
+    }
     if (start->response != 0) {
         s64 status = 0;
         if (bpf_probe_read_user(&status, sizeof(status), (void *)start->response) != 0) {
@@ -658,6 +662,22 @@ int span_entry(struct pt_regs *ctx)
     struct call_key key = {.tgid = tgid, .func_id = site->func_id};
     if (read_goid(ctx, layout, &key.id) != 0)
         return 0;
+    if (site->flags & SITE_FLAG_H2_DONE) {
+        /* handlerDone(w *responseWriter) (w in RAX): the stream's status, before its rws
+         * goes back to the pool. */
+        struct call_start *call = calls_in_flight.lookup(&key);
+        if (!call)
+            return 0;
+        u64 rws = 0;
+        s64 status = 0;
+        if (bpf_probe_read_user(&rws, sizeof(rws), (void *)(ctx->ax + site->field_a)) == 0 &&
+            rws != 0 &&
+            bpf_probe_read_user(&status, sizeof(status), (void *)(rws + site->field_b)) == 0)
+            call->rpc_status = (s32)status;
+        else
+            count(COUNTER_READ_FAILED);
+        return 0;
+    }
     if (site->flags & SITE_FLAG_GRPC_STATUS) {
         /* WriteStatus(t, s *Stream, st *status.Status) (st in RCX), called by handleStream's
          * goroutine: the code of the call in flight there. */

@@ -7,8 +7,10 @@ streams and gRPC calls have servers of their own, each running one goroutine per
   ``net/http.(*http2serverConn)`` up to Go 1.26, ``net/http/internal/http2.(*serverConn)``
   from Go 1.27, where the request is a ``ServerRequest``) and of ``golang.org/x/net/http2``:
   one span per stream: method and path copied at the entry (Go 1.27's request lives in the
-  pooled ``rws``, reused by the next stream before runHandler returns), the status read
-  through ``rw.rws`` at the return, kept only if ``rws.stream`` is still the entry's.
+  pooled ``rws``, reused by the next stream before runHandler returns), the status read at
+  the entry of ``(*responseWriter).handlerDone`` (before rws goes back to the pool); where
+  that is not linked, through ``rw.rws`` at the return, kept only if ``rws.stream`` is still
+  the entry's.
 * ``google.golang.org/grpc.(*Server).handleStream(t, stream, trInfo)``: one span per call,
   the full method from ``stream.method``; the entry of ``(*http2Server).WriteStatus(stream,
   st)`` on the same goroutine gives the call's status code (``st.s.Code``).
@@ -35,6 +37,7 @@ from ebpf_apm.producer.map_layout import (
     SITE_FLAG_GRPC,
     SITE_FLAG_GRPC_STATUS,
     SITE_FLAG_H2,
+    SITE_FLAG_H2_DONE,
 )
 
 __all__ = [
@@ -57,6 +60,7 @@ class H2Server:
     writer: str  # responseWriter struct (field rws)
     state: str  # responseWriterState struct (field status)
     request: str  # the request struct runHandler receives (fields Method, URL)
+    done: str  # (*responseWriter).handlerDone: the status, before rws is pooled
 
 
 H2_SERVERS = (
@@ -65,18 +69,21 @@ H2_SERVERS = (
         "net/http.http2responseWriter",
         "net/http.http2responseWriterState",
         "net/http.Request",
+        "net/http.(*http2responseWriter).handlerDone",
     ),
     H2Server(
         "net/http/internal/http2.(*serverConn).runHandler",
         "net/http/internal/http2.responseWriter",
         "net/http/internal/http2.responseWriterState",
         "net/http/internal/http2.ServerRequest",
+        "net/http/internal/http2.(*responseWriter).handlerDone",
     ),
     H2Server(
         "golang.org/x/net/http2.(*serverConn).runHandler",
         "golang.org/x/net/http2.responseWriter",
         "golang.org/x/net/http2.responseWriterState",
         "net/http.Request",
+        "golang.org/x/net/http2.(*responseWriter).handlerDone",
     ),
 )
 GRPC_SPAN_SYMBOL = "google.golang.org/grpc.(*Server).handleStream"
@@ -124,7 +131,7 @@ class ServerProbe:
 
     symbol: str
     span_symbol: str
-    flags: int  # SITE_FLAG_H2, SITE_FLAG_GRPC or SITE_FLAG_GRPC_STATUS
+    flags: int  # SITE_FLAG_H2, SITE_FLAG_H2_DONE, SITE_FLAG_GRPC or SITE_FLAG_GRPC_STATUS
     fields: tuple[int, int, int, int, int]  # field_a..field_e of the sites (bpf/probe_maps.h)
     entry_only: bool = False  # no return probes (WriteStatus)
 
@@ -162,6 +169,9 @@ def server_probes(table: SymbolTable, layout: GoLayout) -> list[ServerProbe]:
         a, b, c, d = fields
         e = offset(h2.request, "Header")  # -1: no traceparent read for this server
         probes.append(ServerProbe(h2.symbol, h2.symbol, SITE_FLAG_H2, (a, b, c, d, e)))
+        if h2.done in table:  # else the status is read at runHandler's return (if rws allows)
+            done = (a, b, -1, -1, -1)
+            probes.append(ServerProbe(h2.done, h2.symbol, SITE_FLAG_H2_DONE, done, entry_only=True))
     if GRPC_SPAN_SYMBOL in table:
         method = offset(GRPC_STREAM, "method")
         if not _missing(GRPC_SPAN_SYMBOL, [(GRPC_STREAM, "method")], [method], layout):
