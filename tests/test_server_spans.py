@@ -101,14 +101,20 @@ def traceparent(seed: str) -> tuple[str, str]:
     return digest[:32], digest[32:48]
 
 
+# The server's function returns after its last frame is written (runHandler after the final
+# flush, handleStream after the status): on this loaded 2-core machine the client can read its
+# answer and stop its clock first, by more than the clock slack.
+RETURN_SLACK_NS = 50_000_000
+
+
 def check_inside(span: dict, calls: list[dict], min_ns: int) -> None:
     """The span lasted at least `min_ns` and fits inside one of the client's calls."""
     assert span["duration_ns"] >= min_ns, span
     assert any(
         span["start_ns"] >= c["start_ns"] - CLOCK_SLACK_NS
-        and span["end_ns"] <= c["end_ns"] + CLOCK_SLACK_NS
+        and span["end_ns"] <= c["end_ns"] + RETURN_SLACK_NS
         for c in calls
-    ), span
+    ), (span, calls)
 
 
 @pytest.mark.parametrize(
