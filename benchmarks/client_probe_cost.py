@@ -26,25 +26,21 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from bench_support import BenchmarkError, measure_probe_cost
+
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
-from ebpf_apm.producer.bpf_run_stats import RunTimeStats, program_run_stats
-from ebpf_apm.producer.targets import FunctionNames, TargetProcess, attach_target, resolve_target
+from ebpf_apm.producer.bpf_run_stats import RunTimeStats
+from ebpf_apm.producer.targets import FunctionNames, resolve_target
 from ebpf_apm.producer.trap_calibration import calibrate_trap_cost
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 1.2
-EMPTY_PROGRAM = b"int empty(struct pt_regs *ctx) { return 0; }"
 #: kind -> client records per call of a round
 KINDS = {"http": 1, "grpc": 1, "grpc_stream": 1, "sql": 4}
-
-
-class BenchmarkError(RuntimeError):
-    """Something failed: the figures would mean nothing."""
 
 
 def _tests_module(name: str) -> Any:
@@ -100,78 +96,17 @@ class Client:
             self.process.stdout.close()
 
 
-def probe_points(target: TargetProcess) -> list[int]:
-    """ELF addresses of every uprobe the agent puts in the target (entry and RETs)."""
-    points = []
-    for fn in target.functions:
-        base = fn.plan.symbol.address
-        if not fn.http_finish:
-            points.append(base + fn.plan.entry_offset)
-        if not fn.entry_only:
-            points += [base + off for off in fn.plan.return_offsets]
-    return points
-
-
 def measure_kind(client: Client, kind: str, trap_ns: float) -> dict[str, float]:
-    pid = client.process.pid
-    target = resolve_target(pid, [], FunctionNames(), http=True)
-    from bcc import BPF  # noqa: PLC0415 - bcc is loaded only where a program is built
-
-    calls = client.calls
-    # (e) the empty program on the same points.
-    empty = BPF(text=EMPTY_PROGRAM)
-    try:
-        for addr in probe_points(target):
-            empty.attach_uprobe(name=target.binary.encode(), addr=addr, fn_name=b"empty", pid=pid)
-        fd = empty.funcs[b"empty"].fd
-        before = program_run_stats(fd)
-        client.run(kind)
-        after = program_run_stats(fd)
-    finally:
-        empty.cleanup()
-    empty_runs = after.run_cnt - before.run_cnt
-    empty_ns = (after.run_time_ns - before.run_time_ns) / max(empty_runs, 1)
-
-    # (p) the project's program, attached as the agent does.
-    probes = AgentProbes(ProbeOptions())
-    try:
-        attach_target(probes, target)
-        done = threading.Event()
-        records = [0]
-
-        def drain() -> None:
-            while not done.wait(0.005):
-                records[0] += len(probes.client_reader.drain())
-            records[0] += len(probes.client_reader.drain())
-
-        drainer = threading.Thread(target=drain, daemon=True)
-        drainer.start()
-        stats0 = probes.program_run_stats()
-        client.run(kind)
-        time.sleep(0.05)
-        stats1 = probes.program_run_stats()
-        hits = probes.probe_hits().get(pid)
-        done.set()
-        drainer.join()
-        probes.detach_process(pid)
-    finally:
-        probes.close()
-    runs = sum(stats1[p].run_cnt - stats0[p].run_cnt for p in ("span_entry", "span_return"))
-    run_ns = sum(
-        stats1[p].run_time_ns - stats0[p].run_time_ns for p in ("span_entry", "span_return")
-    )
-    project_ns = run_ns / max(runs, 1)
-    if hits is None:
-        raise BenchmarkError(f"{kind}: no probe hits counted for pid {pid}")
-    per_call = KINDS[kind]
-    total_hits = int(hits["entry"]) + int(hits["ret"])
+    target = resolve_target(client.process.pid, [], FunctionNames(), http=True)
+    cost = measure_probe_cost(target, lambda: client.run(kind), ("client_reader",), trap_ns)
+    per_call = client.calls * KINDS[kind]
     return {
-        "hits_per_call": total_hits / (calls * per_call),
-        "spans_per_call": records[0] / (calls * per_call),
-        "empty_ns": empty_ns,
-        "project_ns": project_ns,
-        "ratio": (trap_ns + project_ns) / (trap_ns + empty_ns),
-        "empty_runs_per_call": empty_runs / (calls * per_call),
+        "hits_per_call": cost.hits / per_call,
+        "spans_per_call": cost.records / per_call,
+        "empty_ns": cost.empty_ns,
+        "project_ns": cost.project_ns,
+        "ratio": cost.ratio,
+        "empty_runs_per_call": cost.empty_runs / per_call,
     }
 
 

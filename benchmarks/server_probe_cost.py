@@ -30,27 +30,23 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
+from bench_support import BenchmarkError, measure_probe_cost
+
 from ebpf_apm.producer.bpf_loader import AgentProbes, ProbeOptions
-from ebpf_apm.producer.bpf_run_stats import RunTimeStats, program_run_stats
-from ebpf_apm.producer.targets import FunctionNames, TargetProcess, attach_target, resolve_target
+from ebpf_apm.producer.bpf_run_stats import RunTimeStats
+from ebpf_apm.producer.targets import FunctionNames, resolve_target
 from ebpf_apm.producer.trap_calibration import calibrate_trap_cost
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_RATIO = 1.2
-EMPTY_PROGRAM = b"int empty(struct pt_regs *ctx) { return 0; }"
 KINDS = ("http1", "http2", "grpc", "tree")
 # "tree": tests/targets/goserver's /fanout handler (2 goroutines, each calling a named
 # function and starting one more goroutine that calls it), with those functions probed.
 TREE_FUNCS = ["main.(*server).handleFanout", "main.fanoutWorker", "main.leafWork"]
 TREE_SPANS_PER_REQUEST = 1 + 1 + 2 + 4
-
-
-class BenchmarkError(RuntimeError):
-    """Something failed: the figures would mean nothing."""
 
 
 def build_target(name: str = "grpcserver") -> Path:
@@ -102,78 +98,19 @@ def send(binary: Path, addrs: dict[str, str], kind: str, requests: int) -> None:
         raise BenchmarkError(f"{kind} client failed: {result.stderr or result.stdout[:300]}")
 
 
-def probe_points(target: TargetProcess) -> list[int]:
-    """ELF addresses of every uprobe the agent puts in the target (entry and RETs)."""
-    points = []
-    for fn in target.functions:
-        base = fn.plan.symbol.address
-        if not (fn.http_finish or fn.returns_only):
-            points.append(base + fn.plan.entry_offset)
-        if not fn.entry_only:
-            points += [base + off for off in fn.plan.return_offsets]
-    return points
-
-
 def measure_kind(
     binary: Path, addrs: dict[str, str], pid: int, kind: str, requests: int, trap_ns: float
 ) -> dict[str, float]:
     target = resolve_target(pid, TREE_FUNCS if kind == "tree" else [], FunctionNames(), http=True)
-    from bcc import BPF  # noqa: PLC0415 - bcc is loaded only where a program is built
-
-    # (e) the empty program on the same points.
-    empty = BPF(text=EMPTY_PROGRAM)
-    try:
-        for addr in probe_points(target):
-            empty.attach_uprobe(name=target.binary.encode(), addr=addr, fn_name=b"empty", pid=pid)
-        fd = empty.funcs[b"empty"].fd
-        before = program_run_stats(fd)
-        send(binary, addrs, kind, requests)
-        after = program_run_stats(fd)
-    finally:
-        empty.cleanup()
-    empty_runs = after.run_cnt - before.run_cnt
-    empty_ns = (after.run_time_ns - before.run_time_ns) / max(empty_runs, 1)
-
-    # (p) the project's program, attached as the agent does.
-    probes = AgentProbes(ProbeOptions())
-    try:
-        attach_target(probes, target)
-        done = threading.Event()
-        records = [0]
-
-        def drain() -> None:
-            while not done.wait(0.005):
-                records[0] += len(probes.http_reader.drain())
-                records[0] += len(probes.span_reader.drain())
-            records[0] += len(probes.http_reader.drain()) + len(probes.span_reader.drain())
-
-        drainer = threading.Thread(target=drain, daemon=True)
-        drainer.start()
-        stats0 = probes.program_run_stats()
-        send(binary, addrs, kind, requests)
-        time.sleep(0.05)
-        stats1 = probes.program_run_stats()
-        hits = probes.probe_hits().get(pid)
-        done.set()
-        drainer.join()
-        probes.detach_process(pid)
-    finally:
-        probes.close()
-    runs = sum(stats1[p].run_cnt - stats0[p].run_cnt for p in ("span_entry", "span_return"))
-    run_ns = sum(
-        stats1[p].run_time_ns - stats0[p].run_time_ns for p in ("span_entry", "span_return")
-    )
-    project_ns = run_ns / max(runs, 1)
-    if hits is None:
-        raise BenchmarkError(f"{kind}: no probe hits counted for pid {pid}")
-    total_hits = int(hits["entry"]) + int(hits["ret"])
+    rings = ("http_reader", "span_reader")
+    cost = measure_probe_cost(target, lambda: send(binary, addrs, kind, requests), rings, trap_ns)
     return {
-        "hits_per_request": total_hits / requests,
-        "spans_per_request": records[0] / requests,
-        "empty_ns": empty_ns,
-        "project_ns": project_ns,
-        "ratio": (trap_ns + project_ns) / (trap_ns + empty_ns),
-        "empty_runs_per_request": empty_runs / requests,
+        "hits_per_request": cost.hits / requests,
+        "spans_per_request": cost.records / requests,
+        "empty_ns": cost.empty_ns,
+        "project_ns": cost.project_ns,
+        "ratio": cost.ratio,
+        "empty_runs_per_request": cost.empty_runs / requests,
     }
 
 

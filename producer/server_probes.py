@@ -39,6 +39,7 @@ from ebpf_apm.producer.map_layout import (
     SITE_FLAG_H2,
     SITE_FLAG_H2_DONE,
 )
+from ebpf_apm.producer.member_offsets import Member, member_offsets, offsets_missing
 
 __all__ = [
     "GRPC_SPAN_SYMBOL",
@@ -51,7 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Member = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -231,34 +231,8 @@ def creator_offsets(layout: GoLayout) -> tuple[int, int]:
 
 
 def _offsets(layout: GoLayout) -> Callable[[str, str], int]:
-    """Offset of a struct member (-1 unknown): DWARF's, or the tables' for stripped builds."""
-    go_row: dict[Member, int] = {}
-    minor = go_minor(layout.version)
-    if layout.source == "table" and minor is not None:
-        known = sorted((m, key) for key in GO_TABLE if (m := go_minor("go" + key)))
-        lower = [key for m, key in known if m <= minor]
-        if lower:
-            go_row = GO_TABLE[lower[-1]]
-
-    def offset(struct_name: str, member: str) -> int:
-        if layout.source == "dwarf":
-            found = layout.dwarf_offset(struct_name, member)
-            return -1 if found is None else found
-        return go_row.get((struct_name, member), LIBRARY_TABLE.get((struct_name, member), -1))
-
-    return offset
+    return member_offsets(layout, GO_TABLE, LIBRARY_TABLE)
 
 
 def _missing(symbol: str, wanted: list[Member], fields: list[int], layout: GoLayout) -> bool:
-    unknown = [f"{s}.{m}" for (s, m), value in zip(wanted, fields, strict=True) if value < 0]
-    if unknown:
-        log.warning(
-            "%s is linked but the offsets of %s are unknown for %s (%s): its requests are not "
-            "traced; trace a build with DWARF (without -ldflags=-w)",
-            symbol,
-            ", ".join(unknown),
-            layout.version,
-            "no DWARF" if layout.source == "table" else "not in DWARF",
-        )
-        return True
-    return False
+    return offsets_missing(symbol, wanted, fields, layout, "requests")

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -242,3 +242,20 @@ def _digest(parts: list[str], files: list[Path]) -> str:
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
+
+
+def build_variants(
+    target: str, out: Path, variants: Iterable[tuple[Toolchain, bool]], *, gopath: bool = False
+) -> dict[tuple[Toolchain, bool], Path]:
+    """tests/targets/`target` built into `out` for each (toolchain, stripped) variant, named
+    `target-goX.Y[-stripped]`: what the protocol tests' session fixtures build."""
+    return {
+        (toolchain, stripped): build_go(
+            TARGETS_DIR / target,
+            out / f"{target}-go{toolchain}{'-stripped' if stripped else ''}",
+            toolchain,
+            stripped,
+            gopath=gopath,
+        )
+        for toolchain, stripped in variants
+    }

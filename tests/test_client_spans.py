@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from agent_harness import Agent, read_spans
-from go_builds import TARGETS_DIR, Toolchain, build_go
+from go_builds import Toolchain, build_variants
 from join_harness import outside_decoder, start_join, stop_service, wait_for
 from kafka_fixtures import read_topic
 
@@ -48,17 +48,7 @@ GRPC_STREAM = "google.golang.org/grpc.newClientStream"
 
 @pytest.fixture(scope="session")
 def client_targets(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Path]:
-    out = tmp_path_factory.mktemp("goclient")
-    return {
-        (toolchain, stripped): build_go(
-            TARGETS_DIR / "goclient",
-            out / f"goclient-go{toolchain}{'-stripped' if stripped else ''}",
-            toolchain,
-            stripped,
-            gopath=True,
-        )
-        for toolchain, stripped in VARIANTS
-    }
+    return build_variants("goclient", tmp_path_factory.mktemp("goclient"), VARIANTS, gopath=True)
 
 
 @contextmanager

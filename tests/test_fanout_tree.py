@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, read_spans
-from go_builds import TARGETS_DIR, Toolchain, build_go
+from go_builds import Toolchain, build_variants
 
 pytestmark = [pytest.mark.bpf, pytest.mark.integration]
 
@@ -36,17 +36,7 @@ SPANS_PER_REQUEST = 7  # /fanout, /leaf and Fan/Get served; HTTP, gRPC and 2 SQL
 
 @pytest.fixture(scope="module")
 def fanout_targets(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Path]:
-    out = tmp_path_factory.mktemp("fanout")
-    return {
-        (toolchain, stripped): build_go(
-            TARGETS_DIR / "fanout",
-            out / f"fanout-go{toolchain}{'-stripped' if stripped else ''}",
-            toolchain,
-            stripped,
-            gopath=True,
-        )
-        for toolchain, stripped in VARIANTS
-    }
+    return build_variants("fanout", tmp_path_factory.mktemp("fanout"), VARIANTS, gopath=True)
 
 
 def ask(address: str, numbers: list[int], failures: list[str]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from agent_harness import Agent, process_alive, read_spans
-from go_builds import TARGETS_DIR, Toolchain, build_go
+from go_builds import Toolchain, build_variants
 
 from ebpf_apm.producer.go_binary import dwarf_struct_offsets
 from ebpf_apm.producer.server_probes import GO_TABLE, LIBRARY_TABLE
@@ -43,17 +43,9 @@ HTTP_STATUSES = (200, 201, 404, 503)
 
 @pytest.fixture(scope="session")
 def grpc_targets(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, bool], Path]:
-    out = tmp_path_factory.mktemp("grpcserver")
-    return {
-        (toolchain, stripped): build_go(
-            TARGETS_DIR / "grpcserver",
-            out / f"grpcserver-go{toolchain}{'-stripped' if stripped else ''}",
-            toolchain,
-            stripped,
-            gopath=True,
-        )
-        for toolchain, stripped in VARIANTS
-    }
+    return build_variants(
+        "grpcserver", tmp_path_factory.mktemp("grpcserver"), VARIANTS, gopath=True
+    )
 
 
 @dataclass
