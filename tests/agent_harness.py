@@ -54,15 +54,21 @@ def go_server(binary: Path, addr: str = "127.0.0.1:0") -> Iterator[GoServer]:
         host, port = line[1].rsplit(":", 1)
         yield GoServer(process, host.strip("[]"), int(port))
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout:
-            process.stdout.close()
+        end_process(process)
+
+
+def end_process(process: subprocess.Popen[str], timeout: float = 10) -> None:
+    """SIGTERM to a process a test started (SIGKILL after `timeout`), then close its pipes."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pipe in (process.stdout, process.stdin):
+        if pipe:
+            pipe.close()
 
 
 class Agent:

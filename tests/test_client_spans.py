@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from agent_harness import Agent, read_spans
+from agent_harness import Agent, end_process, read_spans
 from go_builds import Toolchain, build_variants
 from join_harness import outside_decoder, start_join, stop_service, wait_for
 from kafka_fixtures import read_topic
@@ -57,16 +56,7 @@ def started(command: list[str], **kwargs: object) -> Iterator[subprocess.Popen[s
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for pipe in (process.stdout, process.stdin):
-            if pipe:
-                pipe.close()
+        end_process(process)
 
 
 def inside(span: dict, call: dict) -> bool:

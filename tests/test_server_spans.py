@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from agent_harness import Agent, process_alive, read_spans
+from agent_harness import Agent, end_process, process_alive, read_spans
 from go_builds import Toolchain, build_variants
 
 from ebpf_apm.producer.go_binary import dwarf_struct_offsets
@@ -76,15 +75,7 @@ def servers(binary: Path) -> Iterator[Servers]:
         assert process.stdout is not None
         yield Servers(process, binary, json.loads(process.stdout.readline()))
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout:
-            process.stdout.close()
+        end_process(process)
 
 
 def traceparent(seed: str) -> tuple[str, str]:
