@@ -127,7 +127,8 @@ def measure_probe_cost(
         probes.detach_process(pid)
     finally:
         probes.close()
-    programs = ("span_entry", "span_return")
+    # Each program and its uprobe_multi copy ("span_entry.multi"), whichever is attached.
+    programs = [p for p in stats1 if p.split(".", 1)[0] in ("span_entry", "span_return")]
     runs = sum(stats1[p].run_cnt - stats0[p].run_cnt for p in programs)
     run_ns = sum(stats1[p].run_time_ns - stats0[p].run_time_ns for p in programs)
     if hits is None:
