@@ -75,6 +75,17 @@ class ProbeCost:
     records: int  # span records drained from the rings
     ratio: float  # (trap + project) / (trap + empty), per hit
 
+    def per(self, count: int, unit: str) -> dict[str, float]:
+        """The figures a script prints, hits, spans and empty runs per `unit` of `count`."""
+        return {
+            f"hits_per_{unit}": self.hits / count,
+            f"spans_per_{unit}": self.records / count,
+            "empty_ns": self.empty_ns,
+            "project_ns": self.project_ns,
+            "ratio": self.ratio,
+            f"empty_runs_per_{unit}": self.empty_runs / count,
+        }
+
 
 def measure_probe_cost(
     target: Any, run: Callable[[], None], rings: tuple[str, ...], trap_ns: float

@@ -99,15 +99,7 @@ class Client:
 def measure_kind(client: Client, kind: str, trap_ns: float) -> dict[str, float]:
     target = resolve_target(client.process.pid, [], FunctionNames(), http=True)
     cost = measure_probe_cost(target, lambda: client.run(kind), ("client_reader",), trap_ns)
-    per_call = client.calls * KINDS[kind]
-    return {
-        "hits_per_call": cost.hits / per_call,
-        "spans_per_call": cost.records / per_call,
-        "empty_ns": cost.empty_ns,
-        "project_ns": cost.project_ns,
-        "ratio": cost.ratio,
-        "empty_runs_per_call": cost.empty_runs / per_call,
-    }
+    return cost.per(client.calls * KINDS[kind], "call")
 
 
 def main(argv: list[str] | None = None) -> int:

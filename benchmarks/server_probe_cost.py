@@ -104,14 +104,7 @@ def measure_kind(
     target = resolve_target(pid, TREE_FUNCS if kind == "tree" else [], FunctionNames(), http=True)
     rings = ("http_reader", "span_reader")
     cost = measure_probe_cost(target, lambda: send(binary, addrs, kind, requests), rings, trap_ns)
-    return {
-        "hits_per_request": cost.hits / requests,
-        "spans_per_request": cost.records / requests,
-        "empty_ns": cost.empty_ns,
-        "project_ns": cost.project_ns,
-        "ratio": cost.ratio,
-        "empty_runs_per_request": cost.empty_runs / requests,
-    }
+    return cost.per(requests, "request")
 
 
 def main(argv: list[str] | None = None) -> int:
