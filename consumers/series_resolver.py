@@ -26,13 +26,13 @@ them.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 
 from ebpf_apm.consumers.byte_hash import hash_ranges, mix64
 from ebpf_apm.consumers.route_template import SeriesKey, SeriesRegistry, route_hashes, route_of
+from ebpf_apm.consumers.span_batch import workload_of
 from ebpf_apm.consumers.span_columns import SpanColumns
 
 _K_WORKLOAD = np.uint64(0x2545F4914F6CDD1D)
@@ -101,13 +101,11 @@ def class_name(code: int) -> str | None:
 
 def series_key_of(columns: SpanColumns, row: int) -> SeriesKey:
     """The series of one span, from its strings (the readable definition)."""
-    workload = columns.text("k8s_workload", row)
-    if workload:
-        namespace = columns.text("k8s_namespace", row)
-        workload = f"{namespace}/{workload}" if namespace else workload
-    else:
-        exe = columns.text("exe", row) or ""
-        workload = os.path.basename(exe) or exe or "unknown"
+    workload = workload_of(
+        columns.text("k8s_namespace", row),
+        columns.text("k8s_workload", row),
+        columns.text("exe", row) or "",
+    )
     method = columns.text("http_method", row)
     rpc_method = columns.text("rpc_method", row)
     error = int(columns.ints["error"][row])

@@ -26,8 +26,8 @@ MAX_SPANS_PER_BATCH = 1024  # ~250 kB: well under Kafka's default 1 MB per messa
 
 
 def workload_of(namespace: str | None, workload: str | None, exe: str) -> str:
-    """The series' workload (series_resolver.series_key_of says the same): `namespace/workload`
-    from Kubernetes, else the executable's file name."""
+    """The series' workload (series_resolver.series_key_of takes it from here):
+    `namespace/workload` from Kubernetes, else the executable's file name."""
     if workload:
         return f"{namespace}/{workload}" if namespace else workload
     return os.path.basename(exe) or exe or "unknown"
